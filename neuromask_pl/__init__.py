@@ -1,0 +1,34 @@
+"""neuromask-pl: explain image classifiers by mask learning (NeuroMask) with PyTorch Lightning."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# Public names and the module that defines each; imported on first use so that
+# `import neuromask_pl` stays light.
+_EXPORTS = {
+    "NeuroMask": "neuromask_pl.explainer",
+    "Explanation": "neuromask_pl.result",
+    "MaskSettings": "neuromask_pl.objective",
+    "PRESETS": "neuromask_pl.objective",
+    "DemoDataModule": "neuromask_pl.data",
+    "ImageFolderDataModule": "neuromask_pl.data",
+    "TensorDataModule": "neuromask_pl.data",
+    "EfficientNetLite0": "neuromask_pl.classifiers",
+    "TorchvisionClassifier": "neuromask_pl.classifiers",
+    "TorchScriptClassifier": "neuromask_pl.classifiers",
+    "FactoryClassifier": "neuromask_pl.classifiers",
+    "MaskWriter": "neuromask_pl.callbacks",
+    "ExplanationLogger": "neuromask_pl.callbacks",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'neuromask_pl' has no attribute {name!r}")

@@ -1,0 +1,358 @@
+"""Lightning callbacks that write and log explanations (all side effects of a run live here)."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import importlib.metadata
+import json
+import logging
+import platform
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import BasePredictionWriter, Callback
+from pytorch_lightning.utilities import rank_zero_only
+from torchvision.utils import make_grid
+
+from neuromask_pl.result import LOSS_TERMS, Explanation
+from neuromask_pl.viz import atomic_write, explanation_panel, save_png
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = (
+    "sample_id",
+    "status",
+    "path",
+    "target",
+    "target_name",
+    "prob_original",
+    "prob_masked",
+    "preserved",
+    "mask_area",
+    *(f"loss_{term}" for term in LOSS_TERMS),
+    "mask_file",
+    "overlay_file",
+    "error",
+)
+_STAGES = ("predict", "test")
+_VERSIONED = ("torch", "torchvision", "pytorch_lightning", "torchmetrics", "numpy", "neuromask_pl")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    """Manifest rows of a CSV file; a line torn by a crash (missing fields, bad id) is dropped."""
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return [r for r in rows if str(r.get("sample_id", "")).isdigit() and r.get("error") is not None and None not in r]
+
+
+def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    with atomic_write(path, "w", fsync=True) as f:
+        writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS, restval="", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def merge_manifest(output_dir: str | Path) -> dict[str, dict[str, str]]:
+    """Merge the ``manifest.partial*.csv`` journals into ``manifest.csv`` and delete them.
+
+    Rows already in ``manifest.csv`` whose id is not in a journal are kept; journal rows replace
+    same-id rows (a later row wins). The result is sorted by sample id and written atomically.
+
+    Returns:
+        The journal rows, keyed by sample id.
+    """
+    out = Path(output_dir)
+    partials = sorted(out.glob("manifest.partial*.csv"))
+    new = {row["sample_id"]: row for p in partials for row in _read_rows(p)}
+    manifest = out / "manifest.csv"
+    if new or not manifest.exists():
+        merged = {row["sample_id"]: row for row in _read_rows(manifest)} | new
+        _write_rows(manifest, sorted(merged.values(), key=lambda r: int(r["sample_id"])))
+    for p in partials:
+        p.unlink()
+    return new
+
+
+def _versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            versions[name] = getattr(importlib.import_module(name), "__version__", None) or importlib.metadata.version(
+                name
+            )
+        except (ImportError, importlib.metadata.PackageNotFoundError):
+            versions[name] = None
+    return versions
+
+
+def _describe_classifier(module: Any) -> dict[str, Any] | None:
+    if module is None:
+        return None
+    try:
+        from neuromask_pl.classifiers import describe_classifier
+    except ImportError:
+        return {"class": f"{type(module).__module__}.{type(module).__qualname__}"}
+    return describe_classifier(module)
+
+
+class MaskWriter(BasePredictionWriter):
+    """Write every explained sample's mask, overlay and manifest row, keyed by sample id.
+
+    Works in the predict and test stages. Layout of ``output_dir``::
+
+        masks/<sample_id:08d>.npy      float16 mask, shape (H, W), 1 = kept
+        overlays/<sample_id:08d>.png   original | heat-map overlay | image * mask
+        manifest.csv                   one row per sample id (columns: MANIFEST_COLUMNS)
+        run.json                       hyper-parameters, trainer, versions, classifier, times, counts
+
+    Every file is replaced atomically. During a run, rows go to ``manifest.partial[.rank<k>].csv``
+    (flushed per batch); at the end they are merged into ``manifest.csv``, keeping rows of earlier
+    runs for ids not explained again. Journals left by a crashed run are merged at the next start.
+
+    Args:
+        output_dir: where to write; None means ``<trainer.log_dir>/explanations``.
+        write_overlays: also write the overlay PNGs (needs the images in the Explanation or batch).
+    """
+
+    def __init__(self, output_dir: str | None = None, write_overlays: bool = True) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = output_dir
+        self.write_overlays = write_overlays
+        self.out: Path | None = None  # resolved at setup
+        self._journal: Any = None
+        self._log_dir: str | None = None
+        self._stage = ""
+        self._started = ""
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Resolve and check the output folder, write run.json and open this rank's journal."""
+        super().setup(trainer, pl_module, stage)
+        if stage not in _STAGES:
+            return
+        self._log_dir = trainer.log_dir if trainer.loggers else None  # log_dir must be read on every rank
+        default = Path(self._log_dir or Path(trainer.default_root_dir) / "lightning_logs") / "explanations"
+        self.out = Path(self.output_dir) if self.output_dir is not None else default
+        self._check_writable(self.out)
+        self._stage, self._started = stage, _now()
+        if trainer.is_global_zero:
+            merge_manifest(self.out)  # recover rows journalled by a crashed run
+            self._write_run_record(trainer, pl_module, counts=None)
+        trainer.strategy.barrier("MaskWriter.setup")
+        name = "manifest.partial.csv" if trainer.world_size == 1 else f"manifest.partial.rank{trainer.global_rank}.csv"
+        self._journal = open(self.out / name, "w", newline="", encoding="utf-8")  # noqa: SIM115 - closed at the end
+        csv.DictWriter(self._journal, fieldnames=MANIFEST_COLUMNS).writeheader()
+
+    def _check_writable(self, out: Path) -> None:
+        try:
+            (out / "masks").mkdir(parents=True, exist_ok=True)
+            if self.write_overlays:
+                (out / "overlays").mkdir(exist_ok=True)
+            with tempfile.TemporaryFile(dir=out):
+                pass
+        except OSError as err:
+            raise ValueError(
+                f"MaskWriter cannot write to the output directory '{out}': {err.strerror or err}. "
+                "Pass MaskWriter(output_dir=...) a directory you can create and write to, "
+                "or fix the permissions of that path."
+            ) from err
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish(trainer, pl_module)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish(trainer, pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close_journal()  # the journal stays on disk and is merged at the next start
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._close_journal()
+
+    def _close_journal(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._journal is None:
+            return
+        self._close_journal()
+        trainer.strategy.barrier("MaskWriter.finish")
+        if trainer.is_global_zero:
+            rows = merge_manifest(self.out)
+            statuses = [r["status"] for r in rows.values()]
+            counts = {"explained": statuses.count("ok"), "skipped": statuses.count("skipped")}
+            self._write_run_record(trainer, pl_module, counts=counts)
+            log.info("MaskWriter: %d explained, %d skipped, written to %s", *counts.values(), self.out)
+
+    # -- writing ---------------------------------------------------------------------------------
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: Any,
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Write the masks and overlays of one batch and journal its manifest rows."""
+        if self._journal is None:
+            return
+        batch = batch if isinstance(batch, dict) else {}
+        rows = []
+        if isinstance(prediction, Explanation) and len(prediction):
+            exp = prediction.cpu()
+            images = exp.images if exp.images is not None else batch.get("image")
+            records = exp.records(getattr(pl_module, "class_names", None))
+            for i, record in enumerate(records):
+                files = self._write_sample(record["sample_id"], exp.masks[i], None if images is None else images[i])
+                rows.append({**record, "status": "ok", **files})
+        skipped = prediction.skipped if isinstance(prediction, Explanation) else batch.get("skipped", [])
+        for s in skipped:
+            path, error = s.get("path", ""), s.get("error", "")
+            log.warning("Skipped sample %s (%s): %s", s["index"], path, error)
+            rows.append({"sample_id": int(s["index"]), "status": "skipped", "path": path, "error": error})
+        csv.DictWriter(self._journal, fieldnames=MANIFEST_COLUMNS, restval="", extrasaction="ignore").writerows(rows)
+        self._journal.flush()
+
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self.write_on_batch_end(trainer, pl_module, outputs, None, batch, batch_idx, dataloader_idx)
+
+    def _write_sample(self, sample_id: int, mask: torch.Tensor, image: torch.Tensor | None) -> dict[str, str]:
+        """Write one mask (and overlay); return the manifest's file columns (paths relative to the folder)."""
+        files = {"mask_file": f"masks/{sample_id:08d}.npy", "overlay_file": ""}
+        with atomic_write(self.out / files["mask_file"]) as f:
+            np.save(f, mask[0].detach().to("cpu", torch.float16).numpy())
+        if self.write_overlays and image is not None:
+            files["overlay_file"] = f"overlays/{sample_id:08d}.png"
+            save_png(explanation_panel(image.cpu(), mask), self.out / files["overlay_file"])
+        return files
+
+    def _write_run_record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, counts: dict | None) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        config = Path(self._log_dir) / "config.yaml" if self._log_dir else None
+        record = {
+            "stage": self._stage,
+            "output_dir": str(self.out),
+            "started": self._started,
+            "finished": _now() if counts is not None else None,
+            "counts": counts,
+            "hparams": dict(pl_module.hparams),
+            "datamodule_hparams": dict(datamodule.hparams) if datamodule is not None else None,
+            "cli_config": config.read_text(encoding="utf-8") if config is not None and config.is_file() else None,
+            "trainer": {
+                "precision": str(trainer.precision),
+                "accelerator": type(trainer.accelerator).__name__,
+                "strategy": type(trainer.strategy).__name__,
+                "devices": trainer.num_devices,
+                "num_nodes": trainer.num_nodes,
+                "world_size": trainer.world_size,
+            },
+            "versions": _versions(),
+            "classifier": _describe_classifier(getattr(pl_module, "classifier", None)),
+        }
+        with atomic_write(self.out / "run.json", "w", fsync=True) as f:
+            json.dump(record, f, indent=2, default=str)
+
+
+class ExplanationLogger(Callback):
+    """Log batch summaries (scalars ``explain/<name>``) and a grid of explanation panels to the logger.
+
+    Works in the predict and test stages, on global rank 0, and does nothing without a logger.
+    Images (``explain/overlays``) are logged when the logger's experiment has ``add_image``
+    (TensorBoard). The step is the running count of batches this callback has seen.
+
+    Args:
+        max_images: at most this many panels per logged batch (0 disables images).
+        log_every_n_batches: log one batch in this many.
+    """
+
+    def __init__(self, max_images: int = 8, log_every_n_batches: int = 1) -> None:
+        if max_images < 0:
+            raise ValueError(f"max_images must be >= 0, got {max_images}")
+        if log_every_n_batches < 1:
+            raise ValueError(f"log_every_n_batches must be >= 1, got {log_every_n_batches}")
+        self.max_images = max_images
+        self.log_every_n_batches = log_every_n_batches
+        self._batches = 0
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_hparams(trainer, pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_hparams(trainer, pl_module)
+
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._log_batch(trainer, outputs, batch)
+
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._log_batch(trainer, outputs, batch)
+
+    @rank_zero_only
+    def _log_hparams(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        autologged = trainer.enable_autolog_hparams and getattr(pl_module, "_log_hyperparams", True)
+        if trainer.loggers and pl_module.hparams and not autologged:
+            for logger in trainer.loggers:
+                logger.log_hyperparams(pl_module.hparams)
+
+    @rank_zero_only
+    def _log_batch(self, trainer: pl.Trainer, outputs: Any, batch: Any) -> None:
+        step = self._batches
+        self._batches += 1
+        if not trainer.loggers or step % self.log_every_n_batches or not isinstance(outputs, Explanation):
+            return
+        if len(outputs) == 0:  # every sample of the batch was unreadable
+            return
+        metrics = {f"explain/{name}": value for name, value in outputs.summary().items()}
+        grid = self._grid(outputs, batch)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+            if grid is not None and hasattr(logger.experiment, "add_image"):
+                logger.experiment.add_image("explain/overlays", grid, global_step=step)
+
+    def _grid(self, exp: Explanation, batch: Any) -> torch.Tensor | None:
+        """Up to ``max_images`` explanation panels stacked vertically, or None without images."""
+        images = exp.images if exp.images is not None else (batch.get("image") if isinstance(batch, dict) else None)
+        n = min(self.max_images, len(exp))
+        if images is None or n == 0:
+            return None
+        panels = [explanation_panel(images[i].cpu(), exp.masks[i].cpu()) for i in range(n)]
+        return make_grid(panels, nrow=1, padding=2, pad_value=1.0)

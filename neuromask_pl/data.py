@@ -1,0 +1,425 @@
+"""DataModules that yield explanation batches and keep sample identity.
+
+Every module here yields the batch format of NeuroMask: a dict with ``image`` (B x C x H x W float
+in [0, 1]), ``index`` (LongTensor of stable sample ids), ``label`` (only for labelled data),
+``path`` (only for file-based data) and ``skipped`` (samples that could not be read). The
+``predict`` and ``test`` stages use the same loader: no shuffling, ids are dataset indices.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.v2 import functional as F
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+DEMO_INSTALL_HINT = "pip install 'neuromask-pl[demo]'"
+
+
+# --------------------------------------------------------------------------- transform and collate
+
+
+def prepare_image(image: Tensor, image_size: int | None = 224, resize: int | None = None) -> Tensor:
+    """Resize the shorter side, center-crop and convert to float in [0, 1].
+
+    Args:
+        image: C x H x W image, uint8 (0..255) or float (0..1).
+        image_size: side of the square center crop; None keeps the (resized) image as it is.
+        resize: length of the shorter side before cropping; defaults to ``image_size``.
+
+    Returns:
+        Float32 tensor C x image_size x image_size (or C x H' x W' when ``image_size`` is None).
+    """
+    size = resize if resize is not None else image_size
+    if size is not None and min(image.shape[-2:]) != size:
+        image = F.resize(image, [size], antialias=True)
+    if image_size is not None:
+        image = F.center_crop(image, [image_size, image_size])
+    return F.to_dtype(image, torch.float32, scale=True)
+
+
+def read_rgb(path: str) -> Tensor:
+    """Decode an image file with PIL (EXIF orientation applied) into a uint8 3 x H x W tensor."""
+    with Image.open(path) as pil:
+        rgb = ImageOps.exif_transpose(pil).convert("RGB")
+    return F.pil_to_tensor(rgb)
+
+
+def collate_samples(samples: list[dict[str, Any]], empty_image_shape: Sequence[int] = (3, 0, 0)) -> dict[str, Any]:
+    """Stack samples into a batch; samples with an ``error`` go to ``batch["skipped"]``.
+
+    Args:
+        samples: dicts with ``index`` and ``image`` (or ``error``), optionally ``label`` and ``path``.
+        empty_image_shape: C x H x W used for the (0, C, H, W) image tensor of an all-unreadable batch.
+
+    Raises:
+        ValueError: if the readable images do not all have the same shape.
+    """
+    good = [s for s in samples if "error" not in s]
+    skipped = [
+        {"index": int(s["index"]), "path": s.get("path", ""), "error": s["error"]} for s in samples if "error" in s
+    ]
+    for item in skipped:
+        logger.warning("Skipping unreadable sample %d (%s): %s", item["index"], item["path"], item["error"])
+
+    if good:
+        shapes = sorted({tuple(s["image"].shape) for s in good})
+        if len(shapes) > 1:
+            raise ValueError(
+                f"Images in one batch have different shapes {shapes}; set image_size to crop them to one "
+                "size, or use batch_size=1."
+            )
+        image = torch.stack([s["image"] for s in good])
+    else:
+        image = torch.empty((0, *empty_image_shape), dtype=torch.float32)
+
+    batch: dict[str, Any] = {
+        "image": image,
+        "index": torch.tensor([int(s["index"]) for s in good], dtype=torch.long),
+    }
+    if samples and "label" in samples[0]:
+        batch["label"] = torch.tensor([int(s["label"]) for s in good], dtype=torch.long)
+    if samples and "path" in samples[0]:
+        batch["path"] = [s["path"] for s in good]
+    batch["skipped"] = skipped
+    return batch
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+class ImageFileDataset(Dataset):
+    """Image files decoded on access; an unreadable file gives a sample with ``error`` instead of ``image``."""
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        labels: Sequence[int] | None = None,
+        image_size: int | None = 224,
+        resize: int | None = None,
+    ) -> None:
+        self.paths = list(paths)
+        self.labels = None if labels is None else list(labels)
+        self.image_size = image_size
+        self.resize = resize
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample: dict[str, Any] = {"index": index, "path": self.paths[index]}
+        if self.labels is not None:
+            sample["label"] = self.labels[index]
+        try:
+            raw = read_rgb(self.paths[index])
+        except Exception as err:  # any decode failure (truncated, not an image, ...) skips the sample
+            sample["error"] = f"{type(err).__name__}: {err}"
+            return sample
+        sample["image"] = prepare_image(raw, self.image_size, self.resize)
+        return sample
+
+
+class InMemoryDataset(Dataset):
+    """Images already in memory (N x C x H x W in [0, 1]) with ids, optional labels and names."""
+
+    def __init__(
+        self, images: Tensor, ids: Tensor, labels: Tensor | None = None, paths: Sequence[str] | None = None
+    ) -> None:
+        self.images = images
+        self.ids = ids
+        self.labels = labels
+        self.paths = None if paths is None else list(paths)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample: dict[str, Any] = {"index": int(self.ids[index]), "image": self.images[index]}
+        if self.labels is not None:
+            sample["label"] = int(self.labels[index])
+        if self.paths is not None:
+            sample["path"] = self.paths[index]
+        return sample
+
+
+# --------------------------------------------------------------------------- data modules
+
+
+class _ExplainDataModule(pl.LightningDataModule):
+    """Shared loader logic: same ordered loader for predict and test, shared collate."""
+
+    def __init__(self, batch_size: int, num_workers: int, pin_memory: bool | None) -> None:
+        super().__init__()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}.")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.dataset: Dataset | None = None
+
+    def _build_dataset(self) -> Dataset:
+        raise NotImplementedError
+
+    def _empty_image_shape(self) -> tuple[int, int, int]:
+        return (3, 0, 0)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the dataset (once)."""
+        if self.dataset is None:
+            self.dataset = self._build_dataset()
+
+    def _loader(self) -> DataLoader:
+        self.setup()
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            collate_fn=functools.partial(collate_samples, empty_image_shape=self._empty_image_shape()),
+        )
+
+    def predict_dataloader(self) -> DataLoader:
+        """Ordered loader over the whole dataset."""
+        return self._loader()
+
+    def test_dataloader(self) -> DataLoader:
+        """Same loader as :meth:`predict_dataloader`."""
+        return self._loader()
+
+
+class ImageFolderDataModule(_ExplainDataModule):
+    """Image files found recursively under a folder, sorted by relative path (ids are stable).
+
+    Images of any size or mode are converted to RGB, resized so the shorter side is ``resize``
+    (default ``image_size``) and center-cropped to ``image_size`` x ``image_size``. Hidden files and
+    folders (names starting with ".") are ignored. Unreadable files are reported in
+    ``batch["skipped"]`` and logged, never raised.
+
+    Args:
+        root: folder to search.
+        image_size: side of the square crop; None keeps each image's size (then batches need
+            images of one size, e.g. ``batch_size=1``).
+        resize: shorter side before cropping (>= image_size); defaults to ``image_size``.
+        labels: take each file's first sub-folder under ``root`` as its class: integer folder
+            names are the class ids, otherwise sorted folder names map to 0..K-1 (as in
+            torchvision's ImageFolder). See :attr:`class_to_idx`.
+        batch_size: images per batch.
+        num_workers: DataLoader worker processes.
+        extensions: file name endings to include (case-insensitive).
+        pin_memory: pin batches in page-locked memory; defaults to whether CUDA is available.
+
+    Raises:
+        FileNotFoundError: if ``root`` is not a folder.
+        ValueError: if no image is found, or ``labels=True`` and a file lies directly in ``root``.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int | None = 224,
+        resize: int | None = None,
+        labels: bool = False,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        pin_memory: bool | None = None,
+    ) -> None:
+        super().__init__(batch_size, num_workers, pin_memory)
+        self.save_hyperparameters()
+        for name, value in (("image_size", image_size), ("resize", resize)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
+        if image_size is not None and resize is not None and resize < image_size:
+            raise ValueError(f"resize ({resize}) must be >= image_size ({image_size}) so the crop fits in the image.")
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"Image folder {root!r} does not exist or is not a folder.")
+        self.root = os.path.abspath(root)
+        self.image_size = image_size
+        self.resize = resize
+        self.extensions = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+        self.files = self._find_files()
+        self.class_to_idx: dict[str, int] | None = None
+        self.targets: list[int] | None = None
+        if labels:
+            self.class_to_idx, self.targets = self._folder_labels()
+
+    def _find_files(self) -> list[str]:
+        """Relative POSIX paths of the image files under root, sorted."""
+        found = []
+        for folder, dirs, names in os.walk(self.root):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            rel = os.path.relpath(folder, self.root)
+            for name in names:
+                if not name.startswith(".") and name.lower().endswith(self.extensions):
+                    found.append(name if rel == "." else f"{rel}/{name}".replace(os.sep, "/"))
+        if not found:
+            raise ValueError(
+                f"No image files found under {self.root!r} (searched extensions {', '.join(self.extensions)}); "
+                "point root at a folder of images or set extensions."
+            )
+        return sorted(found)
+
+    def _folder_labels(self) -> tuple[dict[str, int], list[int]]:
+        top = [f.split("/")[0] if "/" in f else None for f in self.files]
+        loose = [f for f, t in zip(self.files, top) if t is None]
+        if loose:
+            raise ValueError(
+                f"labels=True needs every image inside a class sub-folder of {self.root!r}, but "
+                f"{len(loose)} file(s) lie directly in it (e.g. {loose[0]!r}); move them or use labels=False."
+            )
+        names = sorted(set(top))
+        if all(n.isdigit() for n in names):
+            class_to_idx = {n: int(n) for n in names}
+        else:
+            class_to_idx = {n: i for i, n in enumerate(names)}
+        return class_to_idx, [class_to_idx[t] for t in top]
+
+    def _empty_image_shape(self) -> tuple[int, int, int]:
+        side = self.image_size or 0
+        return (3, side, side)
+
+    def _build_dataset(self) -> Dataset:
+        paths = [os.path.join(self.root, *f.split("/")) for f in self.files]
+        return ImageFileDataset(paths, self.targets, self.image_size, self.resize)
+
+
+class TensorDataModule(_ExplainDataModule):
+    """Images already in memory.
+
+    Args:
+        images: N x C x H x W floating-point images in [0, 1].
+        labels: optional integer class per image, shape (N,).
+        ids: optional unique integer sample ids, shape (N,); default 0..N-1.
+        batch_size: images per batch.
+        num_workers: DataLoader worker processes.
+        pin_memory: pin batches in page-locked memory; defaults to whether CUDA is available.
+
+    Raises:
+        TypeError: if a tensor has the wrong dtype.
+        ValueError: if shapes, value range or ids are wrong.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor | None = None,
+        ids: Tensor | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+    ) -> None:
+        super().__init__(batch_size, num_workers, pin_memory)
+        self.save_hyperparameters(ignore=["images", "labels", "ids"])
+        if not isinstance(images, Tensor) or images.dim() != 4:
+            got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"images must be a 4-D tensor N x C x H x W, got {got}.")
+        if not images.is_floating_point():
+            raise TypeError(
+                f"images must be floating point in [0, 1], got {images.dtype}; e.g. use images.float() / 255."
+            )
+        n = images.shape[0]
+        if n == 0:
+            raise ValueError("images is empty (N = 0).")
+        lo, hi = float(images.min()), float(images.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"images must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; rescale them first.")
+        labels = self._check_vector(labels, "labels", n)
+        ids = self._check_vector(ids, "ids", n)
+        if ids is None:
+            ids = torch.arange(n)
+        elif torch.unique(ids).numel() != n:
+            raise ValueError("ids must be unique: each sample needs its own id.")
+        self.images = images.detach()
+        self.labels = labels
+        self.ids = ids
+
+    @staticmethod
+    def _check_vector(value: Tensor | None, name: str, n: int) -> Tensor | None:
+        if value is None:
+            return None
+        if not isinstance(value, Tensor) or value.dim() != 1 or value.shape[0] != n:
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"{name} must be a 1-D tensor of length N = {n} (one per image), got {got}.")
+        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got {value.dtype}.")
+        return value.detach().long()
+
+    def _empty_image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def _build_dataset(self) -> Dataset:
+        return InMemoryDataset(self.images, self.ids, self.labels)
+
+
+class DemoDataModule(_ExplainDataModule):
+    """Six real photos bundled offline with scikit-image and scikit-learn.
+
+    Samples (ids 0..5, ``path`` is the name): ``skimage:chelsea`` (cat, CC0, Stefan van der Walt),
+    ``skimage:coffee`` (coffee cup, CC0, Rachel Michetti / Pikolo Espresso Bar),
+    ``skimage:astronaut`` (Eileen Collins, NASA, public domain), ``skimage:rocket`` (Falcon 9 /
+    DSCOVR launch, SpaceX, public domain), ``sklearn:china.jpg`` (Flickr, danielbuechele) and
+    ``sklearn:flower.jpg`` (Flickr, vultilion per its source link; the README's attribution line
+    says danielbuechele), both CC BY 2.0: attribution required when redistributed. Sources: the
+    docstrings in ``skimage/data/_fetchers.py`` and ``sklearn/datasets/images/README.txt``.
+    Photos are resized and center-cropped like :class:`ImageFolderDataModule`.
+
+    Args:
+        image_size: side of the square crop.
+        batch_size: images per batch.
+        num_workers: DataLoader worker processes.
+        pin_memory: pin batches in page-locked memory; defaults to whether CUDA is available.
+
+    Raises:
+        ImportError: if scikit-image or scikit-learn is missing.
+    """
+
+    SKIMAGE_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
+
+    def __init__(
+        self, image_size: int = 224, batch_size: int = 6, num_workers: int = 0, pin_memory: bool | None = None
+    ) -> None:
+        super().__init__(batch_size, num_workers, pin_memory)
+        self.save_hyperparameters()
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"image_size must be a positive integer, got {image_size!r}.")
+        self.image_size = image_size
+        _import_demo_packages()
+
+    def _empty_image_shape(self) -> tuple[int, int, int]:
+        return (3, self.image_size, self.image_size)
+
+    def _build_dataset(self) -> Dataset:
+        skimage_data, sklearn_datasets = _import_demo_packages()
+        arrays = [(f"skimage:{name}", getattr(skimage_data, name)()) for name in self.SKIMAGE_PHOTOS]
+        bunch = sklearn_datasets.load_sample_images()
+        arrays += [(f"sklearn:{os.path.basename(f)}", a) for f, a in zip(bunch.filenames, bunch.images)]
+        images = torch.stack(
+            [prepare_image(torch.tensor(a).permute(2, 0, 1), self.image_size) for _, a in arrays]
+        )
+        return InMemoryDataset(images, torch.arange(len(arrays)), paths=[name for name, _ in arrays])
+
+
+def _import_demo_packages() -> tuple[Any, Any]:
+    """Import ``skimage.data`` and ``sklearn.datasets`` or explain how to install them."""
+    try:
+        import skimage.data as skimage_data
+        import sklearn.datasets as sklearn_datasets
+    except ImportError as err:
+        raise ImportError(
+            f"DemoDataModule needs scikit-image and scikit-learn ({err}); install them with {DEMO_INSTALL_HINT}"
+        ) from err
+    return skimage_data, sklearn_datasets

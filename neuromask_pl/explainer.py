@@ -1,0 +1,255 @@
+"""NeuroMask as a LightningModule: a frozen classifier and an inner mask optimisation per batch."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+from neuromask_pl.objective import MaskSettings, resolve_settings
+from neuromask_pl.optimize import learn_masks
+from neuromask_pl.result import LOSS_TERMS, Explanation
+
+log = logging.getLogger(__name__)
+
+INFERENCE_MODE_MESSAGE = (
+    "NeuroMask learns masks by gradient descent, which is impossible under torch.inference_mode. "
+    "Build the Trainer with inference_mode=False, e.g. pl.Trainer(inference_mode=False), "
+    "and do not call explain() inside a torch.inference_mode() block."
+)
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[nn.Module]:
+    """Put ``module`` in eval mode without parameter gradients; restore every flag on exit."""
+    modes = [(m, m.training) for m in module.modules()]
+    grads = [(p, p.requires_grad) for p in module.parameters()]
+    module.eval().requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, requires_grad in grads:
+            p.requires_grad_(requires_grad)
+
+
+def check_images(images: Any) -> Tensor:
+    """Validate a batch of images: a float tensor B x C x H x W, finite, in [0, 1]."""
+    if not isinstance(images, Tensor):
+        raise TypeError(f"images must be a torch.Tensor of shape B x C x H x W, got {type(images).__name__}")
+    if images.ndim != 4:
+        hint = " (add a batch dimension with images.unsqueeze(0))" if images.ndim == 3 else ""
+        raise ValueError(f"images must have shape B x C x H x W, got {tuple(images.shape)}{hint}")
+    if images.numel() == 0:
+        raise ValueError(f"images are empty: shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise TypeError(f"images must be float in [0, 1], got dtype {images.dtype}; divide uint8 images by 255")
+    if not torch.isfinite(images).all():
+        raise ValueError("images contain NaN or inf pixels; clean or drop those images first")
+    low, high = float(images.min()), float(images.max())
+    if low < -1e-6 or high > 1 + 1e-6:
+        raise ValueError(
+            f"images must be in [0, 1] pixel space (masks hide pixels towards the baseline), got values in "
+            f"[{low:.3g}, {high:.3g}]; put input normalisation inside the classifier wrapper"
+        )
+    return images
+
+
+class NeuroMask(pl.LightningModule):
+    """Explain a classifier's predictions by learning one mask per image.
+
+    Args:
+        classifier: the model to explain; takes [0, 1] images B x C x H x W, returns logits B x K.
+            It is frozen while explaining and restored exactly afterwards.
+        preset: named settings, one of ``neuromask_pl.objective.PRESETS``
+            (``paper`` reproduces the reference implementation).
+        steps: optimisation steps per image (overrides the preset).
+        seed: masks start from noise derived from ``(seed, sample id)``.
+        target_class: explain this class for every image; by default the batch's labels
+            when present, else the classifier's predicted class.
+        l_pred, l_sparse, l_smooth, temperature, weight_limit, laplacian, sparsity_on,
+            baseline, optimizer, lr, mask_scale, area_target: override single settings of the preset
+            (see :class:`neuromask_pl.objective.MaskSettings`).
+    """
+
+    def __init__(
+        self,
+        classifier: nn.Module,
+        preset: str = "default",
+        steps: int | None = None,
+        seed: int = 0,
+        target_class: int | None = None,
+        l_pred: float | None = None,
+        l_sparse: float | None = None,
+        l_smooth: float | None = None,
+        temperature: float | None = None,
+        weight_limit: float | None = None,
+        laplacian: int | None = None,
+        sparsity_on: str | None = None,
+        baseline: str | None = None,
+        optimizer: str | None = None,
+        lr: float | None = None,
+        mask_scale: int | None = None,
+        area_target: float | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(classifier, nn.Module):
+            raise TypeError(f"classifier must be a torch.nn.Module, got {type(classifier).__name__}")
+        self.save_hyperparameters(ignore=["classifier"])
+        self.classifier = classifier
+        self.settings: MaskSettings = resolve_settings(
+            preset, steps=steps, l_pred=l_pred, l_sparse=l_sparse, l_smooth=l_smooth, temperature=temperature,
+            weight_limit=weight_limit, laplacian=laplacian, sparsity_on=sparsity_on, baseline=baseline,
+            optimizer=optimizer, lr=lr, mask_scale=mask_scale,
+            area_target=area_target,
+        )
+        if target_class is not None and target_class < 0:
+            raise ValueError(f"target_class must be a class index >= 0, got {target_class}")
+        self.seed = seed
+        self.target_class = target_class
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The classifier's class names, when it has them."""
+        return getattr(self.classifier, "class_names", None)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """The classifier's logits."""
+        return self.classifier(images)
+
+    def explain(self, images: Tensor, targets: Tensor | int | None = None, ids: Tensor | None = None) -> Explanation:
+        """Learn masks for a batch of [0, 1] images; no Trainer needed.
+
+        Args:
+            images: B x C x H x W floats in [0, 1].
+            targets: class per image (B,), one class for all, or None for the module's
+                ``target_class`` or else the predicted class.
+            ids: sample ids (B,) that seed each mask; default 0..B-1.
+        """
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(INFERENCE_MODE_MESSAGE)
+        images = check_images(images).to(self.device)
+        batch = images.shape[0]
+        ids = torch.arange(batch) if ids is None else torch.as_tensor(ids).long().view(-1).cpu()
+        if ids.shape[0] != batch or ids.unique().numel() != batch:
+            raise ValueError(f"ids must be {batch} distinct sample ids, one per image, got {ids.tolist()[:10]}")
+        with frozen(self.classifier), torch.enable_grad():
+            with torch.no_grad():
+                logits = self._logits(images)
+            targets = self._targets(targets, logits)
+            fit = learn_masks(self.classifier, images, targets, ids.to(self.device), self.settings, self.seed)
+        prob_original = logits.float().softmax(-1).gather(1, targets[:, None])[:, 0]
+        prob_masked = fit.logits_masked.softmax(-1).gather(1, targets[:, None])[:, 0]
+        return Explanation(
+            ids=ids.to(self.device),
+            masks=fit.masks,
+            targets=targets,
+            prob_original=prob_original,
+            prob_masked=prob_masked,
+            loss={k: v.detach() for k, v in fit.loss.items()},
+            mask_area=fit.masks.flatten(1).mean(1),
+            preserved=fit.logits_masked.argmax(-1) == targets,
+            images=images,
+        )
+
+    def _logits(self, images: Tensor) -> Tensor:
+        try:
+            logits = self.classifier(images)
+        except RuntimeError as error:
+            raise ValueError(
+                f"the classifier failed on images of shape {tuple(images.shape)}: {error}. "
+                "Check the channel count and size the classifier expects."
+            ) from error
+        if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != images.shape[0]:
+            got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise TypeError(
+                f"the classifier must return logits of shape B x K, got {got}; "
+                "wrap it so that forward returns the class logits tensor"
+            )
+        return logits
+
+    def _targets(self, targets: Tensor | int | None, logits: Tensor) -> Tensor:
+        batch, num_classes = logits.shape
+        if targets is None:
+            targets = self.target_class
+        if targets is None:
+            return logits.argmax(-1)
+        targets = torch.as_tensor(targets, device=logits.device).long().view(-1).expand(batch).clone()
+        bad = targets[(targets < 0) | (targets >= num_classes)]
+        if bad.numel():
+            raise ValueError(
+                f"target class {int(bad[0])} is outside the classifier's {num_classes} classes (0..{num_classes - 1})"
+            )
+        return targets
+
+    def _explain_batch(self, batch: Any, batch_idx: int) -> Explanation:
+        images, labels, ids, paths, skipped = unpack_batch(batch, batch_idx)
+        targets = labels if self.target_class is None else None
+        if images.shape[0] == 0:
+            result = empty_explanation(images)
+        else:
+            result = self.explain(images, targets=targets, ids=ids)
+        result.paths, result.skipped = paths, skipped
+        return result.cpu()
+
+    def on_predict_start(self) -> None:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(INFERENCE_MODE_MESSAGE)
+
+    on_test_start = on_predict_start
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Explanation:
+        """Explain one batch; returns the :class:`Explanation` on the CPU."""
+        return self._explain_batch(batch, batch_idx)
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Explanation:
+        """Explain one batch and log its loss terms, mask area and preservation rate."""
+        result = self._explain_batch(batch, batch_idx)
+        if len(result):
+            metrics = {f"test/{k}": v for k, v in result.summary().items()}
+            self.log_dict(metrics, batch_size=len(result), sync_dist=True)
+        return result
+
+
+def unpack_batch(batch: Any, batch_idx: int) -> tuple[Tensor, Tensor | None, Tensor, list[str] | None, list]:
+    """(images, labels, ids, paths, skipped) from a dict batch, an (images, labels) pair or a tensor.
+
+    Dict batches from this package carry sample ids; for the other forms ids are
+    ``batch_idx * B + position``, which is stable only without sharding or shuffling.
+    """
+    if isinstance(batch, dict):
+        if "image" not in batch:
+            raise ValueError(f"a dict batch needs an 'image' entry, got keys {sorted(batch)}")
+        images = batch["image"]
+        ids = batch.get("index")
+        ids = torch.arange(images.shape[0]) + batch_idx * images.shape[0] if ids is None else ids
+        return images, batch.get("label"), ids, batch.get("path"), list(batch.get("skipped", []))
+    if isinstance(batch, (list, tuple)):
+        images, labels = batch[0], (batch[1] if len(batch) > 1 else None)
+    else:
+        images, labels = batch, None
+    if not isinstance(images, Tensor):
+        raise TypeError(f"batches must be dicts, (images, labels) pairs or image tensors, got {type(images).__name__}")
+    return images, labels, torch.arange(images.shape[0]) + batch_idx * images.shape[0], None, []
+
+
+def empty_explanation(images: Tensor) -> Explanation:
+    """An Explanation with zero samples (a batch whose every file was unreadable)."""
+    empty = torch.empty(0)
+    return Explanation(
+        ids=empty.long(),
+        masks=torch.empty(0, 1, *images.shape[-2:]),
+        targets=empty.long(),
+        prob_original=empty,
+        prob_masked=empty,
+        loss={k: empty for k in LOSS_TERMS},
+        mask_area=empty,
+        preserved=empty.bool(),
+        images=images,
+    )

@@ -1,0 +1,174 @@
+"""NeuroMask loss terms and presets, as pure functions reduced per sample.
+
+Every term returns one value per image (shape ``(B,)``), so an image's loss, and
+hence its mask, never depends on the other images of its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+OPTIMIZERS = ("rmsprop_tf", "adam")
+BASELINES = ("black", "mean", "blur")
+SPARSITY_TARGETS = ("weights", "mask", "area")
+
+
+@dataclass(frozen=True)
+class MaskSettings:
+    """Everything that defines the mask optimisation for one image.
+
+    Attributes:
+        steps: optimisation steps per image.
+        l_pred: weight of the cross-entropy that keeps the target class.
+        l_sparse: weight of the sparsity penalty.
+        l_smooth: weight of the Laplacian smoothness penalty.
+        temperature: mask ``m = sigmoid(w / temperature)``.
+        weight_limit: ``W``; weights start uniform in (-W, W) and the paper's
+            sparsity penalty is ``mean|w + W|``.
+        laplacian: 3 or 5 (kernel size), or 0 for automatic (5 when both sides
+            are at least 64 pixels, else 3), as in the reference code.
+        sparsity_on: ``"weights"`` (reference: ``mean|w + W|``), ``"mask"`` (``mean m``) or
+            ``"area"``: the sorted mask values should match a binary mask that keeps
+            ``area_target`` of the pixels (as TorchRay's extremal perturbations).
+        area_target: share of pixels to keep with ``sparsity_on="area"``.
+        baseline: what hidden pixels become: ``"black"`` (reference), ``"mean"``
+            (each image's mean colour) or ``"blur"`` (a strongly blurred copy).
+        optimizer: ``"rmsprop_tf"`` (TensorFlow 1 RMSProp, as the reference) or ``"adam"``.
+        lr: learning rate.
+        mask_scale: the mask is learned at 1/mask_scale of the image's resolution and
+            upsampled bilinearly (1 = full resolution, as the reference).
+    """
+
+    steps: int = 1000
+    l_pred: float = 0.4
+    l_sparse: float = 0.35
+    l_smooth: float = 0.03
+    temperature: float = 0.3
+    weight_limit: float = 10.0
+    laplacian: int = 0
+    sparsity_on: str = "weights"
+    area_target: float = 0.1
+    baseline: str = "black"
+    optimizer: str = "rmsprop_tf"
+    lr: float = 0.03
+    mask_scale: int = 1
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+            (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+            (self.weight_limit > 0, f"weight_limit must be > 0, got {self.weight_limit}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (0 < self.area_target <= 1, f"area_target must be in (0, 1], got {self.area_target}"),
+            (self.mask_scale >= 1, f"mask_scale must be >= 1, got {self.mask_scale}"),
+            (min(self.l_pred, self.l_sparse, self.l_smooth) >= 0, "loss weights l_pred, l_sparse, l_smooth must be >= 0"),
+            (self.laplacian in (0, 3, 5), f"laplacian must be 3, 5 or 0 (automatic), got {self.laplacian}"),
+            (self.sparsity_on in SPARSITY_TARGETS, f"sparsity_on must be one of {SPARSITY_TARGETS}, got {self.sparsity_on!r}"),
+            (self.baseline in BASELINES, f"baseline must be one of {BASELINES}, got {self.baseline!r}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict of the settings (for run records and logs)."""
+        return asdict(self)
+
+
+PRESETS: dict[str, MaskSettings] = {
+    # The reference implementation with the paper's ImageNet / Inception-v3 settings.
+    "paper": MaskSettings(),
+    # The paper's CIFAR-10 settings: 3x3 Laplacian, T = 1, 2000 iterations.
+    "paper_cifar": MaskSettings(steps=2000, l_smooth=0.15, temperature=1.0, laplacian=3),
+    # The reference code's class defaults: coefficients (50, 16, 3).
+    "reference_default": MaskSettings(l_pred=50.0, l_sparse=16.0, l_smooth=3.0),
+    # Our provisional default (to be chosen by the faithfulness benchmarks): a smooth
+    # mask at 1/8 resolution pushed towards a binary mask keeping 15% of the pixels,
+    # hidden pixels blurred instead of blacked out, Adam, 300 steps.
+    "default": MaskSettings(
+        steps=300, l_pred=1.0, l_sparse=10.0, l_smooth=0.2, temperature=0.3, weight_limit=0.01,
+        laplacian=3, sparsity_on="area", area_target=0.15, baseline="blur", optimizer="adam", lr=0.1,
+        mask_scale=8,
+    ),
+}
+
+
+def resolve_settings(preset: str, **overrides: Any) -> MaskSettings:
+    """Settings of ``preset`` with every override that is not None applied."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    known = {f.name for f in fields(MaskSettings)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise ValueError(f"unknown mask settings {sorted(unknown)}; known: {sorted(known)}")
+    return replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def laplacian_kernel(size: int) -> Tensor:
+    """The reference's Laplacian: centre ``size**2 - 1``, every other tap -1; shape (1, 1, k, k)."""
+    if size not in (3, 5):
+        raise ValueError(f"Laplacian size must be 3 or 5, got {size}")
+    kernel = -torch.ones(size, size)
+    kernel[size // 2, size // 2] = size * size - 1
+    return kernel.view(1, 1, size, size)
+
+
+def laplacian_size(setting: int, height: int, width: int) -> int:
+    """Kernel size for an image: the setting, or 5 for images >= 64 px a side, else 3."""
+    size = setting or (5 if min(height, width) >= 64 else 3)
+    if min(height, width) < size:
+        raise ValueError(
+            f"masks of {height}x{width} pixels are smaller than the {size}x{size} Laplacian; "
+            "use larger images, a smaller mask_scale or laplacian=3"
+        )
+    return size
+
+
+def prediction_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy of the target class per sample, computed in float32."""
+    return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def area_profile_loss(mask: Tensor, area: float) -> Tensor:
+    """Mean squared gap between the sorted mask values and a binary mask keeping ``area`` of the pixels."""
+    values = mask.flatten(1).sort(dim=1).values
+    kept = round(area * values.shape[1])
+    reference = torch.zeros_like(values)
+    reference[:, values.shape[1] - kept :] = 1.0
+    return (values - reference).pow(2).mean(1)
+
+
+def sparsity(weights: Tensor, mask: Tensor, settings: MaskSettings) -> Tensor:
+    """Reference ``mean|w + W|`` (on the weights), the mask's mean, or the area-profile gap, per sample."""
+    if settings.sparsity_on == "weights":
+        return (weights + settings.weight_limit).abs().flatten(1).mean(1)
+    if settings.sparsity_on == "area":
+        return area_profile_loss(mask, settings.area_target)
+    return mask.flatten(1).mean(1)
+
+
+def smoothness(weights: Tensor, kernel: Tensor) -> Tensor:
+    """Mean squared Laplacian of the weights, without padding, per sample."""
+    response = F.conv2d(weights.float(), kernel.to(weights.device, torch.float32))
+    return response.pow(2).flatten(1).mean(1)
+
+
+def loss_terms(
+    logits: Tensor, targets: Tensor, weights: Tensor, mask: Tensor, kernel: Tensor, settings: MaskSettings
+) -> dict[str, Tensor]:
+    """The weighted NeuroMask loss, term by term, each of shape (B,); ``total`` is their weighted sum."""
+    terms = {
+        "pred": prediction_loss(logits, targets),
+        "sparse": sparsity(weights, mask, settings),
+        "smooth": smoothness(weights, kernel),
+    }
+    terms["total"] = (
+        settings.l_pred * terms["pred"] + settings.l_sparse * terms["sparse"] + settings.l_smooth * terms["smooth"]
+    )
+    return terms

@@ -1,0 +1,89 @@
+"""The inner loop: learn one mask per image against a frozen classifier."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from neuromask_pl.mask import apply_mask, init_weights, make_baseline, mask_shape, upsample_mask, weights_to_mask
+from neuromask_pl.objective import MaskSettings, laplacian_kernel, laplacian_size, loss_terms
+
+
+class TFRMSprop(torch.optim.Optimizer):
+    """RMSProp exactly as TensorFlow 1's ``RMSPropOptimizer`` (the reference's optimiser).
+
+    Unlike ``torch.optim.RMSprop``, the mean square starts at one and epsilon sits
+    inside the square root: ``ms = d*ms + (1-d)*g^2; w -= lr * g / sqrt(ms + eps)``.
+    """
+
+    def __init__(self, params: Iterable[Tensor], lr: float = 0.001, decay: float = 0.9, eps: float = 1e-10) -> None:
+        super().__init__(params, {"lr": lr, "decay": decay, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if not state:
+                    state["ms"] = torch.ones_like(param)
+                ms = state["ms"]
+                ms.mul_(group["decay"]).addcmul_(param.grad, param.grad, value=1 - group["decay"])
+                param.addcdiv_(param.grad, (ms + group["eps"]).sqrt(), value=-group["lr"])
+
+
+def make_optimizer(params: list[Tensor], settings: MaskSettings) -> torch.optim.Optimizer:
+    """The optimiser named by the settings; both are element-wise, so samples stay independent."""
+    if settings.optimizer == "rmsprop_tf":
+        return TFRMSprop(params, lr=settings.lr)
+    return torch.optim.Adam(params, lr=settings.lr)
+
+
+@dataclass
+class MaskFit:
+    """Raw output of :func:`learn_masks` (tensors on the images' device)."""
+
+    masks: Tensor
+    logits_masked: Tensor
+    loss: dict[str, Tensor]
+
+
+def learn_masks(
+    classifier: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    ids: Tensor,
+    settings: MaskSettings,
+    seed: int,
+) -> MaskFit:
+    """Optimise one mask per image for ``settings.steps`` steps.
+
+    The summed loss is minimised; since every term is per sample and the optimisers are
+    element-wise, each mask follows exactly the path it would follow alone. The classifier
+    must already be frozen (eval mode, no parameter gradients) by the caller.
+    """
+    height, width = images.shape[-2:]
+    mask_height, mask_width = mask_shape(height, width, settings.mask_scale)
+    kernel = laplacian_kernel(laplacian_size(settings.laplacian, mask_height, mask_width)).to(images.device)
+    baseline = make_baseline(images, settings.baseline)
+    weights = init_weights(ids.cpu(), mask_height, mask_width, settings.weight_limit, seed).to(images.device)
+    weights.requires_grad_(True)
+    optimizer = make_optimizer([weights], settings)
+
+    def evaluate() -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        mask = upsample_mask(weights_to_mask(weights, settings.temperature), height, width)
+        logits = classifier(apply_mask(images, mask, baseline))
+        return mask, logits, loss_terms(logits, targets, weights, mask, kernel, settings)
+
+    for _ in range(settings.steps):
+        _, _, terms = evaluate()
+        (weights.grad,) = torch.autograd.grad(terms["total"].sum(), [weights])
+        optimizer.step()
+
+    with torch.no_grad():
+        mask, logits, terms = evaluate()
+    return MaskFit(masks=mask.detach().float(), logits_masked=logits.detach().float(), loss=terms)

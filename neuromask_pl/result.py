@@ -1,0 +1,94 @@
+"""The result of explaining a batch: masks plus everything needed to read them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+LOSS_TERMS = ("pred", "sparse", "smooth", "total")
+
+
+@dataclass
+class Explanation:
+    """Masks and per-sample statistics for one batch of images.
+
+    Every tensor has the batch as its first dimension, in the order of ``ids``.
+
+    Attributes:
+        ids: sample ids, shape (B,).
+        masks: learned masks in [0, 1], shape (B, 1, H, W); 1 keeps a pixel, 0 hides it.
+        targets: explained class per sample, shape (B,).
+        prob_original: target-class probability on the original image, shape (B,).
+        prob_masked: target-class probability on the soft-masked image, shape (B,).
+        loss: final loss terms ``pred``, ``sparse``, ``smooth`` and ``total``, each (B,).
+        mask_area: mean mask value per sample, shape (B,).
+        preserved: whether the masked image is still classified as the target, shape (B,).
+        images: the original images in [0, 1], shape (B, C, H, W), or None.
+        paths: source file of each sample, or None for in-memory data.
+        skipped: samples of the batch that could not be read: dicts with
+            ``index``, ``path`` and ``error``.
+    """
+
+    ids: Tensor
+    masks: Tensor
+    targets: Tensor
+    prob_original: Tensor
+    prob_masked: Tensor
+    loss: dict[str, Tensor]
+    mask_area: Tensor
+    preserved: Tensor
+    images: Tensor | None = None
+    paths: list[str] | None = None
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def to(self, device: torch.device | str) -> Explanation:
+        """Return a copy with every tensor moved to ``device`` (and detached)."""
+        changes: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                changes[f.name] = value.detach().to(device)
+            elif f.name == "loss":
+                changes[f.name] = {k: v.detach().to(device) for k, v in value.items()}
+        return replace(self, **changes)
+
+    def cpu(self) -> Explanation:
+        """Return a copy with every tensor on the CPU."""
+        return self.to("cpu")
+
+    def records(self, class_names: list[str] | None = None) -> list[dict[str, Any]]:
+        """One flat dict per sample (ids, target, probabilities, area, loss terms)."""
+        rows = []
+        for i in range(len(self)):
+            target = int(self.targets[i])
+            row: dict[str, Any] = {
+                "sample_id": int(self.ids[i]),
+                "path": self.paths[i] if self.paths else "",
+                "target": target,
+                "target_name": class_names[target] if class_names and target < len(class_names) else "",
+                "prob_original": float(self.prob_original[i]),
+                "prob_masked": float(self.prob_masked[i]),
+                "preserved": bool(self.preserved[i]),
+                "mask_area": float(self.mask_area[i]),
+            }
+            for term in LOSS_TERMS:
+                row[f"loss_{term}"] = float(self.loss[term][i])
+            rows.append(row)
+        return rows
+
+    def summary(self) -> dict[str, float]:
+        """Batch means of the loss terms, mask area, preservation rate and probabilities."""
+        if len(self) == 0:
+            return {}
+        out = {f"loss_{k}": float(v.float().mean()) for k, v in self.loss.items()}
+        out["mask_area"] = float(self.mask_area.float().mean())
+        out["preservation_rate"] = float(self.preserved.float().mean())
+        out["prob_original"] = float(self.prob_original.float().mean())
+        out["prob_masked"] = float(self.prob_masked.float().mean())
+        return out
