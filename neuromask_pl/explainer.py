@@ -73,7 +73,7 @@ class NeuroMask(pl.LightningModule):
         seed: masks start from noise derived from ``(seed, sample id)``.
         target_class: explain this class for every image; by default the batch's labels
             when present, else the classifier's predicted class.
-        l_pred, l_sparse, l_smooth, temperature, weight_limit, laplacian, sparsity_on,
+        l_pred, l_sparse, l_smooth, temperature, weight_limit, laplacian, laplacian_padding, sparsity_on,
             baseline, optimizer, lr, mask_scale, area_target: override single settings of the preset
             (see :class:`neuromask_pl.objective.MaskSettings`).
     """
@@ -91,6 +91,7 @@ class NeuroMask(pl.LightningModule):
         temperature: float | None = None,
         weight_limit: float | None = None,
         laplacian: int | None = None,
+        laplacian_padding: str | None = None,
         sparsity_on: str | None = None,
         baseline: str | None = None,
         optimizer: str | None = None,
@@ -101,11 +102,10 @@ class NeuroMask(pl.LightningModule):
         super().__init__()
         if not isinstance(classifier, nn.Module):
             raise TypeError(f"classifier must be a torch.nn.Module, got {type(classifier).__name__}")
-        self.save_hyperparameters(ignore=["classifier"])
         self.classifier = classifier
         self.settings: MaskSettings = resolve_settings(
             preset, steps=steps, l_pred=l_pred, l_sparse=l_sparse, l_smooth=l_smooth, temperature=temperature,
-            weight_limit=weight_limit, laplacian=laplacian, sparsity_on=sparsity_on, baseline=baseline,
+            weight_limit=weight_limit, laplacian=laplacian, laplacian_padding=laplacian_padding, sparsity_on=sparsity_on, baseline=baseline,
             optimizer=optimizer, lr=lr, mask_scale=mask_scale,
             area_target=area_target,
         )
@@ -113,6 +113,9 @@ class NeuroMask(pl.LightningModule):
             raise ValueError(f"target_class must be a class index >= 0, got {target_class}")
         self.seed = seed
         self.target_class = target_class
+        self._next_id = 0  # ids for batches that carry none (reset at each predict/test start)
+        # Saved resolved, so logs and run records show the values actually used.
+        self.save_hyperparameters({"preset": preset, "seed": seed, "target_class": target_class, **self.settings.as_dict()})
 
     @property
     def class_names(self) -> list[str] | None:
@@ -180,7 +183,10 @@ class NeuroMask(pl.LightningModule):
             targets = self.target_class
         if targets is None:
             return logits.argmax(-1)
-        targets = torch.as_tensor(targets, device=logits.device).long().view(-1).expand(batch).clone()
+        targets = torch.as_tensor(targets, device=logits.device).long().view(-1)
+        if targets.numel() not in (1, batch):
+            raise ValueError(f"targets must be one class or {batch} classes (one per image), got {targets.numel()}")
+        targets = targets.expand(batch).clone()
         bad = targets[(targets < 0) | (targets >= num_classes)]
         if bad.numel():
             raise ValueError(
@@ -188,8 +194,11 @@ class NeuroMask(pl.LightningModule):
             )
         return targets
 
-    def _explain_batch(self, batch: Any, batch_idx: int) -> Explanation:
-        images, labels, ids, paths, skipped = unpack_batch(batch, batch_idx)
+    def _explain_batch(self, batch: Any) -> Explanation:
+        images, labels, ids, paths, skipped = unpack_batch(batch)
+        if ids is None:  # batches without sample ids: number samples in the order they come
+            ids = torch.arange(self._next_id, self._next_id + images.shape[0])
+        self._next_id = int(ids.max()) + 1 if len(ids) else self._next_id
         targets = labels if self.target_class is None else None
         if images.shape[0] == 0:
             result = empty_explanation(images)
@@ -201,42 +210,41 @@ class NeuroMask(pl.LightningModule):
     def on_predict_start(self) -> None:
         if torch.is_inference_mode_enabled():
             raise RuntimeError(INFERENCE_MODE_MESSAGE)
+        self._next_id = 0
 
     on_test_start = on_predict_start
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Explanation:
         """Explain one batch; returns the :class:`Explanation` on the CPU."""
-        return self._explain_batch(batch, batch_idx)
+        return self._explain_batch(batch)
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Explanation:
         """Explain one batch and log its loss terms, mask area and preservation rate."""
-        result = self._explain_batch(batch, batch_idx)
+        result = self._explain_batch(batch)
         if len(result):
             metrics = {f"test/{k}": v for k, v in result.summary().items()}
             self.log_dict(metrics, batch_size=len(result), sync_dist=True)
         return result
 
 
-def unpack_batch(batch: Any, batch_idx: int) -> tuple[Tensor, Tensor | None, Tensor, list[str] | None, list]:
+def unpack_batch(batch: Any) -> tuple[Tensor, Tensor | None, Tensor | None, list[str] | None, list]:
     """(images, labels, ids, paths, skipped) from a dict batch, an (images, labels) pair or a tensor.
 
-    Dict batches from this package carry sample ids; for the other forms ids are
-    ``batch_idx * B + position``, which is stable only without sharding or shuffling.
+    Dict batches from this package's DataModules carry sample ids; the other forms carry none
+    (ids None): NeuroMask then numbers samples in arrival order, which is stable only
+    without shuffling or sharding.
     """
     if isinstance(batch, dict):
         if "image" not in batch:
             raise ValueError(f"a dict batch needs an 'image' entry, got keys {sorted(batch)}")
-        images = batch["image"]
-        ids = batch.get("index")
-        ids = torch.arange(images.shape[0]) + batch_idx * images.shape[0] if ids is None else ids
-        return images, batch.get("label"), ids, batch.get("path"), list(batch.get("skipped", []))
+        return batch["image"], batch.get("label"), batch.get("index"), batch.get("path"), list(batch.get("skipped", []))
     if isinstance(batch, (list, tuple)):
         images, labels = batch[0], (batch[1] if len(batch) > 1 else None)
     else:
         images, labels = batch, None
     if not isinstance(images, Tensor):
         raise TypeError(f"batches must be dicts, (images, labels) pairs or image tensors, got {type(images).__name__}")
-    return images, labels, torch.arange(images.shape[0]) + batch_idx * images.shape[0], None, []
+    return images, labels, None, None, []
 
 
 def empty_explanation(images: Tensor) -> Explanation:

@@ -32,6 +32,8 @@ class MaskSettings:
             sparsity penalty is ``mean|w + W|``.
         laplacian: 3 or 5 (kernel size), or 0 for automatic (5 when both sides
             are at least 64 pixels, else 3), as in the reference code.
+        laplacian_padding: ``"none"`` (reference: border pixels are never a window's centre)
+            or ``"replicate"`` (border pixels are smoothed too).
         sparsity_on: ``"weights"`` (reference: ``mean|w + W|``), ``"mask"`` (``mean m``) or
             ``"area"``: the sorted mask values should match a binary mask that keeps
             ``area_target`` of the pixels (as TorchRay's extremal perturbations).
@@ -51,6 +53,7 @@ class MaskSettings:
     temperature: float = 0.3
     weight_limit: float = 10.0
     laplacian: int = 0
+    laplacian_padding: str = "none"
     sparsity_on: str = "weights"
     area_target: float = 0.1
     baseline: str = "black"
@@ -68,6 +71,7 @@ class MaskSettings:
             (self.mask_scale >= 1, f"mask_scale must be >= 1, got {self.mask_scale}"),
             (min(self.l_pred, self.l_sparse, self.l_smooth) >= 0, "loss weights l_pred, l_sparse, l_smooth must be >= 0"),
             (self.laplacian in (0, 3, 5), f"laplacian must be 3, 5 or 0 (automatic), got {self.laplacian}"),
+            (self.laplacian_padding in ("none", "replicate"), f"laplacian_padding must be 'none' or 'replicate', got {self.laplacian_padding!r}"),
             (self.sparsity_on in SPARSITY_TARGETS, f"sparsity_on must be one of {SPARSITY_TARGETS}, got {self.sparsity_on!r}"),
             (self.baseline in BASELINES, f"baseline must be one of {BASELINES}, got {self.baseline!r}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
@@ -93,7 +97,7 @@ PRESETS: dict[str, MaskSettings] = {
     # hidden pixels blurred instead of blacked out, Adam, 300 steps.
     "default": MaskSettings(
         steps=300, l_pred=1.0, l_sparse=10.0, l_smooth=0.2, temperature=0.3, weight_limit=0.01,
-        laplacian=3, sparsity_on="area", area_target=0.15, baseline="blur", optimizer="adam", lr=0.1,
+        laplacian=3, laplacian_padding="replicate", sparsity_on="area", area_target=0.15, baseline="blur", optimizer="adam", lr=0.1,
         mask_scale=8,
     ),
 }
@@ -153,9 +157,12 @@ def sparsity(weights: Tensor, mask: Tensor, settings: MaskSettings) -> Tensor:
     return mask.flatten(1).mean(1)
 
 
-def smoothness(weights: Tensor, kernel: Tensor) -> Tensor:
-    """Mean squared Laplacian of the weights, without padding, per sample."""
-    response = F.conv2d(weights.float(), kernel.to(weights.device, torch.float32))
+def smoothness(weights: Tensor, kernel: Tensor, padding: str = "none") -> Tensor:
+    """Mean squared Laplacian of the weights per sample, without padding (reference) or replicate-padded."""
+    weights = weights.float()
+    if padding == "replicate":
+        weights = F.pad(weights, [kernel.shape[-1] // 2] * 4, mode="replicate")
+    response = F.conv2d(weights, kernel.to(weights.device, torch.float32))
     return response.pow(2).flatten(1).mean(1)
 
 
@@ -166,7 +173,7 @@ def loss_terms(
     terms = {
         "pred": prediction_loss(logits, targets),
         "sparse": sparsity(weights, mask, settings),
-        "smooth": smoothness(weights, kernel),
+        "smooth": smoothness(weights, kernel, settings.laplacian_padding),
     }
     terms["total"] = (
         settings.l_pred * terms["pred"] + settings.l_sparse * terms["sparse"] + settings.l_smooth * terms["smooth"]

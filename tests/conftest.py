@@ -1,0 +1,108 @@
+"""Shared test fixtures: a tiny seeded CNN with BatchNorm, seeded images and a quiet CPU Trainer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The tests run thousands of tiny convolutions; on a small (2-core) machine that is busy with
+# anything else, two intra-op threads make each of them ~100x slower than one thread does.
+torch.set_num_threads(1)
+
+CLASS_NAMES = ["cat", "dog", "owl"]
+
+
+class TinyCNN(nn.Module):
+    """conv -> BatchNorm -> ReLU -> conv -> global average pool -> linear; takes B x 3 x H x W."""
+
+    class_names = CLASS_NAMES
+
+    def __init__(self, num_classes: int = len(CLASS_NAMES)) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1),
+            nn.BatchNorm2d(6),
+            nn.ReLU(),
+            nn.Conv2d(6, 6, 3, padding=1),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(6, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def make_images(n: int, size: int = 16, seed: int = 0, channels: int = 3) -> torch.Tensor:
+    """``n`` seeded images in [0, 1], n x channels x size x size: smooth colour fields plus a little noise."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, channels, 4, 4, generator=generator)
+    smooth = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    return 0.75 * smooth + 0.25 * torch.rand(n, channels, size, size, generator=generator)
+
+
+def make_tiny_cnn(seed: int = 0, num_classes: int = len(CLASS_NAMES)) -> TinyCNN:
+    """A seeded TinyCNN, briefly trained to name each image's dominant colour, returned in eval mode.
+
+    The training gives input-dependent, varied predictions (so masks have something to explain)
+    and BatchNorm running statistics and ``num_batches_tracked`` that differ from their defaults.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = TinyCNN(num_classes)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    model.train()
+    for step in range(40):
+        images = make_images(16, size=12, seed=1000 * seed + 100 + step)
+        labels = images.mean((2, 3)).argmax(1) % num_classes
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+def make_trainer(**overrides: Any) -> pl.Trainer:
+    """A quiet single-process CPU Trainer that NeuroMask can run under (inference_mode=False)."""
+    kwargs: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        inference_mode=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    kwargs.update(overrides)
+    return pl.Trainer(**kwargs)
+
+
+@pytest.fixture
+def tiny_cnn() -> TinyCNN:
+    """A fresh seeded TinyCNN (3 classes, eval mode, BatchNorm with running statistics)."""
+    return make_tiny_cnn(0)
+
+
+@pytest.fixture
+def cnn_factory() -> Callable[..., TinyCNN]:
+    """:func:`make_tiny_cnn`, for tests that need several or differently seeded models."""
+    return make_tiny_cnn
+
+
+@pytest.fixture
+def image_factory() -> Callable[..., torch.Tensor]:
+    """:func:`make_images`."""
+    return make_images
+
+
+@pytest.fixture
+def trainer_factory() -> Callable[..., pl.Trainer]:
+    """:func:`make_trainer`."""
+    return make_trainer

@@ -1,0 +1,112 @@
+"""The `neuromask-pl` command on a tiny config: files on disk and TensorBoard content."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from neuromask_pl.cli import main
+
+
+def _make_images(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    for i, size in enumerate([(40, 48), (32, 32), (64, 40), (36, 36), (50, 33)]):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+    (root / "broken.jpg").write_bytes(b"this is not a jpeg")
+
+
+def _config(tmp_path: Path, images: Path, out: Path) -> Path:
+    config = {
+        "seed_everything": 0,
+        "model": {
+            "classifier": {
+                "class_path": "neuromask_pl.classifiers.FactoryClassifier",
+                "init_args": {"factory": "torchvision.models:resnet18", "kwargs": {"num_classes": 10}},
+            },
+            "preset": "default",
+            "steps": 5,
+        },
+        "data": {
+            "class_path": "neuromask_pl.data.ImageFolderDataModule",
+            "init_args": {"root": str(images), "image_size": 32, "batch_size": 4},
+        },
+        "trainer": {"accelerator": "cpu", "devices": 1, "default_root_dir": str(tmp_path), "enable_progress_bar": False},
+        "writer": {"output_dir": str(out)},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _events(tmp_path: Path) -> EventAccumulator:
+    (event_file,) = (tmp_path / "lightning_logs").rglob("events.out.tfevents.*")
+    acc = EventAccumulator(str(event_file), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    return acc
+
+
+@pytest.mark.parametrize("stage", ["predict", "test"])
+def test_cli_writes_outputs_and_tensorboard(tmp_path: Path, stage: str, capsys: pytest.CaptureFixture) -> None:
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    _make_images(images)
+    main([stage, "--config", str(_config(tmp_path, images, out))])
+
+    rows = list(csv.DictReader(open(out / "manifest.csv")))
+    # files sorted by name: broken.jpg is sample 0, img0..img4 are samples 1..5
+    assert [r["sample_id"] for r in rows] == [str(i) for i in range(6)]
+    assert rows[0]["status"] == "skipped" and rows[0]["path"].endswith("broken.jpg") and rows[0]["error"]
+    for row in rows[1:]:
+        assert row["status"] == "ok"
+        mask = np.load(out / row["mask_file"])
+        assert mask.shape == (32, 32) and 0 <= mask.min() <= mask.max() <= 1
+        assert abs(float(mask.astype(np.float32).mean()) - float(row["mask_area"])) < 1e-3
+        assert Image.open(out / row["overlay_file"]).size[1] == 32
+        assert 0 <= int(row["target"]) < 10
+    record = json.loads((out / "run.json").read_text())
+    assert record["counts"] == {"explained": 5, "skipped": 1}
+    assert record["hparams"]["steps"] == 5 and record["hparams"]["preset"] == "default"
+    assert record["hparams"]["mask_scale"] == 8  # resolved from the preset, not None
+    assert "FactoryClassifier" in record["classifier"]["class"] and "torchvision" in record["versions"]
+    assert str(out) in capsys.readouterr().out
+
+    acc = _events(tmp_path)
+    scalars = acc.Tags()["scalars"]
+    for name in ("loss_pred", "loss_sparse", "loss_smooth", "loss_total", "mask_area", "preservation_rate"):
+        assert f"explain/{name}" in scalars
+    assert len(acc.Scalars("explain/mask_area")) == 2  # two batches
+    assert "explain/overlays" in acc.Tags()["images"]
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    ).session_start_info
+    assert start.hparams["steps"].number_value == 5 and start.hparams["preset"].string_value == "default"
+    if stage == "test":
+        assert "test/mask_area" in scalars and "test/preservation_rate" in scalars
+        areas = [float(r["mask_area"]) for r in rows[1:]]
+        assert acc.Scalars("test/mask_area")[-1].value == pytest.approx(np.mean(areas), abs=1e-4)
+
+
+def test_cli_refuses_inference_mode(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    _make_images(images)
+    config = _config(tmp_path, images, tmp_path / "out")
+    with pytest.raises(RuntimeError, match="inference_mode=False"):
+        main(["predict", "--config", str(config), "--trainer.inference_mode", "true"])
+
+
+def test_cli_rejects_unknown_preset(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    _make_images(images)
+    config = _config(tmp_path, images, tmp_path / "out")
+    with pytest.raises(ValueError, match="unknown preset"):
+        main(["predict", "--config", str(config), "--model.preset", "nonsense"])
