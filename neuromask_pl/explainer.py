@@ -104,9 +104,20 @@ class NeuroMask(pl.LightningModule):
             raise TypeError(f"classifier must be a torch.nn.Module, got {type(classifier).__name__}")
         self.classifier = classifier
         self.settings: MaskSettings = resolve_settings(
-            preset, steps=steps, l_pred=l_pred, l_sparse=l_sparse, l_smooth=l_smooth, temperature=temperature,
-            weight_limit=weight_limit, laplacian=laplacian, laplacian_padding=laplacian_padding, sparsity_on=sparsity_on, baseline=baseline,
-            optimizer=optimizer, lr=lr, mask_scale=mask_scale,
+            preset,
+            steps=steps,
+            l_pred=l_pred,
+            l_sparse=l_sparse,
+            l_smooth=l_smooth,
+            temperature=temperature,
+            weight_limit=weight_limit,
+            laplacian=laplacian,
+            laplacian_padding=laplacian_padding,
+            sparsity_on=sparsity_on,
+            baseline=baseline,
+            optimizer=optimizer,
+            lr=lr,
+            mask_scale=mask_scale,
             area_target=area_target,
         )
         if target_class is not None and target_class < 0:
@@ -115,7 +126,9 @@ class NeuroMask(pl.LightningModule):
         self.target_class = target_class
         self._next_id = 0  # ids for batches that carry none (reset at each predict/test start)
         # Saved resolved, so logs and run records show the values actually used.
-        self.save_hyperparameters({"preset": preset, "seed": seed, "target_class": target_class, **self.settings.as_dict()})
+        self.save_hyperparameters(
+            {"preset": preset, "seed": seed, "target_class": target_class, **self.settings.as_dict()}
+        )
 
     @property
     def class_names(self) -> list[str] | None:
@@ -137,7 +150,7 @@ class NeuroMask(pl.LightningModule):
         """
         if torch.is_inference_mode_enabled():
             raise RuntimeError(INFERENCE_MODE_MESSAGE)
-        images = check_images(images).to(self.device)
+        images = check_images(images).to(self._classifier_device())
         batch = images.shape[0]
         ids = torch.arange(batch) if ids is None else torch.as_tensor(ids).long().view(-1).cpu()
         if ids.shape[0] != batch or ids.unique().numel() != batch:
@@ -146,11 +159,11 @@ class NeuroMask(pl.LightningModule):
             with torch.no_grad():
                 logits = self._logits(images)
             targets = self._targets(targets, logits)
-            fit = learn_masks(self.classifier, images, targets, ids.to(self.device), self.settings, self.seed)
+            fit = learn_masks(self.classifier, images, targets, ids, self.settings, self.seed)
         prob_original = logits.float().softmax(-1).gather(1, targets[:, None])[:, 0]
         prob_masked = fit.logits_masked.softmax(-1).gather(1, targets[:, None])[:, 0]
         return Explanation(
-            ids=ids.to(self.device),
+            ids=ids.to(images.device),
             masks=fit.masks,
             targets=targets,
             prob_original=prob_original,
@@ -160,6 +173,13 @@ class NeuroMask(pl.LightningModule):
             preserved=fit.logits_masked.argmax(-1) == targets,
             images=images,
         )
+
+    def _classifier_device(self) -> torch.device:
+        """Where the classifier lives (it may have been moved without this module, e.g. as a callback's)."""
+        tensor = next(self.classifier.parameters(), None)
+        if tensor is None:
+            tensor = next(self.classifier.buffers(), None)
+        return tensor.device if tensor is not None else self.device
 
     def _logits(self, images: Tensor) -> Tensor:
         try:

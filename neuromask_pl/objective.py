@@ -69,10 +69,19 @@ class MaskSettings:
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (0 < self.area_target <= 1, f"area_target must be in (0, 1], got {self.area_target}"),
             (self.mask_scale >= 1, f"mask_scale must be >= 1, got {self.mask_scale}"),
-            (min(self.l_pred, self.l_sparse, self.l_smooth) >= 0, "loss weights l_pred, l_sparse, l_smooth must be >= 0"),
+            (
+                min(self.l_pred, self.l_sparse, self.l_smooth) >= 0,
+                "loss weights l_pred, l_sparse, l_smooth must be >= 0",
+            ),
             (self.laplacian in (0, 3, 5), f"laplacian must be 3, 5 or 0 (automatic), got {self.laplacian}"),
-            (self.laplacian_padding in ("none", "replicate"), f"laplacian_padding must be 'none' or 'replicate', got {self.laplacian_padding!r}"),
-            (self.sparsity_on in SPARSITY_TARGETS, f"sparsity_on must be one of {SPARSITY_TARGETS}, got {self.sparsity_on!r}"),
+            (
+                self.laplacian_padding in ("none", "replicate"),
+                f"laplacian_padding must be 'none' or 'replicate', got {self.laplacian_padding!r}",
+            ),
+            (
+                self.sparsity_on in SPARSITY_TARGETS,
+                f"sparsity_on must be one of {SPARSITY_TARGETS}, got {self.sparsity_on!r}",
+            ),
             (self.baseline in BASELINES, f"baseline must be one of {BASELINES}, got {self.baseline!r}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
         ]
@@ -96,8 +105,19 @@ PRESETS: dict[str, MaskSettings] = {
     # mask at 1/8 resolution pushed towards a binary mask keeping 15% of the pixels,
     # hidden pixels blurred instead of blacked out, Adam, 300 steps.
     "default": MaskSettings(
-        steps=300, l_pred=1.0, l_sparse=10.0, l_smooth=0.2, temperature=0.3, weight_limit=0.01,
-        laplacian=3, laplacian_padding="replicate", sparsity_on="area", area_target=0.15, baseline="blur", optimizer="adam", lr=0.1,
+        steps=300,
+        l_pred=1.0,
+        l_sparse=10.0,
+        l_smooth=0.2,
+        temperature=0.3,
+        weight_limit=0.01,
+        laplacian=3,
+        laplacian_padding="replicate",
+        sparsity_on="area",
+        area_target=0.15,
+        baseline="blur",
+        optimizer="adam",
+        lr=0.1,
         mask_scale=8,
     ),
 }

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -61,6 +62,23 @@ class Explanation:
     def cpu(self) -> Explanation:
         """Return a copy with every tensor on the CPU."""
         return self.to("cpu")
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict of tensors, lists and dicts (for logging, pickling or ``torch.save``)."""
+        return asdict(self.cpu())
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save to a file that :meth:`load` reads back (``torch.save`` of :meth:`as_dict`)."""
+        torch.save(self.as_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Explanation:
+        """Read an Explanation written by :meth:`save` (loaded with ``weights_only=True``)."""
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        known = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or not {"ids", "masks"} <= set(data) or set(data) - known:
+            raise ValueError(f"{path} does not hold a saved Explanation (expected keys {sorted(known)})")
+        return cls(**data)
 
     def records(self, class_names: list[str] | None = None) -> list[dict[str, Any]]:
         """One flat dict per sample (ids, target, probabilities, area, loss terms)."""

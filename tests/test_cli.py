@@ -38,7 +38,12 @@ def _config(tmp_path: Path, images: Path, out: Path) -> Path:
             "class_path": "neuromask_pl.data.ImageFolderDataModule",
             "init_args": {"root": str(images), "image_size": 32, "batch_size": 4},
         },
-        "trainer": {"accelerator": "cpu", "devices": 1, "default_root_dir": str(tmp_path), "enable_progress_bar": False},
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "default_root_dir": str(tmp_path),
+            "enable_progress_bar": False,
+        },
         "writer": {"output_dir": str(out)},
     }
     path = tmp_path / "tiny.yaml"
