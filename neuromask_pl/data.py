@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image, ImageOps
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms.v2 import functional as F
 
 logger = logging.getLogger(__name__)
@@ -169,6 +169,8 @@ class _ExplainDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.dataset: Dataset | None = None
+        # Sample ids already explained (set by MaskWriter when resuming); never loaded again.
+        self.exclude_ids: set[int] = set()
 
     def _build_dataset(self) -> Dataset:
         raise NotImplementedError
@@ -181,10 +183,20 @@ class _ExplainDataModule(pl.LightningDataModule):
         if self.dataset is None:
             self.dataset = self._build_dataset()
 
+    def sample_ids(self) -> list[int]:
+        """The sample id of every position of the dataset."""
+        self.setup()
+        ids = getattr(self.dataset, "ids", None)
+        return [int(i) for i in ids] if ids is not None else list(range(len(self.dataset)))
+
     def _loader(self) -> DataLoader:
         self.setup()
+        dataset = self.dataset
+        if self.exclude_ids:
+            keep = [pos for pos, sample_id in enumerate(self.sample_ids()) if sample_id not in self.exclude_ids]
+            dataset = Subset(self.dataset, keep)
         return DataLoader(
-            self.dataset,
+            dataset,
             batch_size=self.batch_size,
             shuffle=False,
             num_workers=self.num_workers,

@@ -312,3 +312,12 @@ def test_demo_without_optional_packages_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "skimage.data", None)
     with pytest.raises(ImportError, match=r"neuromask-pl\[demo\]"):
         DemoDataModule()
+
+
+def test_excluded_ids_are_not_loaded_again() -> None:
+    images = torch.rand(5, 3, 4, 4)
+    dm = TensorDataModule(images, ids=torch.tensor([10, 11, 12, 13, 14]), batch_size=2)
+    dm.exclude_ids = {11, 14}
+    batches = list(dm.predict_dataloader())
+    assert torch.cat([b["index"] for b in batches]).tolist() == [10, 12, 13]
+    assert torch.equal(torch.cat([b["image"] for b in batches]), images[[0, 2, 3]])
