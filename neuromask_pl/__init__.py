@@ -21,6 +21,7 @@ _EXPORTS = {
     "TorchvisionClassifier": "neuromask_pl.classifiers",
     "TorchScriptClassifier": "neuromask_pl.classifiers",
     "FactoryClassifier": "neuromask_pl.classifiers",
+    "LightningCheckpointClassifier": "neuromask_pl.classifiers",
     "MaskWriter": "neuromask_pl.callbacks",
     "ExplanationLogger": "neuromask_pl.callbacks",
 }

@@ -126,6 +126,26 @@ def test_torchscript_round_trip(images, tmp_path):
     assert clf.class_names == list("abcde") and clf.source_file == str(path) and clf.in_channels == 3
 
 
+class _LogitsAndFeatures(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = make_tiny(num_classes=4, seed=2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.body(x), x.mean((2, 3))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated in torch >= 2.10
+def test_torchscript_output_picks_the_logits_of_a_tuple(images, tmp_path):
+    model = _LogitsAndFeatures().eval()
+    torch.jit.save(torch.jit.script(model), tmp_path / "pair.ts")
+    clf = TorchScriptClassifier(str(tmp_path / "pair.ts"), output=0)
+    with torch.no_grad():
+        assert torch.equal(clf(images), model.body(images))
+    with pytest.raises(TypeError, match="returned a tuple of 2 items; set output="):
+        TorchScriptClassifier(str(tmp_path / "pair.ts"))(images)
+
+
 def test_factory_builds_and_loads_weights(images, tmp_path):
     trained = make_tiny(seed=1)
     torch.save(trained.state_dict(), tmp_path / "w.pt")

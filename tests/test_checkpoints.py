@@ -1,0 +1,392 @@
+"""Tests for LightningCheckpointClassifier and the ``output`` option: a tiny LightningModule trained
+for three steps by a real CPU Trainer, checkpoints written under tmp_path, no downloads."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+import yaml
+from jsonargparse import ArgumentParser
+from PIL import Image
+from torch import nn
+
+from neuromask_pl.classifiers import FactoryClassifier, LightningCheckpointClassifier, describe_classifier
+from neuromask_pl.cli import main
+from neuromask_pl.data import TensorDataModule
+from neuromask_pl.explainer import NeuroMask
+
+CLASS = f"{__name__}.LitNet"
+
+
+class Note:
+    """A custom object that a checkpoint may pickle into its hyper-parameters."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+class LitNet(pl.LightningModule):
+    """conv -> BatchNorm -> ReLU -> Dropout -> pool -> linear, as a LightningModule."""
+
+    def __init__(self, width: int, num_classes: int = 3, note: object = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Dropout(0.5),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(width, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        return F.cross_entropy(self(images), labels)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+class PairNet(nn.Module):
+    """Returns ``(logits, features)``, or ``{"features": ..., "logits": ...}`` with ``as_dict``."""
+
+    def __init__(self, as_dict: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(4, 3)
+        self.as_dict = as_dict
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]:
+        features = self.features(x)
+        logits = self.head(features)
+        return {"features": features, "logits": logits} if self.as_dict else (logits, features)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[LitNet, Path]:
+    """A LitNet trained for 3 steps by a CPU Trainer (BatchNorm statistics moved), and its checkpoint."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LitNet(width=6)
+        data = torch.utils.data.TensorDataset(torch.rand(12, 3, 8, 8), torch.randint(0, 3, (12,)))
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_steps=3,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
+    path = tmp_path_factory.mktemp("ckpt") / "m.ckpt"
+    trainer.save_checkpoint(path)
+    return model.eval(), path
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def edited_checkpoint(source: Path, target: Path, edit) -> str:
+    """Copy a checkpoint with ``edit(ckpt)`` applied, saved with torch.save."""
+    ckpt = torch.load(source, weights_only=True)
+    edit(ckpt)
+    torch.save(ckpt, target)
+    return str(target)
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+def test_checkpoint_logits_equal_the_modules_eval_logits(trained, images):
+    model, path = trained
+    clf = LightningCheckpointClassifier(CLASS, str(path), class_names=["a", "b", "c"])
+    with torch.no_grad():
+        expected = model(images)
+        assert torch.equal(clf(images), expected)
+        # the training really changed the weights and the BatchNorm statistics: a fresh LitNet differs
+        assert not torch.equal(LitNet(width=6).eval()(images), expected)
+        # eval mode matters (Dropout, BatchNorm), and the loaded module is in it
+        assert not clf.training and not clf.model.training
+        assert not torch.equal(clf.model.train()(images), expected)
+    assert isinstance(clf.model, LitNet) and clf.model.hparams.width == 6
+    assert clf.class_names == ["a", "b", "c"] and clf.in_channels == 3
+    info = describe_classifier(clf)
+    assert info["source_file"] == str(path)
+    assert info["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_colon_class_path_normalisation_and_model_attribute(trained, images):
+    model, path = trained
+    clf = LightningCheckpointClassifier(f"{__name__}:LitNet", str(path), mean=0.5, std=0.25)
+    net = LightningCheckpointClassifier(CLASS, str(path), model_attribute="net")
+    with torch.no_grad():
+        assert torch.equal(clf(images), model((images - 0.5) / 0.25))
+        assert torch.equal(net(images), model.net(images))
+    assert type(net.model) is nn.Sequential and not net.model.training
+    assert set(net.state_dict()) == {f"model.{k}" for k in model.net.state_dict()}
+
+
+def test_model_attribute_errors(trained):
+    _, path = trained
+    with pytest.raises(ValueError, match=r"LitNet has no attribute 'nett'; its sub-modules are \['net'\]"):
+        LightningCheckpointClassifier(CLASS, str(path), model_attribute="nett")
+    with pytest.raises(ValueError, match=r"'net\.head': net has no attribute 'head'; its sub-modules are \['0', '1'"):
+        LightningCheckpointClassifier(CLASS, str(path), model_attribute="net.head")
+    with pytest.raises(TypeError, match="model_attribute 'hparams' is of type AttributeDict, not a torch.nn.Module"):
+        LightningCheckpointClassifier(CLASS, str(path), model_attribute="hparams")
+
+
+def test_pickled_hyper_parameter_needs_weights_only_false(trained, images, tmp_path):
+    model, path = trained
+    unsafe = edited_checkpoint(path, tmp_path / "note.ckpt", lambda c: c["hyper_parameters"].update(note=Note("hi")))
+    message = (
+        rf"note\.ckpt holds pickled Python objects .*first found: {__name__}\.Note.*needs full unpickling, "
+        r"which can run arbitrary code: pass weights_only=False .* only for a file you trust"
+    )
+    with pytest.raises(ValueError, match=message):
+        LightningCheckpointClassifier(CLASS, unsafe)
+    clf = LightningCheckpointClassifier(CLASS, unsafe, weights_only=False)
+    assert isinstance(clf.model.hparams.note, Note) and clf.model.hparams.note.text == "hi"
+    with torch.no_grad():
+        assert torch.equal(clf(images), model(images))
+
+
+def test_lightning_cli_instantiator_is_used_and_others_refused(trained, images, tmp_path):
+    model, path = trained
+
+    def cli_hparams(ckpt):
+        ckpt["hyper_parameters"].update(_instantiator="pytorch_lightning.cli.instantiate_module", _class_path=CLASS)
+
+    clf = LightningCheckpointClassifier(CLASS, edited_checkpoint(path, tmp_path / "cli.ckpt", cli_hparams))
+    with torch.no_grad():
+        assert torch.equal(clf(images), model(images))
+    evil = edited_checkpoint(
+        path, tmp_path / "evil.ckpt", lambda c: c["hyper_parameters"].update(_instantiator="os.system")
+    )
+    with pytest.raises(ValueError, match="instantiator 'os.system', which is not Lightning's"):
+        LightningCheckpointClassifier(CLASS, evil)
+
+
+def test_state_dict_round_trip_through_factory(trained, images, tmp_path):
+    model, path = trained
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    kwargs = {"width": 6}
+    plain = FactoryClassifier(f"{__name__}:LitNet", kwargs, weights=str(tmp_path / "sd.pt"))
+    from_ckpt = FactoryClassifier(f"{__name__}:LitNet", kwargs, weights=str(path))  # its "state_dict" key
+    with torch.no_grad():
+        assert torch.equal(plain(images), model(images))
+        assert torch.equal(from_ckpt(images), model(images))
+
+
+# --- tuple and dict outputs ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("as_dict", "output"), [(False, 0), (False, -2), (True, "logits")])
+def test_output_picks_the_logits(images, as_dict, output):
+    reference = PairNet(as_dict=False).eval()
+    clf = FactoryClassifier(f"{__name__}:PairNet", {"as_dict": as_dict}, output=output)
+    with torch.no_grad():
+        assert torch.equal(clf(images), reference(images)[0])
+    result = NeuroMask(clf, preset="paper", steps=2).explain(images)
+    assert torch.equal(result.targets, reference(images)[0].argmax(1))
+
+
+@pytest.mark.parametrize(
+    ("as_dict", "output", "error", "message"),
+    [
+        (False, None, TypeError, r"returned a tuple of 2 items; set output=<index, 0\.\.1> to pick the logits"),
+        (True, None, TypeError, r"returned a dict with keys \['features', 'logits'\]; set output=<key>"),
+        (False, 2, ValueError, r"output=2 is out of range: the classifier returned a tuple of 2 items"),
+        (True, "logit", ValueError, r"output='logit' is not a key .* its keys are \['features', 'logits'\]"),
+        (False, "logits", TypeError, r"output='logits' is a key, but the classifier returned a tuple"),
+        (True, 0, TypeError, r"output=0 is an index, but the classifier returned a dict with keys"),
+    ],
+)
+def test_output_errors_say_what_exists(images, as_dict, output, error, message):
+    clf = FactoryClassifier(f"{__name__}:PairNet", {"as_dict": as_dict}, output=output)
+    with pytest.raises(error, match=message):
+        clf(images)
+    with pytest.raises(error, match=message):  # and through the explainer, unchanged
+        NeuroMask(clf, preset="paper", steps=2).explain(images)
+
+
+def test_output_on_a_single_tensor_or_of_a_wrong_type(trained, images):
+    _, path = trained
+    with pytest.raises(
+        TypeError, match=r"output=0 is set but the classifier returned a single tensor of shape \(3, 3\)"
+    ):
+        LightningCheckpointClassifier(CLASS, str(path), output=0)(images)
+    with pytest.raises(TypeError, match="output must be an index .* got bool True"):
+        FactoryClassifier(f"{__name__}:PairNet", output=True)
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("module_class", "error", "message"),
+    [
+        ("NoDots", ValueError, "must look like 'package.module.ClassName'"),
+        ("no_such_pkg_xyz.models.LitNet", ValueError, "could not import module 'no_such_pkg_xyz.models'"),
+        (f"{__name__}.NoSuchNet", ValueError, "has no attribute 'NoSuchNet'"),
+        (f"{__name__}:LitNet.nope", ValueError, r"has no attribute 'LitNet\.nope'"),
+        ("torch.nn.Linear", TypeError, "names a torch.nn.Module class, not a LightningModule .*FactoryClassifier"),
+        ("os.getcwd", TypeError, "names builtin_function_or_method, not a LightningModule"),
+    ],
+)
+def test_bad_module_class(trained, module_class, error, message):
+    with pytest.raises(error, match=message):
+        LightningCheckpointClassifier(module_class, str(trained[1]))
+
+
+def test_missing_or_unreadable_checkpoint(trained, tmp_path):
+    _, path = trained
+    with pytest.raises(FileNotFoundError, match="checkpoint file not found: .*nope.ckpt"):
+        LightningCheckpointClassifier(CLASS, str(tmp_path / "nope.ckpt"))
+    with pytest.raises(ValueError, match="is a directory .*consolidate it"):
+        LightningCheckpointClassifier(CLASS, str(tmp_path))
+    data = path.read_bytes()
+    (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.ckpt").write_text("not a checkpoint")
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    for name, reason in [
+        ("truncated.ckpt", "failed reading zip archive"),
+        ("text.ckpt", r"the safe \(weights_only\) unpickler rejected it"),
+        ("empty.ckpt", r"the file ends too early \(empty or truncated\)"),
+    ]:
+        for weights_only in (True, False):
+            message = rf"could not load .*{name}: .*is it a Lightning checkpoint"
+            with pytest.raises(ValueError, match=message):
+                LightningCheckpointClassifier(CLASS, str(tmp_path / name), weights_only=weights_only)
+        with pytest.raises(ValueError, match=reason):
+            LightningCheckpointClassifier(CLASS, str(tmp_path / name))
+
+
+def test_checkpoint_without_state_dict(trained, tmp_path):
+    model, _ = trained
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match=r"plain.pt is not a Lightning checkpoint: it has no 'state_dict' \(its keys"):
+        LightningCheckpointClassifier(CLASS, str(tmp_path / "plain.pt"))
+
+
+def test_weights_that_do_not_fit_list_the_keys(trained, tmp_path):
+    _, path = trained
+    wider = edited_checkpoint(path, tmp_path / "wider.ckpt", lambda c: c["hyper_parameters"].update(num_classes=5))
+    with pytest.raises(
+        ValueError, match=r"shape mismatch 2: net\.6\.weight \(file \(3, 6\), model \(5, 6\)\), net\.6\.bias"
+    ):
+        LightningCheckpointClassifier(CLASS, wider)
+
+    def rename(ckpt):
+        ckpt["state_dict"]["net.9.weight"] = ckpt["state_dict"].pop("net.6.weight")
+
+    renamed = edited_checkpoint(path, tmp_path / "renamed.ckpt", rename)
+    with pytest.raises(ValueError, match=r"do not fit LitNet: missing 1: net\.6\.weight; unexpected 1: net\.9\.weight"):
+        LightningCheckpointClassifier(CLASS, renamed)
+
+
+def test_hyper_parameters_the_class_does_not_take(trained, tmp_path):
+    _, path = trained
+    extra = edited_checkpoint(path, tmp_path / "extra.ckpt", lambda c: c["hyper_parameters"].update(depth=2))
+    with pytest.raises(ValueError, match=r"include \['depth'\], which LitNet.__init__ does not accept \(it takes"):
+        LightningCheckpointClassifier(CLASS, extra)
+    bare = edited_checkpoint(path, tmp_path / "bare.ckpt", lambda c: c.pop("hyper_parameters"))
+    with pytest.raises(
+        ValueError,
+        match=r"LitNet.__init__ needs \['width'\] but the hyper-parameters .* self\.save_hyperparameters\(\)",
+    ):
+        LightningCheckpointClassifier(CLASS, bare)
+
+
+# --- end to end ----------------------------------------------------------------------------
+
+
+def test_neuromask_explains_a_checkpoint(trained, images):
+    model, path = trained
+    result = NeuroMask(LightningCheckpointClassifier(CLASS, str(path)), preset="paper", steps=3).explain(images)
+    with torch.no_grad():
+        probs = model(images).softmax(1)
+    assert result.masks.shape == (3, 1, 8, 8)
+    assert result.masks.min() >= 0 and result.masks.max() <= 1
+    assert torch.equal(result.targets, probs.argmax(1))
+    torch.testing.assert_close(result.prob_original, probs.max(1).values)
+
+
+def test_trainer_predict_explains_a_checkpoint(trained, images, trainer_factory):
+    """The CLI path: the checkpoint's LightningModule nested inside NeuroMask, run by a Trainer."""
+    model, path = trained
+    explainer = NeuroMask(LightningCheckpointClassifier(CLASS, str(path)), preset="paper", steps=3)
+    batches = trainer_factory().predict(explainer, datamodule=TensorDataModule(images, batch_size=2))
+    alone = NeuroMask(LightningCheckpointClassifier(CLASS, str(path)), preset="paper", steps=3).explain(images)
+    assert [b.ids.tolist() for b in batches] == [[0, 1], [2]]
+    assert torch.equal(torch.cat([b.masks for b in batches]), alone.masks)
+    with torch.no_grad():
+        assert torch.equal(torch.cat([b.targets for b in batches]), model(images).argmax(1))
+
+
+def test_cli_explains_a_checkpoint_from_a_config(trained, tmp_path):
+    """``neuromask-pl predict --config`` with the classifier given as class_path/init_args."""
+    model, path = trained
+    folder, out = tmp_path / "images", tmp_path / "out"
+    folder.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 255, (3, 8, 8, 3), dtype=np.uint8)
+    for i, image in enumerate(pixels):
+        Image.fromarray(image).save(folder / f"img{i}.png")
+    classifier = {"module_class": CLASS, "checkpoint": str(path)}
+    config = {
+        "seed_everything": 0,
+        "model": {
+            "classifier": {
+                "class_path": "neuromask_pl.classifiers.LightningCheckpointClassifier",
+                "init_args": classifier,
+            },
+            "preset": "paper",
+            "steps": 3,
+        },
+        "data": {
+            "class_path": "neuromask_pl.data.ImageFolderDataModule",
+            "init_args": {"root": str(folder), "image_size": 8},
+        },
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "default_root_dir": str(tmp_path),
+            "enable_progress_bar": False,
+        },
+        "writer": {"output_dir": str(out)},
+    }
+    (tmp_path / "ckpt.yaml").write_text(yaml.safe_dump(config))
+    main(["predict", "--config", str(tmp_path / "ckpt.yaml")])
+
+    rows = list(csv.DictReader(open(out / "manifest.csv")))
+    with torch.no_grad():
+        predicted = model(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255).argmax(1)
+    assert [int(r["target"]) for r in rows] == predicted.tolist()
+    record = json.loads((out / "run.json").read_text())["classifier"]
+    assert record["class"] == "neuromask_pl.classifiers.LightningCheckpointClassifier"
+    assert record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_output_from_the_command_line_is_an_index_or_a_key():
+    """jsonargparse must read ``--output 0`` as the index 0, not the dict key "0"."""
+    parser = ArgumentParser()
+    parser.add_class_arguments(LightningCheckpointClassifier, "clf")
+    required = ["--clf.module_class", CLASS, "--clf.checkpoint", "m.ckpt"]
+    for given, parsed in [("0", 0), ("-1", -1), ("logits", "logits"), ("null", None)]:
+        assert parser.parse_args([*required, "--clf.output", given]).clf.output == parsed
