@@ -24,6 +24,8 @@ _EXPORTS = {
     "LightningCheckpointClassifier": "neuromask_pl.classifiers",
     "MaskWriter": "neuromask_pl.callbacks",
     "ExplanationLogger": "neuromask_pl.callbacks",
+    "ExplainDuringTraining": "neuromask_pl.callbacks",
+    "load_results": "neuromask_pl.store",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
