@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import importlib
 import importlib.metadata
 import json
 import logging
 import platform
 import random
+import secrets
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,12 +21,13 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter, Callback
-from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torchvision.utils import make_grid
 
 from neuromask_pl.explainer import NeuroMask, check_images, unpack_batch
 from neuromask_pl.objective import resolve_settings
 from neuromask_pl.result import LOSS_TERMS, Explanation
+from neuromask_pl.store import ShardWriter, StoreLock, config_hash, load_results, merge_index, open_store, scan_shards
 from neuromask_pl.viz import atomic_write, explanation_panel, save_png, to_uint8
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,6 @@ MANIFEST_COLUMNS = (
     "preserved",
     "mask_area",
     *(f"loss_{term}" for term in LOSS_TERMS),
-    "mask_file",
     "overlay_file",
     "error",
 )
@@ -52,43 +52,6 @@ _VERSIONED = ("torch", "torchvision", "pytorch_lightning", "torchmetrics", "nump
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _read_rows(path: Path) -> list[dict[str, str]]:
-    """Manifest rows of a CSV file; a line torn by a crash (missing fields, bad id) is dropped."""
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    return [r for r in rows if str(r.get("sample_id", "")).isdigit() and r.get("error") is not None and None not in r]
-
-
-def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    with atomic_write(path, "w", fsync=True) as f:
-        writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS, restval="", extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def merge_manifest(output_dir: str | Path) -> dict[str, dict[str, str]]:
-    """Merge the ``manifest.partial*.csv`` journals into ``manifest.csv`` and delete them.
-
-    Rows already in ``manifest.csv`` whose id is not in a journal are kept; journal rows replace
-    same-id rows (a later row wins). The result is sorted by sample id and written atomically.
-
-    Returns:
-        The journal rows, keyed by sample id.
-    """
-    out = Path(output_dir)
-    partials = sorted(out.glob("manifest.partial*.csv"))
-    new = {row["sample_id"]: row for p in partials for row in _read_rows(p)}
-    manifest = out / "manifest.csv"
-    if new or not manifest.exists():
-        merged = {row["sample_id"]: row for row in _read_rows(manifest)} | new
-        _write_rows(manifest, sorted(merged.values(), key=lambda r: int(r["sample_id"])))
-    for p in partials:
-        p.unlink()
-    return new
 
 
 def _versions() -> dict[str, str | None]:
@@ -113,57 +76,122 @@ def _describe_classifier(module: Any) -> dict[str, Any] | None:
     return describe_classifier(module)
 
 
+# DataModule settings that change how samples are loaded but never a mask (left out of the config hash).
+_LOADING_ONLY = {"batch_size", "num_workers", "pin_memory"}
+
+
+def explanation_config(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+    """What determines every mask of a run: NeuroMask settings, classifier file, data settings, precision."""
+    datamodule = getattr(trainer, "datamodule", None)
+    data = dict(datamodule.hparams) if datamodule is not None else {}
+    classifier = _describe_classifier(getattr(pl_module, "classifier", None)) or {}
+    return {
+        "hparams": dict(pl_module.hparams),
+        "classifier": {k: classifier.get(k) for k in ("class", "sha256", "num_parameters", "num_classes")},
+        "data": {"class": type(datamodule).__qualname__ if datamodule is not None else None}
+        | {k: v for k, v in data.items() if k not in _LOADING_ONLY},
+        "precision": str(trainer.precision),
+    }
+
+
 class MaskWriter(BasePredictionWriter):
-    """Write every explained sample's mask, overlay and manifest row, keyed by sample id.
+    """Write every explained sample to a sharded, resumable store, plus overlays and a manifest.
 
-    Works in the predict and test stages. Layout of ``output_dir``::
+    Works in the predict and test stages, on one process or many (DDP: each rank writes its own
+    shards). Layout of ``output_dir``::
 
-        masks/<sample_id:08d>.npy      float16 mask, shape (H, W), 1 = kept
-        overlays/<sample_id:08d>.png   original | heat-map overlay | image * mask
-        manifest.csv                   one row per sample id (columns: MANIFEST_COLUMNS)
-        run.json                       hyper-parameters, trainer, versions, classifier, times, counts
+        store.json                      format version and the hash of the run's configuration
+        shards/r<rank>-<seq>-<session>.npz (+ .sha256)   masks (float16) and manifest rows,
+                                        ``chunk_size`` samples each, written atomically with a checksum
+        index.npz, manifest.csv         merged when the job completes (one row per sample id)
+        overlays/<sample_id:08d>.png    original | heat-map overlay | image * mask
+        run.json                        configuration, trainer, versions, classifier, times, counts
 
-    Every file is replaced atomically. During a run, rows go to ``manifest.partial[.rank<k>].csv``
-    (flushed per batch); at the end they are merged into ``manifest.csv``, keeping rows of earlier
-    runs for ids not explained again. Journals left by a crashed run are merged at the next start.
+    Read results with :func:`neuromask_pl.store.load_results`. Rerunning the same command on the same
+    directory explains only the samples that are missing (matched by sample id; the configuration
+    and model must be the same, else the run is refused unless ``overwrite=True``). Damaged or
+    incomplete shards (a killed job, a full disk) are detected by checksum and redone. Two jobs on
+    one directory at once are refused (``.lock``).
 
     Args:
         output_dir: where to write; None means ``<trainer.log_dir>/explanations``.
         write_overlays: also write the overlay PNGs (needs the images in the Explanation or batch).
+        chunk_size: samples per shard file.
+        overwrite: replace the results of another configuration in ``output_dir``.
     """
 
-    def __init__(self, output_dir: str | None = None, write_overlays: bool = True) -> None:
+    def __init__(
+        self, output_dir: str | None = None, write_overlays: bool = True, chunk_size: int = 256, overwrite: bool = False
+    ) -> None:
         super().__init__(write_interval="batch")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.output_dir = output_dir
         self.write_overlays = write_overlays
+        self.chunk_size = chunk_size
+        self.overwrite = overwrite
         self.out: Path | None = None  # resolved at setup
-        self._journal: Any = None
+        self._writer: ShardWriter | None = None
+        self._lock: StoreLock | None = None
         self._log_dir: str | None = None
         self._stage = ""
         self._started = ""
+        self.resumed_ids: set[int] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Resolve and check the output folder, write run.json and open this rank's journal."""
+        """Check the folder, lock and open the store, find what is already done, start this rank's shards."""
         super().setup(trainer, pl_module, stage)
         if stage not in _STAGES:
             return
         self._log_dir = trainer.log_dir if trainer.loggers else None  # log_dir must be read on every rank
         default = Path(self._log_dir or Path(trainer.default_root_dir) / "lightning_logs") / "explanations"
         self.out = Path(self.output_dir) if self.output_dir is not None else default
-        self._check_writable(self.out)
         self._stage, self._started = stage, _now()
+        error, done, session = None, [], ""
         if trainer.is_global_zero:
-            merge_manifest(self.out)  # recover rows journalled by a crashed run
+            try:
+                done, session = self._open_store(trainer, pl_module)
+            except (OSError, ValueError, RuntimeError) as err:
+                error = f"{type(err).__name__}: {err}"
+        # Every rank learns the outcome, so that no rank waits forever for one that failed.
+        error, done, session = trainer.strategy.broadcast((error, done, session), src=0)
+        if error is not None:
+            raise _rebuild_error(error)
+        self.resumed_ids = set(done)
+        if done:
+            self._skip_done(trainer, self.resumed_ids)
+        self._writer = ShardWriter(self.out, trainer.global_rank, self.chunk_size, session=session)
+
+    def _open_store(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[list[int], str]:
+        self._check_writable(self.out)
+        self._lock = StoreLock(self.out)
+        self._lock.acquire()
+        try:
+            open_store(self.out, config_hash(explanation_config(trainer, pl_module)), overwrite=self.overwrite)
+            scan = scan_shards(self.out, verify=True, clean=True)
+            scan.delete_bad()
             self._write_run_record(trainer, pl_module, counts=None)
-        trainer.strategy.barrier("MaskWriter.setup")
-        name = "manifest.partial.csv" if trainer.world_size == 1 else f"manifest.partial.rank{trainer.global_rank}.csv"
-        self._journal = open(self.out / name, "w", newline="", encoding="utf-8")  # noqa: SIM115 - closed at the end
-        csv.DictWriter(self._journal, fieldnames=MANIFEST_COLUMNS).writeheader()
+        except BaseException:
+            self._release_lock()
+            raise
+        session = time.strftime("%Y%m%d%H%M%S", time.gmtime()) + secrets.token_hex(4)
+        return [int(i) for i in scan.mask_ids], session
+
+    def _skip_done(self, trainer: pl.Trainer, done: set[int]) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "exclude_ids"):
+            datamodule.exclude_ids = set(done)
+            rank_zero_info(f"MaskWriter: resuming in {self.out}: {len(done)} samples already explained are skipped")
+        else:
+            rank_zero_warn(
+                f"MaskWriter: {len(done)} samples in {self.out} are already explained, but this data has no "
+                "`exclude_ids`; they are explained again (results are the same)."
+            )
 
     def _check_writable(self, out: Path) -> None:
         try:
-            (out / "masks").mkdir(parents=True, exist_ok=True)
+            out.mkdir(parents=True, exist_ok=True)
             if self.write_overlays:
                 (out / "overlays").mkdir(exist_ok=True)
             with tempfile.TemporaryFile(dir=out):
@@ -182,27 +210,44 @@ class MaskWriter(BasePredictionWriter):
         self._finish(trainer, pl_module)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._close_journal()  # the journal stays on disk and is merged at the next start
+        """Keep what is finished: write the buffered samples as a last shard (redone if damaged)."""
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception as err:  # noqa: BLE001 - the original exception matters more
+                log.warning("MaskWriter: could not write the last buffered samples: %s", err)
+                self._writer.abort()
+            self._writer = None
+        self._release_lock()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._close_journal()
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+        self._release_lock()
 
-    def _close_journal(self) -> None:
-        if self._journal is not None:
-            self._journal.close()
-            self._journal = None
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._journal is None:
+        if self._writer is None:
             return
-        self._close_journal()
+        self._writer.close()
+        self._writer = None
         trainer.strategy.barrier("MaskWriter.finish")
         if trainer.is_global_zero:
-            rows = merge_manifest(self.out)
-            statuses = [r["status"] for r in rows.values()]
+            report = merge_index(self.out, columns=MANIFEST_COLUMNS)
+            with load_results(self.out) as results:
+                statuses = [row.get("status") for row in results.rows]
             counts = {"explained": statuses.count("ok"), "skipped": statuses.count("skipped")}
             self._write_run_record(trainer, pl_module, counts=counts)
+            self._release_lock()
+            if report.bad:
+                log.warning("MaskWriter: %d damaged shard(s) ignored; rerun to redo their samples", report.bad)
             log.info("MaskWriter: %d explained, %d skipped, written to %s", *counts.values(), self.out)
+        trainer.strategy.barrier("MaskWriter.merged")  # no rank leaves while rank 0 still merges
 
     # -- writing ---------------------------------------------------------------------------------
     def write_on_batch_end(
@@ -215,25 +260,26 @@ class MaskWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        """Write the masks and overlays of one batch and journal its manifest rows."""
-        if self._journal is None:
+        """Store the masks and manifest rows of one batch and write its overlays."""
+        if self._writer is None:
             return
         batch = batch if isinstance(batch, dict) else {}
-        rows = []
         if isinstance(prediction, Explanation) and len(prediction):
             exp = prediction.cpu()
             images = exp.images if exp.images is not None else batch.get("image")
-            records = exp.records(getattr(pl_module, "class_names", None))
-            for i, record in enumerate(records):
-                files = self._write_sample(record["sample_id"], exp.masks[i], None if images is None else images[i])
-                rows.append({**record, "status": "ok", **files})
+            for i, record in enumerate(exp.records(getattr(pl_module, "class_names", None))):
+                sample_id = record["sample_id"]
+                overlay = ""
+                if self.write_overlays and images is not None:
+                    overlay = f"overlays/{sample_id:08d}.png"
+                    save_png(explanation_panel(images[i].cpu(), exp.masks[i]), self.out / overlay)
+                row = {**record, "status": "ok", "overlay_file": overlay}
+                self._writer.add(sample_id, exp.masks[i, 0].to(torch.float16).numpy(), row)
         skipped = prediction.skipped if isinstance(prediction, Explanation) else batch.get("skipped", [])
         for s in skipped:
             path, error = s.get("path", ""), s.get("error", "")
             log.warning("Skipped sample %s (%s): %s", s["index"], path, error)
-            rows.append({"sample_id": int(s["index"]), "status": "skipped", "path": path, "error": error})
-        csv.DictWriter(self._journal, fieldnames=MANIFEST_COLUMNS, restval="", extrasaction="ignore").writerows(rows)
-        self._journal.flush()
+            self._writer.add(int(s["index"]), None, {"status": "skipped", "path": path, "error": error})
 
     def on_test_batch_end(
         self,
@@ -245,16 +291,6 @@ class MaskWriter(BasePredictionWriter):
         dataloader_idx: int = 0,
     ) -> None:
         self.write_on_batch_end(trainer, pl_module, outputs, None, batch, batch_idx, dataloader_idx)
-
-    def _write_sample(self, sample_id: int, mask: torch.Tensor, image: torch.Tensor | None) -> dict[str, str]:
-        """Write one mask (and overlay); return the manifest's file columns (paths relative to the folder)."""
-        files = {"mask_file": f"masks/{sample_id:08d}.npy", "overlay_file": ""}
-        with atomic_write(self.out / files["mask_file"]) as f:
-            np.save(f, mask[0].detach().to("cpu", torch.float16).numpy())
-        if self.write_overlays and image is not None:
-            files["overlay_file"] = f"overlays/{sample_id:08d}.png"
-            save_png(explanation_panel(image.cpu(), mask), self.out / files["overlay_file"])
-        return files
 
     def _write_run_record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, counts: dict | None) -> None:
         datamodule = getattr(trainer, "datamodule", None)
@@ -281,6 +317,13 @@ class MaskWriter(BasePredictionWriter):
         }
         with atomic_write(self.out / "run.json", "w", fsync=True) as f:
             json.dump(record, f, indent=2, default=str)
+
+
+def _rebuild_error(message: str) -> Exception:
+    """The exception a rank reported (``"Type: message"``), raised again on every rank."""
+    name, _, text = message.partition(": ")
+    kinds = {"ValueError": ValueError, "RuntimeError": RuntimeError, "FileNotFoundError": FileNotFoundError}
+    return kinds.get(name, OSError)(text)
 
 
 class ExplanationLogger(Callback):

@@ -41,11 +41,13 @@ def main(args: list[str] | None = None) -> None:
 def _report(cli: NeuroMaskCLI) -> None:
     """Tell the user where the outputs and the TensorBoard logs are."""
     writer: Any = next((c for c in cli.trainer.callbacks if isinstance(c, MaskWriter)), None)
+    log_dir = cli.trainer.log_dir  # a collective under DDP: every rank must ask
     if cli.trainer.is_global_zero and writer is not None and writer.out is not None:
         print(f"\nneuromask-pl: explanations written to {writer.out}")
         print(f"  manifest: {writer.out / 'manifest.csv'}   overlays: {writer.out / 'overlays'}")
-        if cli.trainer.log_dir:
-            print(f"  TensorBoard: tensorboard --logdir {cli.trainer.log_dir}")
+        print("  read them with: neuromask_pl.load_results(...)")
+        if log_dir:
+            print(f"  TensorBoard: tensorboard --logdir {log_dir}")
 
 
 # Errors that mean "the input or the settings are wrong": shown as one line, not a traceback.

@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from neuromask_pl.cli import main
+from neuromask_pl.store import load_results
 
 
 def _make_images(root: Path) -> None:
@@ -69,11 +70,13 @@ def test_cli_writes_outputs_and_tensorboard(tmp_path: Path, stage: str, capsys: 
     # files sorted by name: broken.jpg is sample 0, img0..img4 are samples 1..5
     assert [r["sample_id"] for r in rows] == [str(i) for i in range(6)]
     assert rows[0]["status"] == "skipped" and rows[0]["path"].endswith("broken.jpg") and rows[0]["error"]
+    results = load_results(out)
+    assert sorted(results.ids.tolist()) == list(range(6)) and results.mask(0) is None
     for row in rows[1:]:
         assert row["status"] == "ok"
-        mask = np.load(out / row["mask_file"])
+        mask = results.mask(int(row["sample_id"]))
         assert mask.shape == (32, 32) and 0 <= mask.min() <= mask.max() <= 1
-        assert abs(float(mask.astype(np.float32).mean()) - float(row["mask_area"])) < 1e-3
+        assert abs(float(mask.mean()) - float(row["mask_area"])) < 1e-3
         assert Image.open(out / row["overlay_file"]).size[1] == 32
         assert 0 <= int(row["target"]) < 10
     record = json.loads((out / "run.json").read_text())
