@@ -329,9 +329,11 @@ def _rebuild_error(message: str) -> Exception:
 class ExplanationLogger(Callback):
     """Log batch summaries (scalars ``explain/<name>``) and a grid of explanation panels to the logger.
 
-    Works in the predict and test stages, on global rank 0, and does nothing without a logger.
-    Images (``explain/overlays``) are logged when the logger's experiment has ``add_image``
-    (TensorBoard). The step is the running count of batches this callback has seen.
+    Works in the predict and test stages and does nothing without a logger. Per batch, global
+    rank 0 logs its own batch's scalars and images (``explain/overlays``, when the logger's
+    experiment has ``add_image``, e.g. TensorBoard); the step is the running count of batches it
+    has seen. At the end of the stage, the run's totals over every rank (sample-weighted means,
+    all-reduced) are logged once as ``explain/run/<name>`` plus ``explain/run/samples``.
 
     Args:
         max_images: at most this many panels per logged batch (0 disables images).
@@ -346,12 +348,38 @@ class ExplanationLogger(Callback):
         self.max_images = max_images
         self.log_every_n_batches = log_every_n_batches
         self._batches = 0
+        self._totals: dict[str, float] = {}  # sample-weighted sums of the summaries, this rank
+        self._samples = 0
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log_hparams(trainer, pl_module)
+        self._start(trainer, pl_module)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(trainer, pl_module)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_totals(trainer)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_totals(trainer)
+
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._totals, self._samples = {}, 0
         self._log_hparams(trainer, pl_module)
+
+    def _log_totals(self, trainer: pl.Trainer) -> None:
+        """All-reduce the sample-weighted sums over the ranks (every rank must call) and log the means."""
+        names = ["loss_pred", "loss_sparse", "loss_smooth", "loss_total", "mask_area", "preservation_rate",
+                 "prob_original", "prob_masked"]  # fmt: skip
+        local = torch.tensor([self._totals.get(n, 0.0) for n in names] + [self._samples], dtype=torch.float64)
+        total = trainer.strategy.reduce(local.to(trainer.strategy.root_device), reduce_op="sum").cpu()
+        samples = float(total[-1])
+        if not trainer.is_global_zero or not trainer.loggers or samples == 0:
+            return
+        metrics = {f"explain/run/{n}": float(v) / samples for n, v in zip(names, total[:-1].tolist())}
+        metrics["explain/run/samples"] = samples
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=self._batches)
 
     def on_predict_batch_end(
         self,
@@ -382,15 +410,18 @@ class ExplanationLogger(Callback):
             for logger in trainer.loggers:
                 logger.log_hyperparams(pl_module.hparams)
 
-    @rank_zero_only
     def _log_batch(self, trainer: pl.Trainer, outputs: Any, batch: Any) -> None:
         step = self._batches
         self._batches += 1
-        if not trainer.loggers or step % self.log_every_n_batches or not isinstance(outputs, Explanation):
+        if not isinstance(outputs, Explanation) or len(outputs) == 0:  # e.g. every sample unreadable
             return
-        if len(outputs) == 0:  # every sample of the batch was unreadable
+        summary = outputs.summary()
+        for name, value in summary.items():
+            self._totals[name] = self._totals.get(name, 0.0) + value * len(outputs)
+        self._samples += len(outputs)
+        if not trainer.is_global_zero or not trainer.loggers or step % self.log_every_n_batches:
             return
-        metrics = {f"explain/{name}": value for name, value in outputs.summary().items()}
+        metrics = {f"explain/{name}": value for name, value in summary.items()}
         grid = self._grid(outputs, batch)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)

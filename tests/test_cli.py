@@ -92,13 +92,15 @@ def test_cli_writes_outputs_and_tensorboard(tmp_path: Path, stage: str, capsys: 
         assert f"explain/{name}" in scalars
     assert len(acc.Scalars("explain/mask_area")) == 2  # two batches
     assert "explain/overlays" in acc.Tags()["images"]
+    areas = [float(r["mask_area"]) for r in rows[1:]]
+    assert acc.Scalars("explain/run/samples")[-1].value == 5
+    assert acc.Scalars("explain/run/mask_area")[-1].value == pytest.approx(np.mean(areas), abs=1e-5)
     start = plugin_data_pb2.HParamsPluginData.FromString(
         acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     ).session_start_info
     assert start.hparams["steps"].number_value == 5 and start.hparams["preset"].string_value == "default"
     if stage == "test":
         assert "test/mask_area" in scalars and "test/preservation_rate" in scalars
-        areas = [float(r["mask_area"]) for r in rows[1:]]
         assert acc.Scalars("test/mask_area")[-1].value == pytest.approx(np.mean(areas), abs=1e-4)
 
 
