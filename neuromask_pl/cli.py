@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -10,6 +11,9 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from neuromask_pl.callbacks import ExplanationLogger, MaskWriter
 from neuromask_pl.explainer import NeuroMask
+
+
+PREDICT_DEFAULTS = Path(__file__).with_name("predict_defaults.yaml")
 
 
 class NeuroMaskCLI(LightningCLI):
@@ -33,6 +37,8 @@ def main(args: list[str] | None = None) -> None:
         subclass_mode_data=True,
         trainer_defaults={"inference_mode": False},
         save_config_kwargs={"overwrite": True},
+        # predict: results go to disk through the writer, not into memory (50,000 masks would not fit).
+        parser_kwargs={"predict": {"default_config_files": [str(PREDICT_DEFAULTS)]}},
         args=args,
     )
     _report(cli)
