@@ -159,8 +159,7 @@ class MaskWriter(BasePredictionWriter):
         if error is not None:
             raise _rebuild_error(error)
         self.resumed_ids = set(done)
-        if done:
-            self._skip_done(trainer, self.resumed_ids)
+        self._skip_done(trainer, self.resumed_ids)  # also when empty: a reused DataModule may hold older ids
         self._writer = ShardWriter(self.out, trainer.global_rank, self.chunk_size, session=session)
 
     def _open_store(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[list[int], str]:
@@ -182,8 +181,9 @@ class MaskWriter(BasePredictionWriter):
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "exclude_ids"):
             datamodule.exclude_ids = set(done)
-            rank_zero_info(f"MaskWriter: resuming in {self.out}: {len(done)} samples already explained are skipped")
-        else:
+            if done:
+                rank_zero_info(f"MaskWriter: resuming in {self.out}: {len(done)} samples already explained are skipped")
+        elif done:
             rank_zero_warn(
                 f"MaskWriter: {len(done)} samples in {self.out} are already explained, but this data has no "
                 "`exclude_ids`; they are explained again (results are the same)."
@@ -221,6 +221,10 @@ class MaskWriter(BasePredictionWriter):
         self._release_lock()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._writer is not None and stage in _STAGES:
+            # Ended normally without on_predict_end/on_test_end: Lightning skips the loop when no sample is
+            # left to explain. Merge and record as usual.
+            self._finish(trainer, pl_module)
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
@@ -245,7 +249,7 @@ class MaskWriter(BasePredictionWriter):
             self._write_run_record(trainer, pl_module, counts=counts)
             self._release_lock()
             if report.bad:
-                log.warning("MaskWriter: %d damaged shard(s) ignored; rerun to redo their samples", report.bad)
+                log.warning("MaskWriter: %d damaged shard(s) ignored; rerun to redo their samples", len(report.bad))
             log.info("MaskWriter: %d explained, %d skipped, written to %s", *counts.values(), self.out)
         trainer.strategy.barrier("MaskWriter.merged")  # no rank leaves while rank 0 still merges
 

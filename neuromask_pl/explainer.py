@@ -193,7 +193,8 @@ class NeuroMask(pl.LightningModule):
             got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
             raise TypeError(
                 f"the classifier must return logits of shape B x K, got {got}; "
-                "wrap it so that forward returns the class logits tensor"
+                "wrap it so that forward returns the class logits tensor, e.g. "
+                "neuromask_pl.classifiers.FactoryClassifier(..., output=<index or key>)"
             )
         return logits
 
