@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.metadata
 import json
@@ -84,14 +85,28 @@ def explanation_config(trainer: pl.Trainer, pl_module: pl.LightningModule) -> di
     """What determines every mask of a run: NeuroMask settings, classifier file, data settings, precision."""
     datamodule = getattr(trainer, "datamodule", None)
     data = dict(datamodule.hparams) if datamodule is not None else {}
-    classifier = _describe_classifier(getattr(pl_module, "classifier", None)) or {}
+    fingerprint = getattr(datamodule, "fingerprint", None)
+    module = getattr(pl_module, "classifier", None)
+    classifier = _describe_classifier(module) or {}
+    if classifier.get("sha256") is None and isinstance(module, torch.nn.Module):
+        classifier["sha256"] = _state_sha256(module)  # no model file: hash the weights themselves
     return {
         "hparams": dict(pl_module.hparams),
         "classifier": {k: classifier.get(k) for k in ("class", "sha256", "num_parameters", "num_classes")},
         "data": {"class": type(datamodule).__qualname__ if datamodule is not None else None}
-        | {k: v for k, v in data.items() if k not in _LOADING_ONLY},
+        | {k: v for k, v in data.items() if k not in _LOADING_ONLY}
+        | {"fingerprint": fingerprint() if callable(fingerprint) else None},
         "precision": str(trainer.precision),
     }
+
+
+def _state_sha256(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's parameters and buffers (names, dtypes, shapes and values)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class MaskWriter(BasePredictionWriter):
@@ -170,17 +185,19 @@ class MaskWriter(BasePredictionWriter):
             open_store(self.out, config_hash(explanation_config(trainer, pl_module)), overwrite=self.overwrite)
             scan = scan_shards(self.out, verify=True, clean=True)
             scan.delete_bad()
+            if self.write_overlays:
+                (self.out / "overlays").mkdir(exist_ok=True)
             self._write_run_record(trainer, pl_module, counts=None)
         except BaseException:
             self._release_lock()
             raise
-        session = time.strftime("%Y%m%d%H%M%S", time.gmtime()) + secrets.token_hex(4)
+        session = f"{time.time_ns():020d}{secrets.token_hex(4)}"  # later runs sort later (store: later wins)
         return [int(i) for i in scan.mask_ids], session
 
     def _skip_done(self, trainer: pl.Trainer, done: set[int]) -> None:
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "exclude_ids"):
-            datamodule.exclude_ids = set(done)
+            datamodule.exclude_ids = _exclusions(datamodule, done, trainer.world_size)
             if done:
                 rank_zero_info(f"MaskWriter: resuming in {self.out}: {len(done)} samples already explained are skipped")
         elif done:
@@ -192,8 +209,6 @@ class MaskWriter(BasePredictionWriter):
     def _check_writable(self, out: Path) -> None:
         try:
             out.mkdir(parents=True, exist_ok=True)
-            if self.write_overlays:
-                (out / "overlays").mkdir(exist_ok=True)
             with tempfile.TemporaryFile(dir=out):
                 pass
         except OSError as err:
@@ -321,6 +336,19 @@ class MaskWriter(BasePredictionWriter):
         }
         with atomic_write(self.out / "run.json", "w", fsync=True) as f:
             json.dump(record, f, indent=2, default=str)
+
+
+def _exclusions(datamodule: Any, done: set[int], world_size: int) -> set[int]:
+    """The done ids to skip, leaving every rank at least one sample: Lightning's DDP predict sampler
+    cannot give a rank nothing, so with fewer missing samples than ranks a few done ones are redone."""
+    if world_size == 1 or not done or not hasattr(datamodule, "sample_ids"):
+        return set(done)
+    ids = datamodule.sample_ids()
+    missing = sum(1 for i in ids if i not in done)
+    if missing >= world_size:
+        return set(done)
+    redo = set(sorted(i for i in ids if i in done)[: world_size - missing])
+    return set(done) - redo
 
 
 def _rebuild_error(message: str) -> Exception:

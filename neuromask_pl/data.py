@@ -9,6 +9,8 @@ in [0, 1]), ``index`` (LongTensor of stable sample ids), ``label`` (only for lab
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -188,6 +190,19 @@ class _ExplainDataModule(pl.LightningDataModule):
         self.setup()
         ids = getattr(self.dataset, "ids", None)
         return [int(i) for i in ids] if ids is not None else list(range(len(self.dataset)))
+
+    def fingerprint(self) -> str:
+        """A hash of what the samples are (file paths, or the tensors' bytes), so that results
+        written for one dataset are never taken as results for another."""
+        self.setup()
+        digest = hashlib.sha256()
+        for name in ("paths", "ids", "labels", "images"):
+            value = getattr(self.dataset, name, None)
+            if isinstance(value, Tensor):
+                digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+            elif value is not None:
+                digest.update(json.dumps(list(value), default=str).encode())
+        return digest.hexdigest()
 
     def _loader(self) -> DataLoader:
         self.setup()
@@ -419,9 +434,7 @@ class DemoDataModule(_ExplainDataModule):
         arrays = [(f"skimage:{name}", getattr(skimage_data, name)()) for name in self.SKIMAGE_PHOTOS]
         bunch = sklearn_datasets.load_sample_images()
         arrays += [(f"sklearn:{os.path.basename(f)}", a) for f, a in zip(bunch.filenames, bunch.images)]
-        images = torch.stack(
-            [prepare_image(torch.tensor(a).permute(2, 0, 1), self.image_size) for _, a in arrays]
-        )
+        images = torch.stack([prepare_image(torch.tensor(a).permute(2, 0, 1), self.image_size) for _, a in arrays])
         return InMemoryDataset(images, torch.arange(len(arrays)), paths=[name for name, _ in arrays])
 
 

@@ -717,3 +717,21 @@ def test_invalid_arguments():
         ExplanationLogger(log_every_n_batches=0)
     with pytest.raises(ValueError, match="max_images"):
         ExplanationLogger(max_images=-1)
+
+
+@pytest.mark.parametrize("change", ["images", "weights"])
+def test_other_data_or_weights_on_the_same_output_dir_are_refused(tmp_path, change):
+    """No model file and in-memory data: the store still tells another dataset or other weights apart."""
+    out = tmp_path / "out"
+    make_trainer(tmp_path, [MaskWriter(str(out))]).predict(
+        FakeExplainer(), datamodule=datamodule(), return_predictions=False
+    )
+    module, data = FakeExplainer(), datamodule()
+    if change == "images":
+        data = TensorDataModule(IMAGES.flip(-1), labels=torch.arange(N) % 3, batch_size=2, pin_memory=False)
+    else:
+        with torch.no_grad():
+            module.classifier.net[0].bias.add_(1.0)
+    with pytest.raises(ValueError, match="another configuration"):
+        make_trainer(tmp_path, [MaskWriter(str(out))]).predict(module, datamodule=data, return_predictions=False)
+    assert module.calls == 0
