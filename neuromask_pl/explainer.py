@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from neuromask_pl.inputs import check_images, frozen
+from neuromask_pl.metrics import explanation_metrics, update_explanation_metrics
 from neuromask_pl.objective import MaskSettings, resolve_settings
 from neuromask_pl.optimize import learn_masks
 from neuromask_pl.result import LOSS_TERMS, Explanation
@@ -22,43 +22,6 @@ INFERENCE_MODE_MESSAGE = (
     "Build the Trainer with inference_mode=False, e.g. pl.Trainer(inference_mode=False), "
     "and do not call explain() inside a torch.inference_mode() block."
 )
-
-
-@contextmanager
-def frozen(module: nn.Module) -> Iterator[nn.Module]:
-    """Put ``module`` in eval mode without parameter gradients; restore every flag on exit."""
-    modes = [(m, m.training) for m in module.modules()]
-    grads = [(p, p.requires_grad) for p in module.parameters()]
-    module.eval().requires_grad_(False)
-    try:
-        yield module
-    finally:
-        for m, training in modes:
-            m.training = training
-        for p, requires_grad in grads:
-            p.requires_grad_(requires_grad)
-
-
-def check_images(images: Any) -> Tensor:
-    """Validate a batch of images: a float tensor B x C x H x W, finite, in [0, 1]."""
-    if not isinstance(images, Tensor):
-        raise TypeError(f"images must be a torch.Tensor of shape B x C x H x W, got {type(images).__name__}")
-    if images.ndim != 4:
-        hint = " (add a batch dimension with images.unsqueeze(0))" if images.ndim == 3 else ""
-        raise ValueError(f"images must have shape B x C x H x W, got {tuple(images.shape)}{hint}")
-    if images.numel() == 0:
-        raise ValueError(f"images are empty: shape {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise TypeError(f"images must be float in [0, 1], got dtype {images.dtype}; divide uint8 images by 255")
-    if not torch.isfinite(images).all():
-        raise ValueError("images contain NaN or inf pixels; clean or drop those images first")
-    low, high = float(images.min()), float(images.max())
-    if low < -1e-6 or high > 1 + 1e-6:
-        raise ValueError(
-            f"images must be in [0, 1] pixel space (masks hide pixels towards the baseline), got values in "
-            f"[{low:.3g}, {high:.3g}]; put input normalisation inside the classifier wrapper"
-        )
-    return images
 
 
 class NeuroMask(pl.LightningModule):
@@ -125,6 +88,7 @@ class NeuroMask(pl.LightningModule):
         self.seed = seed
         self.target_class = target_class
         self._next_id = 0  # ids for batches that carry none (reset at each predict/test start)
+        self.test_metrics = explanation_metrics(classifier, localisation=True, prefix="test/")
         # Saved resolved, so logs and run records show the values actually used.
         self.save_hyperparameters(
             {"preset": preset, "seed": seed, "target_class": target_class, **self.settings.as_dict()}
@@ -240,11 +204,17 @@ class NeuroMask(pl.LightningModule):
         return self._explain_batch(batch)
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Explanation:
-        """Explain one batch and log its loss terms, mask area and preservation rate."""
+        """Explain one batch; log its loss terms and probabilities, and the faithfulness metrics
+        (deletion/insertion AUC, mask area, preservation and selection rates; with a ``gt_mask``
+        in the batch also the pointing game and energy pointing)."""
         result = self._explain_batch(batch)
         if len(result):
-            metrics = {f"test/{k}": v for k, v in result.summary().items()}
-            self.log_dict(metrics, batch_size=len(result), sync_dist=True)
+            own = {f"test/{k}": v for k, v in result.summary().items() if k not in ("mask_area", "preservation_rate")}
+            self.log_dict(own, batch_size=len(result), sync_dist=True)
+            ground_truth = batch.get("gt_mask") if isinstance(batch, dict) else None
+            update_explanation_metrics(self.test_metrics, result.images, result.masks, result.targets, ground_truth)
+            updated = {name: metric for name, metric in self.test_metrics.items() if metric.update_called}
+            self.log_dict(updated, batch_size=len(result))
         return result
 
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
-from neuromask_pl.explainer import check_images, frozen
+from neuromask_pl.inputs import check_images, frozen
 from neuromask_pl.mask import apply_mask, make_baseline
 
 log = logging.getLogger(__name__)

@@ -100,7 +100,9 @@ def test_cli_writes_outputs_and_tensorboard(tmp_path: Path, stage: str, capsys: 
     ).session_start_info
     assert start.hparams["steps"].number_value == 5 and start.hparams["preset"].string_value == "default"
     if stage == "test":
-        assert "test/mask_area" in scalars and "test/preservation_rate" in scalars
+        for name in ("mask_area", "preservation_rate", "selection_rate", "deletion_auc", "insertion_auc"):
+            assert f"test/{name}" in scalars
+        assert "test/pointing_game" not in scalars  # no ground truth in a plain image folder
         assert acc.Scalars("test/mask_area")[-1].value == pytest.approx(np.mean(areas), abs=1e-4)
 
 
