@@ -26,6 +26,8 @@ _EXPORTS = {
     "ExplanationLogger": "neuromask_pl.callbacks",
     "ExplainDuringTraining": "neuromask_pl.callbacks",
     "load_results": "neuromask_pl.store",
+    "LocalisationDataModule": "neuromask_pl.benchmark",
+    "load_benchmark_classifier": "neuromask_pl.benchmark",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
