@@ -36,7 +36,8 @@ class NeuroMask(pl.LightningModule):
         seed: masks start from noise derived from ``(seed, sample id)``.
         target_class: explain this class for every image; by default the batch's labels
             when present, else the classifier's predicted class.
-        l_pred, l_sparse, l_smooth, temperature, weight_limit, laplacian, laplacian_padding, sparsity_on,
+        l_pred, l_sparse, l_smooth, temperature, weight_limit, laplacian, laplacian_padding, smooth_penalty,
+            smooth_on, jitter, sparsity_on,
             baseline, optimizer, lr, mask_scale, area_target: override single settings of the preset
             (see :class:`neuromask_pl.objective.MaskSettings`).
     """
@@ -55,6 +56,9 @@ class NeuroMask(pl.LightningModule):
         weight_limit: float | None = None,
         laplacian: int | None = None,
         laplacian_padding: str | None = None,
+        smooth_penalty: str | None = None,
+        smooth_on: str | None = None,
+        jitter: int | None = None,
         sparsity_on: str | None = None,
         baseline: str | None = None,
         optimizer: str | None = None,
@@ -76,6 +80,9 @@ class NeuroMask(pl.LightningModule):
             weight_limit=weight_limit,
             laplacian=laplacian,
             laplacian_padding=laplacian_padding,
+            smooth_penalty=smooth_penalty,
+            smooth_on=smooth_on,
+            jitter=jitter,
             sparsity_on=sparsity_on,
             baseline=baseline,
             optimizer=optimizer,

@@ -34,6 +34,11 @@ class MaskSettings:
             are at least 64 pixels, else 3), as in the reference code.
         laplacian_padding: ``"none"`` (reference: border pixels are never a window's centre)
             or ``"replicate"`` (border pixels are smoothed too).
+        smooth_penalty: ``"laplacian"`` (reference: mean squared Laplacian) or ``"tv"``
+            (total variation: mean absolute difference of neighbouring pixels).
+        smooth_on: ``"weights"`` (reference) or ``"mask"`` (``sigmoid(w / T)``, at the mask's resolution).
+        jitter: during optimisation, shift the masked image by up to this many pixels each step
+            (the same shift for every image of a step, drawn from ``(seed, step)``); 0 = off.
         sparsity_on: ``"weights"`` (reference: ``mean|w + W|``), ``"mask"`` (``mean m``) or
             ``"area"``: the sorted mask values should match a binary mask that keeps
             ``area_target`` of the pixels (as TorchRay's extremal perturbations).
@@ -54,6 +59,9 @@ class MaskSettings:
     weight_limit: float = 10.0
     laplacian: int = 0
     laplacian_padding: str = "none"
+    smooth_penalty: str = "laplacian"
+    smooth_on: str = "weights"
+    jitter: int = 0
     sparsity_on: str = "weights"
     area_target: float = 0.1
     baseline: str = "black"
@@ -78,6 +86,12 @@ class MaskSettings:
                 self.laplacian_padding in ("none", "replicate"),
                 f"laplacian_padding must be 'none' or 'replicate', got {self.laplacian_padding!r}",
             ),
+            (
+                self.smooth_penalty in ("laplacian", "tv"),
+                f"smooth_penalty must be 'laplacian' or 'tv', got {self.smooth_penalty!r}",
+            ),
+            (self.smooth_on in ("weights", "mask"), f"smooth_on must be 'weights' or 'mask', got {self.smooth_on!r}"),
+            (self.jitter >= 0, f"jitter must be >= 0 pixels, got {self.jitter}"),
             (
                 self.sparsity_on in SPARSITY_TARGETS,
                 f"sparsity_on must be one of {SPARSITY_TARGETS}, got {self.sparsity_on!r}",
@@ -186,6 +200,22 @@ def smoothness(weights: Tensor, kernel: Tensor, padding: str = "none") -> Tensor
     return response.pow(2).flatten(1).mean(1)
 
 
+def smooth_term(weights: Tensor, kernel: Tensor, settings: MaskSettings) -> Tensor:
+    """The smoothness penalty the settings ask for, on the weights or on the (coarse) mask, per sample."""
+    values = weights if settings.smooth_on == "weights" else torch.sigmoid(weights / settings.temperature)
+    if settings.smooth_penalty == "tv":
+        return total_variation(values)
+    return smoothness(values, kernel, settings.laplacian_padding)
+
+
+def total_variation(values: Tensor) -> Tensor:
+    """Mean absolute difference between vertically and horizontally neighbouring pixels, per sample."""
+    values = values.float()
+    vertical = (values[..., 1:, :] - values[..., :-1, :]).abs().flatten(1).mean(1)
+    horizontal = (values[..., :, 1:] - values[..., :, :-1]).abs().flatten(1).mean(1)
+    return vertical + horizontal
+
+
 def loss_terms(
     logits: Tensor, targets: Tensor, weights: Tensor, mask: Tensor, kernel: Tensor, settings: MaskSettings
 ) -> dict[str, Tensor]:
@@ -193,7 +223,7 @@ def loss_terms(
     terms = {
         "pred": prediction_loss(logits, targets),
         "sparse": sparsity(weights, mask, settings),
-        "smooth": smoothness(weights, kernel, settings.laplacian_padding),
+        "smooth": smooth_term(weights, kernel, settings),
     }
     terms["total"] = (
         settings.l_pred * terms["pred"] + settings.l_sparse * terms["sparse"] + settings.l_smooth * terms["smooth"]

@@ -8,7 +8,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from neuromask_pl.mask import apply_mask, init_weights, make_baseline, mask_shape, upsample_mask, weights_to_mask
+from neuromask_pl.mask import (
+    apply_mask,
+    init_weights,
+    make_baseline,
+    mask_shape,
+    sample_seed,
+    upsample_mask,
+    weights_to_mask,
+)
 from neuromask_pl.objective import MaskSettings, laplacian_kernel, laplacian_size, loss_terms
 
 
@@ -43,6 +51,16 @@ def make_optimizer(params: list[Tensor], settings: MaskSettings) -> torch.optim.
     return torch.optim.Adam(params, lr=settings.lr)
 
 
+def jitter_shift(seed: int, step: int, jitter: int) -> tuple[int, int]:
+    """The (dy, dx) shift of a step, in [-jitter, jitter]; from ``(seed, step)`` only, so the same for
+    every image of the step and independent of the batch."""
+    if jitter == 0:
+        return (0, 0)
+    generator = torch.Generator().manual_seed(sample_seed(seed, -1 - step))
+    dy, dx = torch.randint(-jitter, jitter + 1, (2,), generator=generator).tolist()
+    return (dy, dx)
+
+
 @dataclass
 class MaskFit:
     """Raw output of :func:`learn_masks` (tensors on the images' device)."""
@@ -74,13 +92,16 @@ def learn_masks(
     weights.requires_grad_(True)
     optimizer = make_optimizer([weights], settings)
 
-    def evaluate() -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    def evaluate(shift: tuple[int, int] = (0, 0)) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         mask = upsample_mask(weights_to_mask(weights, settings.temperature), height, width)
-        logits = classifier(apply_mask(images, mask, baseline))
+        masked = apply_mask(images, mask, baseline)
+        if shift != (0, 0):
+            masked = torch.roll(masked, shifts=shift, dims=(-2, -1))
+        logits = classifier(masked)
         return mask, logits, loss_terms(logits, targets, weights, mask, kernel, settings)
 
-    for _ in range(settings.steps):
-        _, _, terms = evaluate()
+    for step in range(settings.steps):
+        _, _, terms = evaluate(jitter_shift(seed, step, settings.jitter))
         (weights.grad,) = torch.autograd.grad(terms["total"].sum(), [weights])
         optimizer.step()
 

@@ -448,3 +448,11 @@ def test_tuple_batches_get_distinct_ids_in_arrival_order(tiny_cnn, image_factory
     assert torch.cat([r.ids for r in results]).tolist() == [0, 1, 2, 3, 4]
     alone = NeuroMask(tiny_cnn, preset="paper", steps=3).explain(images[4:], ids=[4])
     torch.testing.assert_close(results[-1].masks, alone.masks, atol=1e-4, rtol=0)
+
+
+def test_new_objective_options_keep_batches_independent(tiny_cnn, image_factory) -> None:
+    options = dict(preset="default", steps=20, jitter=2, smooth_penalty="tv", smooth_on="mask")
+    images = image_factory(4)
+    batched = NeuroMask(tiny_cnn, **options).explain(images, ids=[5, 6, 7, 8])
+    alone = NeuroMask(tiny_cnn, **options).explain(images[2:3], ids=[7])
+    torch.testing.assert_close(batched.masks[2:3], alone.masks, atol=1e-4, rtol=0)

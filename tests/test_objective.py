@@ -311,3 +311,29 @@ def test_mask_settings_as_dict_round_trips() -> None:
     settings = resolve_settings("default", steps=11)
     assert MaskSettings(**settings.as_dict()) == settings
     assert settings.as_dict()["steps"] == 11
+
+
+def test_total_variation_by_hand() -> None:
+    from neuromask_pl.objective import total_variation
+
+    values = torch.tensor([[[[0.0, 1.0, 3.0], [2.0, 2.0, 2.0]]]])
+    # vertical |2-0|,|2-1|,|2-3| -> mean 4/3; horizontal |1-0|,|3-1|,|2-2|,|2-2| -> mean 3/4
+    assert total_variation(values).item() == pytest.approx(4 / 3 + 3 / 4)
+
+
+def test_smooth_term_on_the_mask_uses_the_sigmoid() -> None:
+    from neuromask_pl.objective import laplacian_kernel, smooth_term, total_variation
+
+    weights = torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    settings = resolve_settings("paper", smooth_penalty="tv", smooth_on="mask", temperature=0.5)
+    expected = total_variation(torch.sigmoid(weights / 0.5))
+    torch.testing.assert_close(smooth_term(weights, laplacian_kernel(3), settings), expected)
+
+
+def test_jitter_shift_depends_on_seed_and_step_only() -> None:
+    from neuromask_pl.optimize import jitter_shift
+
+    shifts = [jitter_shift(0, step, 2) for step in range(50)]
+    assert shifts == [jitter_shift(0, step, 2) for step in range(50)]
+    assert all(-2 <= dy <= 2 and -2 <= dx <= 2 for dy, dx in shifts) and len(set(shifts)) > 5
+    assert jitter_shift(0, 3, 0) == (0, 0) and shifts != [jitter_shift(1, step, 2) for step in range(50)]
