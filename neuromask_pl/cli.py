@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from neuromask_pl.callbacks import ExplanationLogger, MaskWriter
 from neuromask_pl.explainer import NeuroMask
-
 
 PREDICT_DEFAULTS = Path(__file__).with_name("predict_defaults.yaml")
 
@@ -42,6 +42,11 @@ def main(args: list[str] | None = None) -> None:
         args=args,
     )
     _report(cli)
+    # Close the process group of a finished distributed run while the interpreter is fully alive: left to
+    # interpreter shutdown, gloo's threads can abort the process (SIGABRT, "terminate called without an
+    # active exception") after all the work is done, e.g. under torchrun.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _report(cli: NeuroMaskCLI) -> None:
