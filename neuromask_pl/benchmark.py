@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from neuromask_pl.data import _ExplainDataModule, collate_samples
 
@@ -413,16 +413,8 @@ class LocalisationDataModule(_ExplainDataModule):
         )
         return LocalisationDataset(data)
 
-    def _loader(self) -> DataLoader:
-        base = super()._loader()  # keeps the base class's sample exclusion (resuming)
-        return DataLoader(
-            base.dataset,
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            collate_fn=functools.partial(collate_localisation, empty_image_shape=self._empty_image_shape()),
-        )
+    def _collate_fn(self) -> Any:
+        return functools.partial(collate_localisation, empty_image_shape=self._empty_image_shape())
 
 
 # --------------------------------------------------------------------------- classifier

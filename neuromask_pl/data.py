@@ -19,6 +19,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from PIL import Image, ImageOps
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms.v2 import functional as F
@@ -204,19 +205,33 @@ class _ExplainDataModule(pl.LightningDataModule):
                 digest.update(json.dumps(list(value), default=str).encode())
         return digest.hexdigest()
 
+    def _collate_fn(self) -> Any:
+        """The batch collation (picklable, for worker processes)."""
+        return functools.partial(collate_samples, empty_image_shape=self._empty_image_shape())
+
     def _loader(self) -> DataLoader:
         self.setup()
         dataset = self.dataset
         if self.exclude_ids:
             keep = [pos for pos, sample_id in enumerate(self.sample_ids()) if sample_id not in self.exclude_ids]
             dataset = Subset(self.dataset, keep)
+        sampler = None
+        if (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        ):
+            # Each rank its own samples and no padding duplicates (Lightning keeps a DistributedSampler it
+            # finds; its default one for testing would repeat samples to even out the ranks).
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
         return DataLoader(
             dataset,
+            sampler=sampler,
             batch_size=self.batch_size,
             shuffle=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            collate_fn=functools.partial(collate_samples, empty_image_shape=self._empty_image_shape()),
+            collate_fn=self._collate_fn(),
         )
 
     def predict_dataloader(self) -> DataLoader:
