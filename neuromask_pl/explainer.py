@@ -38,7 +38,7 @@ class NeuroMask(pl.LightningModule):
             when present, else the classifier's predicted class.
         l_pred, l_sparse, l_smooth, temperature, weight_limit, laplacian, laplacian_padding, smooth_penalty,
             smooth_on, jitter, sparsity_on,
-            baseline, optimizer, lr, mask_scale, area_target: override single settings of the preset
+            baseline, optimizer, lr, mask_scale, mask_size, area_target: override single settings of the preset
             (see :class:`neuromask_pl.objective.MaskSettings`).
     """
 
@@ -64,6 +64,7 @@ class NeuroMask(pl.LightningModule):
         optimizer: str | None = None,
         lr: float | None = None,
         mask_scale: int | None = None,
+        mask_size: int | None = None,
         area_target: float | None = None,
     ) -> None:
         super().__init__()
@@ -88,6 +89,7 @@ class NeuroMask(pl.LightningModule):
             optimizer=optimizer,
             lr=lr,
             mask_scale=mask_scale,
+            mask_size=mask_size,
             area_target=area_target,
         )
         if target_class is not None and target_class < 0:

@@ -85,7 +85,7 @@ def learn_masks(
     must already be frozen (eval mode, no parameter gradients) by the caller.
     """
     height, width = images.shape[-2:]
-    mask_height, mask_width = mask_shape(height, width, settings.mask_scale)
+    mask_height, mask_width = mask_shape(height, width, settings.scale_for(height, width))
     kernel = laplacian_kernel(laplacian_size(settings.laplacian, mask_height, mask_width)).to(images.device)
     baseline = make_baseline(images, settings.baseline)
     weights = init_weights(ids.cpu(), mask_height, mask_width, settings.weight_limit, seed).to(images.device)

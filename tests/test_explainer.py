@@ -26,7 +26,7 @@ BATCH_CONFIGS = {
 
 def start_masks(settings: MaskSettings, ids: Tensor, height: int, width: int, seed: int) -> Tensor:
     """The masks before any optimisation step (to check that the optimisation changed them)."""
-    h, w = mask_shape(height, width, settings.mask_scale)
+    h, w = mask_shape(height, width, settings.scale_for(height, width))
     weights = init_weights(torch.as_tensor(ids), h, w, settings.weight_limit, seed)
     return upsample_mask(torch.sigmoid(weights / settings.temperature), height, width)
 
