@@ -56,7 +56,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from neuromask_pl import NeuroMask
@@ -165,7 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--label", default=None, help="suffix naming this run's NeuroMask rows in the table")
     parser.add_argument("--batch-size", type=int, default=100, help="images per batch (NeuroMask and peers)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared CPU more threads can be far slower)",
+    )
     parser.add_argument("--tolerance", type=float, default=3.0, help="pointing-game margin in pixels")
     parser.add_argument("--ep-area", type=float, default=0.1, help="extremal perturbation's target area")
     parser.add_argument("--ep-max-iter", type=int, default=800, help="extremal perturbation's iterations")
@@ -221,7 +225,11 @@ def captum_maps(name: str, model: nn.Module, images: Tensor, targets: Tensor, ar
             return Saliency(model).attribute(x, target=t, abs=True).amax(1, keepdim=True)
         if name == "integrated_gradients":
             ig = IntegratedGradients(model)
-            return ig.attribute(x, baselines=torch.zeros_like(x), target=t, n_steps=32).abs().sum(1, keepdim=True)
+            return (
+                ig.attribute(x, baselines=torch.zeros_like(x), target=t, n_steps=32, internal_batch_size=len(x) * 8)
+                .abs()
+                .sum(1, keepdim=True)
+            )
         if name == "gradcam":
             layer = find_gradcam_layer(model, args.gradcam_layer)
             cam = LayerGradCam(model, layer).attribute(x, target=t, relu_attributions=True)
@@ -356,7 +364,9 @@ def markdown_table(rows: list[dict[str, Any]], spurious: bool) -> str:
         cells = [row["name"], str(row["n"])]
         for key, _, fmt in columns:
             value = row["metrics"].get(key)
-            cells.append("n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value))
+            cells.append(
+                "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value)
+            )
         cells.append(f"{row['seconds_per_image']:.4f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -463,7 +473,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if spurious:
         cue_subset = (predicted == data["cue_label"]) & (data["cue_label"] != data["label"])
     log.info(
-        "%s: %d images, accuracy %.3f%s", args.variant, args.n, float((predicted == data["label"]).float().mean()),
+        "%s: %d images, accuracy %.3f%s",
+        args.variant,
+        args.n,
+        float((predicted == data["label"]).float().mean()),
         f", {int(cue_subset.sum())} classified by the cue (prediction == cue_label != label)" if spurious else "",
     )
 
@@ -488,7 +501,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 )
     settings_of = {
         "saliency": {"captum": "Saliency", "abs": True, "channels": "max"},
-        "integrated_gradients": {"captum": "IntegratedGradients", "baseline": "black", "n_steps": 32, "channels": "abs sum"},
+        "integrated_gradients": {
+            "captum": "IntegratedGradients",
+            "baseline": "black",
+            "n_steps": 32,
+            "channels": "abs sum",
+        },
         "gradcam": {"captum": "LayerGradCam", "layer": args.gradcam_layer, "relu": True, "upsample": "bilinear"},
         "occlusion": {"captum": "Occlusion", "window": 8, "stride": 4, "baseline": "black", "channels": "sum"},
         "extremal_perturbation": {
@@ -532,7 +550,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             maps = fn()
         seconds = time.perf_counter() - start
         if maps.shape != (n, 1, *images.shape[-2:]):
-            raise RuntimeError(f"{name} returned maps of shape {tuple(maps.shape)}, expected {(n, 1, *images.shape[-2:])}")
+            raise RuntimeError(
+                f"{name} returned maps of shape {tuple(maps.shape)}, expected {(n, 1, *images.shape[-2:])}"
+            )
         per_image = evaluate(classifier, data, maps, predicted[:n], is_mask, args.tolerance, args.batch_size)
         metrics = aggregate(per_image, cue_subset)
         row = {
