@@ -27,9 +27,18 @@ from torchvision.utils import make_grid
 
 from neuromask_pl.explainer import NeuroMask, check_images, unpack_batch
 from neuromask_pl.objective import resolve_settings
-from neuromask_pl.result import LOSS_TERMS, Explanation
-from neuromask_pl.store import ShardWriter, StoreLock, config_hash, load_results, merge_index, open_store, scan_shards
-from neuromask_pl.viz import atomic_write, explanation_panel, save_png, to_uint8
+from neuromask_pl.result import LOSS_TERMS, SUMMARY_KEYS, Explanation
+from neuromask_pl.store import (
+    ShardWriter,
+    StoreLock,
+    atomic_write,
+    config_hash,
+    load_results,
+    merge_index,
+    open_store,
+    scan_shards,
+)
+from neuromask_pl.viz import explanation_panel, save_png, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -401,8 +410,7 @@ class ExplanationLogger(Callback):
 
     def _log_totals(self, trainer: pl.Trainer) -> None:
         """All-reduce the sample-weighted sums over the ranks (every rank must call) and log the means."""
-        names = ["loss_pred", "loss_sparse", "loss_smooth", "loss_total", "mask_area", "preservation_rate",
-                 "prob_original", "prob_masked"]  # fmt: skip
+        names = SUMMARY_KEYS  # the same fixed order on every rank, even one that saw no sample
         local = torch.tensor([self._totals.get(n, 0.0) for n in names] + [self._samples], dtype=torch.float64)
         total = trainer.strategy.reduce(local.to(trainer.strategy.root_device), reduce_op="sum").cpu()
         samples = float(total[-1])

@@ -10,6 +10,8 @@ import torch
 from torch import Tensor
 
 LOSS_TERMS = ("pred", "sparse", "smooth", "total")
+# The keys of Explanation.summary(), in order.
+SUMMARY_KEYS = (*(f"loss_{t}" for t in LOSS_TERMS), "mask_area", "preservation_rate", "prob_original", "prob_masked")
 
 
 @dataclass
@@ -104,9 +106,6 @@ class Explanation:
         """Batch means of the loss terms, mask area, preservation rate and probabilities."""
         if len(self) == 0:
             return {}
-        out = {f"loss_{k}": float(v.float().mean()) for k, v in self.loss.items()}
-        out["mask_area"] = float(self.mask_area.float().mean())
-        out["preservation_rate"] = float(self.preserved.float().mean())
-        out["prob_original"] = float(self.prob_original.float().mean())
-        out["prob_masked"] = float(self.prob_masked.float().mean())
-        return out
+        values = [*(self.loss[t] for t in LOSS_TERMS), self.mask_area, self.preserved, self.prob_original,
+                  self.prob_masked]  # fmt: skip
+        return {key: float(v.float().mean()) for key, v in zip(SUMMARY_KEYS, values)}

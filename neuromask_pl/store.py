@@ -116,22 +116,35 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextmanager
-def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
-    """Write ``path`` atomically: temporary file beside it, fsync, ``os.replace``, fsync of the directory.
+def atomic_write(path: str | os.PathLike[str], mode: str = "wb", fsync: bool = False) -> Iterator[IO]:
+    """Open a temporary file beside ``path``; on success move it onto ``path`` with ``os.replace``.
 
-    An exception removes the temporary file and leaves any existing ``path`` untouched; a killed
-    process leaves at most the temporary file ``.<name>.<hex>.tmp``.
+    A crash or an exception while writing leaves any existing ``path`` untouched and removes
+    the temporary file. ``fsync=True`` also flushes the data to disk before the move.
     """
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    text = "b" not in mode
     try:
-        with open(tmp, "xb") as f:
+        with open(tmp, mode.replace("w", "x"), **({"newline": "", "encoding": "utf-8"} if text else {})) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         _unlink_quiet(tmp)
         raise
+
+
+@contextmanager
+def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
+    """:func:`atomic_write` in bytes with fsync, then an fsync of the directory (so the rename is durable).
+
+    A killed process leaves at most the temporary file ``.<name>.<hex>.tmp``.
+    """
+    with atomic_write(path, "wb", fsync=True) as f:
+        yield f
     _fsync_dir(path.parent)
 
 

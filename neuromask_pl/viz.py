@@ -7,17 +7,15 @@ effects are in :func:`save_png` and :func:`atomic_write`, which write files atom
 from __future__ import annotations
 
 import os
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
+
+from neuromask_pl.store import atomic_write
 
 # 18 evenly spaced samples of matplotlib's 'inferno' map (entries 0, 15, ..., 255 of its 256-entry table).
 # Linear interpolation between them stays within 0.021 of the full table; luminance rises monotonically.
@@ -128,28 +126,6 @@ def to_uint8(img: Tensor) -> np.ndarray:
         img = img.unsqueeze(0)
     rgb = _as_rgb(img).clamp(0.0, 1.0)
     return (rgb * 255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-
-
-@contextmanager
-def atomic_write(path: str | os.PathLike[str], mode: str = "wb", fsync: bool = False) -> Iterator[IO]:
-    """Open a temporary file beside ``path``; on success move it onto ``path`` with ``os.replace``.
-
-    A crash or an exception while writing leaves any existing ``path`` untouched and removes
-    the temporary file. ``fsync=True`` also flushes the data to disk before the move.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    text = "b" not in mode
-    try:
-        with open(tmp, mode.replace("w", "x"), **({"newline": "", "encoding": "utf-8"} if text else {})) as f:
-            yield f
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def save_png(img: Tensor, path: str | os.PathLike[str]) -> Path:
