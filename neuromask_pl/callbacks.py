@@ -52,6 +52,7 @@ MANIFEST_COLUMNS = (
     "prob_masked",
     "preserved",
     "mask_area",
+    "steps",
     *(f"loss_{term}" for term in LOSS_TERMS),
     "overlay_file",
     "error",

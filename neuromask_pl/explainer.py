@@ -9,10 +9,11 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from neuromask_pl.fastpath import FastClassifier, FastPath
 from neuromask_pl.inputs import check_images, frozen
 from neuromask_pl.metrics import explanation_metrics, update_explanation_metrics
 from neuromask_pl.objective import MaskSettings, resolve_settings
-from neuromask_pl.optimize import learn_masks
+from neuromask_pl.optimize import MaskFit, learn_masks
 from neuromask_pl.result import LOSS_TERMS, Explanation
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,14 @@ class NeuroMask(pl.LightningModule):
         l_pred, l_sparse, l_smooth, temperature, weight_limit, laplacian, laplacian_padding, smooth_penalty,
             smooth_on, jitter, sparsity_on,
             baseline, optimizer, lr, mask_scale, mask_size, area_target: override single settings of the preset
-            (see :class:`neuromask_pl.objective.MaskSettings`).
+            (see :class:`neuromask_pl.objective.MaskSettings`); ``stop_patience`` and ``stop_tolerance``
+            turn on per-sample early stopping.
+        fold_batchnorm, channels_last, compile: how the frozen classifier runs during the mask steps
+            (a fast copy; the classifier itself is untouched), see :class:`neuromask_pl.fastpath.FastPath`.
+            Folding is on by default; ``compile=True`` adds ``torch.compile`` (with CUDA graphs on GPU).
+
+    Batches that run out of GPU memory are split in halves (results do not depend on the batch) and
+    later batches are learned in chunks of the size that fitted.
     """
 
     def __init__(
@@ -66,6 +74,11 @@ class NeuroMask(pl.LightningModule):
         mask_scale: int | None = None,
         mask_size: int | None = None,
         area_target: float | None = None,
+        stop_patience: int | None = None,
+        stop_tolerance: float | None = None,
+        fold_batchnorm: bool = True,
+        channels_last: bool | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(classifier, nn.Module):
@@ -91,7 +104,12 @@ class NeuroMask(pl.LightningModule):
             mask_scale=mask_scale,
             mask_size=mask_size,
             area_target=area_target,
+            stop_patience=stop_patience,
+            stop_tolerance=stop_tolerance,
         )
+        self.fast_path = FastPath(fold_batchnorm=fold_batchnorm, channels_last=channels_last, compile=compile)
+        self._fast_classifier = FastClassifier(self.fast_path)
+        self.max_chunk: int | None = None  # set when a batch ran out of memory
         if target_class is not None and target_class < 0:
             raise ValueError(f"target_class must be a class index >= 0, got {target_class}")
         self.seed = seed
@@ -100,7 +118,13 @@ class NeuroMask(pl.LightningModule):
         self.test_metrics = explanation_metrics(classifier, localisation=True, prefix="test/")
         # Saved resolved, so logs and run records show the values actually used.
         self.save_hyperparameters(
-            {"preset": preset, "seed": seed, "target_class": target_class, **self.settings.as_dict()}
+            {
+                "preset": preset,
+                "seed": seed,
+                "target_class": target_class,
+                **self.settings.as_dict(),
+                **self.fast_path.as_dict(),
+            }
         )
 
     @property
@@ -132,7 +156,7 @@ class NeuroMask(pl.LightningModule):
             with torch.no_grad():
                 logits = self._logits(images)
             targets = self._targets(targets, logits)
-            fit = learn_masks(self.classifier, images, targets, ids, self.settings, self.seed)
+            fit = self._learn(self._fast_classifier.get(self.classifier, images), images, targets, ids)
         prob_original = logits.float().softmax(-1).gather(1, targets[:, None])[:, 0]
         prob_masked = fit.logits_masked.softmax(-1).gather(1, targets[:, None])[:, 0]
         return Explanation(
@@ -144,7 +168,40 @@ class NeuroMask(pl.LightningModule):
             loss={k: v.detach() for k, v in fit.loss.items()},
             mask_area=fit.masks.flatten(1).mean(1),
             preserved=fit.logits_masked.argmax(-1) == targets,
+            steps=fit.steps,
             images=images,
+        )
+
+    def _learn(self, classifier: nn.Module, images: Tensor, targets: Tensor, ids: Tensor) -> MaskFit:
+        """learn_masks in chunks of at most ``max_chunk`` images, halving the chunk on out-of-memory."""
+        fits: list[MaskFit] = []
+        start = 0
+        while start < len(images):
+            size = min(self.max_chunk or len(images), len(images) - start)
+            part = slice(start, start + size)
+            out_of_memory = False
+            try:
+                fits.append(learn_masks(classifier, images[part], targets[part], ids[part], self.settings, self.seed))
+                start += size
+            except torch.OutOfMemoryError:
+                if size == 1:
+                    raise RuntimeError(
+                        "one image alone does not fit in memory while learning its mask; use smaller images, "
+                        "a smaller model, precision='bf16-mixed', or a larger device"
+                    ) from None
+                out_of_memory = True  # handled outside the except block, so the failed step's tensors are freed
+            if out_of_memory:
+                self.max_chunk = (size + 1) // 2
+                log.warning("out of memory with %d images at once; continuing in chunks of %d", size, self.max_chunk)
+                if images.is_cuda:
+                    torch.cuda.empty_cache()
+        if len(fits) == 1:
+            return fits[0]
+        return MaskFit(
+            masks=torch.cat([f.masks for f in fits]),
+            logits_masked=torch.cat([f.logits_masked for f in fits]),
+            loss={k: torch.cat([f.loss[k] for f in fits]) for k in fits[0].loss},
+            steps=torch.cat([f.steps for f in fits]),
         )
 
     def _classifier_device(self) -> torch.device:
@@ -259,5 +316,6 @@ def empty_explanation(images: Tensor) -> Explanation:
         loss={k: empty for k in LOSS_TERMS},
         mask_area=empty,
         preserved=empty.bool(),
+        steps=empty.long(),
         images=images,
     )

@@ -51,6 +51,10 @@ class MaskSettings:
             upsampled bilinearly (1 = full resolution, as the reference).
         mask_size: if > 0, overrides ``mask_scale``: the scale is chosen so that the mask's
             shorter side is about ``mask_size`` pixels, whatever the image size.
+        stop_patience: per-sample early stopping: an image stops (its mask is kept as it is and it
+            leaves the batch's forward passes) once its total loss has not improved by more than
+            ``stop_tolerance`` (relative) for this many steps; 0 = off, every image runs ``steps``.
+        stop_tolerance: the relative improvement that counts for ``stop_patience``.
     """
 
     steps: int = 1000
@@ -71,6 +75,8 @@ class MaskSettings:
     lr: float = 0.03
     mask_scale: int = 1
     mask_size: int = 0
+    stop_patience: int = 0
+    stop_tolerance: float = 1e-3
 
     def __post_init__(self) -> None:
         checks = [
@@ -81,6 +87,8 @@ class MaskSettings:
             (0 < self.area_target <= 1, f"area_target must be in (0, 1], got {self.area_target}"),
             (self.mask_scale >= 1, f"mask_scale must be >= 1, got {self.mask_scale}"),
             (self.mask_size >= 0, f"mask_size must be >= 0 (0 = use mask_scale), got {self.mask_size}"),
+            (self.stop_patience >= 0, f"stop_patience must be >= 0 steps (0 = off), got {self.stop_patience}"),
+            (self.stop_tolerance >= 0, f"stop_tolerance must be >= 0, got {self.stop_tolerance}"),
             (
                 min(self.l_pred, self.l_sparse, self.l_smooth) >= 0,
                 "loss weights l_pred, l_sparse, l_smooth must be >= 0",
@@ -224,7 +232,8 @@ def smoothness(weights: Tensor, kernel: Tensor, padding: str = "none") -> Tensor
     weights = weights.float()
     if padding == "replicate":
         weights = F.pad(weights, [kernel.shape[-1] // 2] * 4, mode="replicate")
-    response = F.conv2d(weights, kernel.to(weights.device, torch.float32))
+    with torch.autocast(weights.device.type, enabled=False):  # float32 even under mixed precision
+        response = F.conv2d(weights, kernel.to(weights.device, torch.float32))
     return response.pow(2).flatten(1).mean(1)
 
 

@@ -45,10 +45,11 @@ class TFRMSprop(torch.optim.Optimizer):
 
 
 def make_optimizer(params: list[Tensor], settings: MaskSettings) -> torch.optim.Optimizer:
-    """The optimiser named by the settings; both are element-wise, so samples stay independent."""
+    """The optimiser named by the settings; both are element-wise, so samples stay independent.
+    Adam is the fused implementation on CUDA (one kernel per step)."""
     if settings.optimizer == "rmsprop_tf":
         return TFRMSprop(params, lr=settings.lr)
-    return torch.optim.Adam(params, lr=settings.lr)
+    return torch.optim.Adam(params, lr=settings.lr, fused=params[0].device.type == "cuda")
 
 
 def jitter_shift(seed: int, step: int, jitter: int) -> tuple[int, int]:
@@ -61,13 +62,156 @@ def jitter_shift(seed: int, step: int, jitter: int) -> tuple[int, int]:
     return (dy, dx)
 
 
+def update_patience(loss: Tensor, best: Tensor, stale: Tensor, tolerance: float) -> tuple[Tensor, Tensor]:
+    """Per-sample early-stopping bookkeeping: the best loss so far and the steps since it improved
+    by more than ``tolerance`` (relative to its size)."""
+    threshold = torch.where(torch.isfinite(best), best - tolerance * best.abs(), best)
+    improved = loss < threshold
+    return torch.where(improved, loss, best), torch.where(improved, torch.zeros_like(stale), stale + 1)
+
+
+class SampleLossScale:
+    """Dynamic loss scaling per sample, for float16 autocast (as ``torch.amp.GradScaler``, but one
+    scale per image, so an overflow in one image never skips or changes another image's step).
+
+    A sample whose gradient is not finite skips its step and halves its scale; every
+    ``growth_interval`` finite steps in a row double it.
+    """
+
+    def __init__(self, batch: int, device: torch.device, init: float = 2.0**16, growth_interval: int = 200) -> None:
+        self.scale = torch.full((batch,), init, device=device)
+        self.good_steps = torch.zeros(batch, dtype=torch.long, device=device)
+        self.growth_interval = growth_interval
+
+    def unscale(self, grad: Tensor) -> tuple[Tensor, Tensor]:
+        """(gradient divided by each sample's scale, per-sample finite flag); updates the scales."""
+        shape = (-1,) + (1,) * (grad.ndim - 1)
+        grad = grad / self.scale.view(shape)
+        finite = torch.isfinite(grad.flatten(1)).all(1)
+        self.good_steps = torch.where(finite, self.good_steps + 1, torch.zeros_like(self.good_steps))
+        grow = self.good_steps >= self.growth_interval
+        self.scale = torch.where(finite, torch.where(grow, self.scale * 2, self.scale), self.scale / 2)
+        self.good_steps = torch.where(grow, torch.zeros_like(self.good_steps), self.good_steps)
+        return torch.where(finite.view(shape), grad, torch.zeros_like(grad)), finite
+
+
+def autocast_float16(device: torch.device) -> bool:
+    """Whether float16 autocast is active for ``device`` (then mask gradients need loss scaling)."""
+    return torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.float16
+
+
 @dataclass
 class MaskFit:
-    """Raw output of :func:`learn_masks` (tensors on the images' device)."""
+    """Raw output of :func:`learn_masks` (tensors on the images' device); ``steps`` per sample."""
 
     masks: Tensor
     logits_masked: Tensor
     loss: dict[str, Tensor]
+    steps: Tensor
+
+
+class MaskOptimisation:
+    """The masks of one batch being learned: :meth:`step` once per optimisation step, then :meth:`result`.
+
+    The summed loss is minimised; since every term is per sample and the optimisers are element-wise,
+    each mask follows exactly the path it would follow alone. Samples that early stopping has stopped
+    leave the forward passes and keep their weights. The classifier must already be frozen (eval mode,
+    no parameter gradients) by the caller; it may be a fast copy (see :mod:`neuromask_pl.fastpath`).
+    """
+
+    def __init__(
+        self, classifier: nn.Module, images: Tensor, targets: Tensor, ids: Tensor, settings: MaskSettings, seed: int
+    ) -> None:
+        self.classifier, self.images, self.targets = classifier, images, targets
+        self.settings, self.seed = settings, seed
+        height, width = images.shape[-2:]
+        mask_height, mask_width = mask_shape(height, width, settings.scale_for(height, width))
+        self.kernel = laplacian_kernel(laplacian_size(settings.laplacian, mask_height, mask_width)).to(images.device)
+        self.baseline = make_baseline(images, settings.baseline)
+        weights = init_weights(ids.cpu(), mask_height, mask_width, settings.weight_limit, seed).to(images.device)
+        self.weights = weights.requires_grad_(True)
+        self.optimizer = make_optimizer([self.weights], settings)
+        batch = images.shape[0]
+        self.steps_run = torch.zeros(batch, dtype=torch.long, device=images.device)
+        self.active = torch.ones(batch, dtype=torch.bool, device=images.device)
+        self.best = torch.full((batch,), float("inf"), device=images.device)
+        self.stale = torch.zeros(batch, dtype=torch.long, device=images.device)
+        self.loss_scale: SampleLossScale | None = None  # made at the first step run under float16 autocast
+        self._step = 0
+        self._all_active = True  # host-side flag: no indexing while every sample still runs
+
+    def evaluate(
+        self, rows: Tensor | None = None, shift: tuple[int, int] = (0, 0)
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Mask, logits of the masked image and loss terms for the samples ``rows`` (None = all)."""
+        images, baseline, targets, weights = self.images, self.baseline, self.targets, self.weights
+        if rows is not None:
+            images, baseline, targets, weights = images[rows], baseline[rows], targets[rows], weights[rows]
+        height, width = images.shape[-2:]
+        mask = upsample_mask(weights_to_mask(weights, self.settings.temperature), height, width)
+        masked = apply_mask(images, mask, baseline)
+        if shift != (0, 0):
+            masked = torch.roll(masked, shifts=shift, dims=(-2, -1))
+        logits = self.classifier(masked)
+        return mask, logits, loss_terms(logits, targets, weights, mask, self.kernel, self.settings)
+
+    def step(self) -> None:
+        """One optimisation step of every sample still running."""
+        settings = self.settings
+        rows = None if self._all_active else self.active.nonzero()[:, 0]
+        if rows is not None and rows.numel() == 0:
+            return
+        if self.loss_scale is None and autocast_float16(self.images.device):
+            self.loss_scale = SampleLossScale(len(self.images), self.images.device)
+        _, _, terms = self.evaluate(rows, jitter_shift(self.seed, self._step, settings.jitter))
+        total = terms["total"]
+        if self.loss_scale is not None:
+            scale = self.loss_scale.scale if rows is None else self.loss_scale.scale[rows]
+            total = total * scale
+        (grad,) = torch.autograd.grad(total.sum(), [self.weights])
+        step_rows = self.active
+        if self.loss_scale is not None:
+            grad, finite = self.loss_scale.unscale(grad)
+            step_rows = step_rows & finite
+        self.weights.grad = grad
+        # Only when some sample may have to sit this step out (no host sync otherwise).
+        keep = None if self._all_active and self.loss_scale is None else self.weights.detach().clone()
+        self.optimizer.step()
+        if keep is not None:  # samples that stopped (or overflowed) keep their weights
+            with torch.no_grad():
+                self.weights.copy_(torch.where(step_rows.view(-1, 1, 1, 1), self.weights, keep))
+        self.steps_run += self.active.long()
+        self._step += 1
+        if settings.stop_patience:
+            self._update_stopping(terms["total"].detach().float(), rows)
+
+    def _update_stopping(self, loss: Tensor, rows: Tensor | None) -> None:
+        full = self.best.clone()
+        full[rows if rows is not None else slice(None)] = loss
+        best, stale = update_patience(full, self.best, self.stale, self.settings.stop_tolerance)
+        self.best = torch.where(self.active, best, self.best)
+        self.stale = torch.where(self.active, stale, self.stale)
+        self.active = self.active & (self.stale < self.settings.stop_patience)
+        self._all_active = bool(self.active.all())
+        if not self.active.any():
+            self._step = self.settings.steps
+
+    def run(self) -> MaskOptimisation:
+        """Step until every sample has run its steps or stopped."""
+        while self._step < self.settings.steps:
+            self.step()
+        return self
+
+    def result(self) -> MaskFit:
+        """Final masks, logits of the soft-masked images and loss terms (no gradient)."""
+        with torch.no_grad():
+            mask, logits, terms = self.evaluate()
+        return MaskFit(
+            masks=mask.detach().float().clone(),
+            logits_masked=logits.detach().float().clone(),
+            loss={k: v.detach().float().clone() for k, v in terms.items()},
+            steps=self.steps_run.clone(),
+        )
 
 
 def learn_masks(
@@ -78,33 +222,5 @@ def learn_masks(
     settings: MaskSettings,
     seed: int,
 ) -> MaskFit:
-    """Optimise one mask per image for ``settings.steps`` steps.
-
-    The summed loss is minimised; since every term is per sample and the optimisers are
-    element-wise, each mask follows exactly the path it would follow alone. The classifier
-    must already be frozen (eval mode, no parameter gradients) by the caller.
-    """
-    height, width = images.shape[-2:]
-    mask_height, mask_width = mask_shape(height, width, settings.scale_for(height, width))
-    kernel = laplacian_kernel(laplacian_size(settings.laplacian, mask_height, mask_width)).to(images.device)
-    baseline = make_baseline(images, settings.baseline)
-    weights = init_weights(ids.cpu(), mask_height, mask_width, settings.weight_limit, seed).to(images.device)
-    weights.requires_grad_(True)
-    optimizer = make_optimizer([weights], settings)
-
-    def evaluate(shift: tuple[int, int] = (0, 0)) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        mask = upsample_mask(weights_to_mask(weights, settings.temperature), height, width)
-        masked = apply_mask(images, mask, baseline)
-        if shift != (0, 0):
-            masked = torch.roll(masked, shifts=shift, dims=(-2, -1))
-        logits = classifier(masked)
-        return mask, logits, loss_terms(logits, targets, weights, mask, kernel, settings)
-
-    for step in range(settings.steps):
-        _, _, terms = evaluate(jitter_shift(seed, step, settings.jitter))
-        (weights.grad,) = torch.autograd.grad(terms["total"].sum(), [weights])
-        optimizer.step()
-
-    with torch.no_grad():
-        mask, logits, terms = evaluate()
-    return MaskFit(masks=mask.detach().float(), logits_masked=logits.detach().float(), loss=terms)
+    """Optimise one mask per image for ``settings.steps`` steps (fewer for samples that stop early)."""
+    return MaskOptimisation(classifier, images, targets, ids, settings, seed).run().result()

@@ -11,7 +11,14 @@ from torch import Tensor
 
 LOSS_TERMS = ("pred", "sparse", "smooth", "total")
 # The keys of Explanation.summary(), in order.
-SUMMARY_KEYS = (*(f"loss_{t}" for t in LOSS_TERMS), "mask_area", "preservation_rate", "prob_original", "prob_masked")
+SUMMARY_KEYS = (
+    *(f"loss_{t}" for t in LOSS_TERMS),
+    "mask_area",
+    "preservation_rate",
+    "prob_original",
+    "prob_masked",
+    "steps",
+)
 
 
 @dataclass
@@ -29,6 +36,8 @@ class Explanation:
         loss: final loss terms ``pred``, ``sparse``, ``smooth`` and ``total``, each (B,).
         mask_area: mean mask value per sample, shape (B,).
         preserved: whether the masked image is still classified as the target, shape (B,).
+        steps: optimisation steps each mask got (fewer than the setting when it stopped early), shape (B,),
+            or None (results saved before this field existed).
         images: the original images in [0, 1], shape (B, C, H, W), or None.
         paths: source file of each sample, or None for in-memory data.
         skipped: samples of the batch that could not be read: dicts with
@@ -43,6 +52,7 @@ class Explanation:
     loss: dict[str, Tensor]
     mask_area: Tensor
     preserved: Tensor
+    steps: Tensor | None = None
     images: Tensor | None = None
     paths: list[str] | None = None
     skipped: list[dict[str, Any]] = field(default_factory=list)
@@ -96,6 +106,7 @@ class Explanation:
                 "prob_masked": float(self.prob_masked[i]),
                 "preserved": bool(self.preserved[i]),
                 "mask_area": float(self.mask_area[i]),
+                "steps": int(self.steps[i]) if self.steps is not None else "",
             }
             for term in LOSS_TERMS:
                 row[f"loss_{term}"] = float(self.loss[term][i])
@@ -103,9 +114,9 @@ class Explanation:
         return rows
 
     def summary(self) -> dict[str, float]:
-        """Batch means of the loss terms, mask area, preservation rate and probabilities."""
+        """Batch means of the loss terms, mask area, preservation rate, probabilities and steps run."""
         if len(self) == 0:
             return {}
         values = [*(self.loss[t] for t in LOSS_TERMS), self.mask_area, self.preserved, self.prob_original,
-                  self.prob_masked]  # fmt: skip
-        return {key: float(v.float().mean()) for key, v in zip(SUMMARY_KEYS, values)}
+                  self.prob_masked, self.steps]  # fmt: skip
+        return {key: float(v.float().mean()) for key, v in zip(SUMMARY_KEYS, values) if v is not None}

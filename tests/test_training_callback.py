@@ -40,6 +40,7 @@ SUMMARY_NAMES = [
     "preservation_rate",
     "prob_original",
     "prob_masked",
+    "steps",
 ]
 
 

@@ -1,0 +1,345 @@
+"""The fast path (BatchNorm folding, channels_last, compile), early stopping, fp16 loss scaling and the
+out-of-memory backoff: each checked against the plain path or a hand computation."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from conftest import make_images
+from torch import Tensor, nn
+
+from neuromask_pl import NeuroMask
+from neuromask_pl.data import TensorDataModule
+from neuromask_pl.fastpath import FastClassifier, FastPath, fold_batchnorm
+from neuromask_pl.objective import resolve_settings
+from neuromask_pl.optimize import MaskOptimisation, SampleLossScale, learn_masks, update_patience
+
+# ----------------------------------------------------------------------------- models
+
+
+def random_bn_stats(model: nn.Module, seed: int = 0) -> nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.copy_(torch.rand(module.num_features, generator=generator) * 0.2 - 0.1)
+            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.rand(module.num_features, generator=generator) - 0.5)
+    return model
+
+
+def resnet18() -> nn.Module:
+    torch.manual_seed(0)
+    return random_bn_stats(torchvision.models.resnet18(num_classes=10)).eval().requires_grad_(False)
+
+
+class Untraceable(nn.Module):
+    """fx cannot trace it (control flow on a tensor value); its Sequential holds conv -> BN pairs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.body(x)
+        if x.mean() > 0:  # data-dependent branch
+            x = x + self.block(x)
+        return self.head(x.mean((2, 3)))
+
+
+class SharedConvOutput(nn.Module):
+    """The conv's output feeds the BatchNorm *and* a skip: folding would change the skip, so it must not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.conv(x)
+        return self.head((self.bn(y) + y).mean((2, 3)))
+
+
+def state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- folding
+
+
+def test_resnet18_folds_every_batchnorm_and_keeps_its_logits() -> None:
+    model = resnet18()
+    before = state(model)
+    folded, count = fold_batchnorm(model)
+    assert count == 20  # ResNet-18 has 20 BatchNorm layers, each right after a convolution
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert all(not p.requires_grad for p in folded.parameters())
+    images = torch.rand(3, 3, 64, 64)
+    torch.testing.assert_close(folded(images), model(images), rtol=1e-4, atol=1e-4)
+    after = state(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the original is untouched
+
+
+def test_backward_to_input_through_the_folded_copy_matches() -> None:
+    model = resnet18()
+    folded, _ = fold_batchnorm(model)
+    images = torch.rand(2, 3, 64, 64)
+    grads = []
+    for net in (model, folded):
+        inputs = images.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(net(inputs).logsumexp(1).sum(), inputs)
+        grads.append(grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-6)
+
+
+def test_untraceable_model_is_folded_inside_its_sequentials() -> None:
+    torch.manual_seed(1)
+    model = random_bn_stats(Untraceable()).eval()
+    folded, count = fold_batchnorm(model)
+    assert count == 2
+    images = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(folded(images), model(images), rtol=1e-4, atol=1e-5)
+
+
+def test_conv_output_used_twice_and_training_mode_batchnorm_are_not_folded() -> None:
+    torch.manual_seed(2)
+    model = random_bn_stats(SharedConvOutput()).eval()
+    folded, count = fold_batchnorm(model)
+    assert count == 0
+    images = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(folded(images), model(images), rtol=0, atol=0)
+    assert fold_batchnorm(resnet18().train())[1] == 0
+
+
+def test_fast_copy_is_cached_until_the_weights_change(tiny_cnn, image_factory) -> None:
+    fast = FastClassifier(FastPath())
+    images = image_factory(2, 16)
+    tiny_cnn.requires_grad_(False)
+    first = fast.get(tiny_cnn, images)
+    assert first is not tiny_cnn and fast.folded == 1
+    assert fast.get(tiny_cnn, images) is first
+    with torch.no_grad():
+        tiny_cnn.features[0].weight.add_(0.5)  # e.g. one more training step between two explain() calls
+    second = fast.get(tiny_cnn, images)
+    assert second is not first
+    torch.testing.assert_close(second(images), tiny_cnn(images), rtol=1e-4, atol=1e-5)
+
+
+def test_fast_copy_off_returns_the_classifier(tiny_cnn, image_factory) -> None:
+    assert FastClassifier(FastPath(fold_batchnorm=False)).get(tiny_cnn, image_factory(2, 16)) is tiny_cnn
+
+
+def test_a_copy_that_changes_the_logits_falls_back_to_the_classifier(
+    tiny_cnn, image_factory, monkeypatch, caplog
+) -> None:
+    def broken_fold(module: nn.Module) -> tuple[nn.Module, int]:
+        copy = nn.Sequential(module, nn.Identity())
+        copy.forward = lambda x: module(x) + 1.0  # type: ignore[method-assign]
+        return copy, 1
+
+    monkeypatch.setattr("neuromask_pl.fastpath.fold_batchnorm", broken_fold)
+    fast = FastClassifier(FastPath())
+    with caplog.at_level(logging.WARNING, logger="neuromask_pl.fastpath"):
+        assert fast.get(tiny_cnn, image_factory(2, 16)) is tiny_cnn
+    assert "changes its logits" in caplog.text and fast.folded == 0
+
+
+# ----------------------------------------------------------------------------- same masks as the plain path
+
+FAST_TOLERANCE = 1e-3  # the fast path's masks equal the plain path's within this (max abs, mask in [0, 1])
+
+
+@pytest.mark.parametrize("preset", ["default", "paper"])
+def test_fast_path_masks_equal_plain_path_masks(preset: str, image_factory) -> None:
+    model = resnet18()
+    images = image_factory(3, 32)
+    plain = NeuroMask(model, preset=preset, steps=25, fold_batchnorm=False).explain(images)
+    fast = NeuroMask(model, preset=preset, steps=25).explain(images)
+    assert fast.masks.shape == plain.masks.shape
+    assert (fast.masks - plain.masks).abs().max() < FAST_TOLERANCE
+    torch.testing.assert_close(fast.prob_original, plain.prob_original, rtol=0, atol=1e-6)  # original model
+
+
+def test_channels_last_on_cpu_gives_the_same_masks(tiny_cnn, image_factory) -> None:
+    images = image_factory(3, 16)
+    plain = NeuroMask(tiny_cnn, steps=20, fold_batchnorm=False).explain(images)
+    fast = NeuroMask(tiny_cnn, steps=20, channels_last=True).explain(images)
+    assert (fast.masks - plain.masks).abs().max() < FAST_TOLERANCE
+
+
+def test_compiled_fast_path_gives_the_same_masks(tiny_cnn, image_factory) -> None:
+    images = image_factory(3, 16)
+    plain = NeuroMask(tiny_cnn, steps=15, fold_batchnorm=False).explain(images)
+    module = NeuroMask(tiny_cnn, steps=15, compile=True)
+    compiled = module.explain(images)
+    assert (compiled.masks - plain.masks).abs().max() < FAST_TOLERANCE
+    assert module.hparams["compile"] is True and module.hparams["fold_batchnorm"] is True
+
+
+def test_fast_path_through_a_trainer_leaves_the_classifier_bit_identical(tiny_cnn, image_factory, trainer_factory):
+    before = state(tiny_cnn)
+    module = NeuroMask(tiny_cnn, steps=10)
+    out = trainer_factory().predict(module, datamodule=TensorDataModule(image_factory(4, 16), batch_size=2))
+    assert len(out) == 2 and all(len(o) == 2 for o in out)
+    after = state(tiny_cnn)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in tiny_cnn.modules())
+
+
+# ----------------------------------------------------------------------------- early stopping
+
+
+def test_update_patience_by_hand() -> None:
+    best = torch.tensor([float("inf"), 1.0, 1.0, -2.0])
+    stale = torch.tensor([0, 3, 3, 1])
+    loss = torch.tensor([5.0, 0.9995, 0.99, -2.01])  # tolerance 1e-3: 1.0 -> needs < 0.999; -2 -> < -2.002
+    new_best, new_stale = update_patience(loss, best, stale, 1e-3)
+    assert new_best.tolist() == pytest.approx([5.0, 1.0, 0.99, -2.01])
+    assert new_stale.tolist() == [0, 4, 0, 0]
+
+
+def test_early_stopping_per_sample(tiny_cnn, image_factory) -> None:
+    images = image_factory(4, 16)
+    ids = torch.tensor([4, 9, 2, 6])
+    settings = dict(preset="default", steps=120, stop_patience=5, stop_tolerance=1e-2)
+    stopped = NeuroMask(tiny_cnn, **settings).explain(images, ids=ids)
+    steps = stopped.steps.tolist()
+    assert min(steps) < 120 and len(set(steps)) > 1  # images stop at different steps
+    # A stopped mask is exactly the mask of a run that was given that many steps and no early stopping.
+    for i, n in enumerate(steps):
+        alone = NeuroMask(tiny_cnn, preset="default", steps=n).explain(images[i : i + 1], ids=ids[i : i + 1])
+        torch.testing.assert_close(stopped.masks[i], alone.masks[0], rtol=0, atol=1e-4)
+    # And batching does not change when (or where) an image stops.
+    singles = [NeuroMask(tiny_cnn, **settings).explain(images[i : i + 1], ids=ids[i : i + 1]) for i in range(4)]
+    assert [int(s.steps[0]) for s in singles] == steps
+    assert stopped.summary()["steps"] == pytest.approx(sum(steps) / 4)
+
+
+def test_no_early_stopping_runs_every_step(tiny_cnn, image_factory) -> None:
+    result = NeuroMask(tiny_cnn, steps=7).explain(image_factory(3, 16))
+    assert result.steps.tolist() == [7, 7, 7]
+
+
+# ----------------------------------------------------------------------------- float16 loss scaling
+
+
+def test_sample_loss_scale_skips_only_the_overflowing_sample() -> None:
+    scaler = SampleLossScale(3, torch.device("cpu"), init=8.0, growth_interval=2)
+    grad = torch.tensor([[8.0, 16.0], [float("inf"), 1.0], [4.0, 4.0]]).view(3, 1, 1, 2)
+    unscaled, finite = scaler.unscale(grad)
+    assert finite.tolist() == [True, False, True]
+    assert unscaled.flatten(1).tolist() == [[1.0, 2.0], [0.0, 0.0], [0.5, 0.5]]
+    assert scaler.scale.tolist() == [8.0, 4.0, 8.0]
+    scaler.unscale(torch.ones(3, 1, 1, 2))  # second finite step in a row for samples 0 and 2: they grow
+    assert scaler.scale.tolist() == [16.0, 4.0, 16.0]
+
+
+class FP16Underflow(nn.Module):
+    """Logits are 1e-8 times a linear map: in float16 the gradients flowing back through that factor
+    (about 0.5e-8) are below float16's smallest subnormal (6e-8) and vanish without loss scaling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.linear = nn.Linear(3 * 8 * 8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x.flatten(1)) * 1e-8
+
+
+def first_step_gradient(float16: bool) -> Tensor:
+    model = FP16Underflow().eval().requires_grad_(False)
+    settings = resolve_settings("default", steps=1, l_sparse=0.0, l_smooth=0.0, mask_scale=1, baseline="black")
+    problem = MaskOptimisation(model, make_images(2, 8), torch.tensor([0, 1]), torch.arange(2), settings, seed=0)
+    with torch.autocast("cpu", dtype=torch.float16, enabled=float16):
+        problem.step()
+    return problem.weights.grad.clone()
+
+
+def test_float16_autocast_scales_the_loss_so_mask_gradients_survive(monkeypatch) -> None:
+    full = first_step_gradient(float16=False)
+    half = first_step_gradient(float16=True)
+    assert full.abs().max() > 0
+    torch.testing.assert_close(half, full, rtol=0, atol=0.02 * float(full.abs().max()))
+    monkeypatch.setattr("neuromask_pl.optimize.autocast_float16", lambda device: False)
+    assert first_step_gradient(float16=True).abs().max() == 0  # what happens without the scale
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning runs 16-mixed as bf16-mixed on the CPU")
+def test_16_mixed_through_a_trainer_on_cuda(tiny_cnn, image_factory, trainer_factory) -> None:
+    images = image_factory(2, 16)
+    out = trainer_factory(precision="16-mixed", accelerator="cuda").predict(
+        NeuroMask(tiny_cnn, steps=10), datamodule=TensorDataModule(images, batch_size=2)
+    )
+    full = NeuroMask(tiny_cnn, steps=10).explain(images.cuda())
+    assert torch.isfinite(out[0].masks).all()
+    assert (out[0].masks - full.masks.cpu()).abs().mean() < 0.02
+
+
+# ----------------------------------------------------------------------------- out-of-memory backoff
+
+
+class RunsOutOfMemory(nn.Module):
+    """Wraps a model and raises CUDA's out-of-memory error on batches larger than ``limit`` with gradients."""
+
+    sizes: list[int] = []  # batch sizes that ran with gradients (class-level: NeuroMask runs a copy)
+
+    def __init__(self, model: nn.Module, limit: int) -> None:
+        super().__init__()
+        self.model, self.limit = model, limit
+        RunsOutOfMemory.sizes = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            if x.shape[0] > self.limit:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            RunsOutOfMemory.sizes.append(x.shape[0])
+        return self.model(x)
+
+
+def test_out_of_memory_splits_the_batch_and_gives_the_same_masks(tiny_cnn, image_factory, caplog) -> None:
+    images = image_factory(5, 16)
+    reference = NeuroMask(tiny_cnn, steps=15).explain(images)
+    wrapped = RunsOutOfMemory(tiny_cnn, limit=2)
+    module = NeuroMask(wrapped, steps=15)
+    with caplog.at_level(logging.WARNING, logger="neuromask_pl.explainer"):
+        result = module.explain(images)
+    assert module.max_chunk == 2 and max(RunsOutOfMemory.sizes) == 2
+    assert "out of memory with 5 images" in caplog.text
+    torch.testing.assert_close(result.masks, reference.masks, rtol=0, atol=1e-4)
+    assert torch.equal(result.ids, reference.ids) and result.steps.tolist() == [15] * 5
+
+
+def test_out_of_memory_with_one_image_is_a_clear_error(tiny_cnn, image_factory) -> None:
+    module = NeuroMask(RunsOutOfMemory(tiny_cnn, limit=0), steps=5)
+    with pytest.raises(RuntimeError, match="one image alone does not fit"):
+        module.explain(image_factory(2, 16))
+
+
+def test_settings_errors() -> None:
+    with pytest.raises(ValueError, match="stop_patience"):
+        resolve_settings("default", stop_patience=-1)
+    with pytest.raises(ValueError, match="stop_tolerance"):
+        resolve_settings("default", stop_tolerance=-0.1)
+
+
+def test_loss_terms_shape_under_autocast_are_float32(tiny_cnn, image_factory) -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fit = learn_masks(
+            tiny_cnn.requires_grad_(False).eval(),
+            image_factory(2, 16),
+            torch.tensor([0, 1]),
+            torch.arange(2),
+            resolve_settings("default", steps=3),
+            seed=0,
+        )
+    assert fit.masks.dtype == torch.float32 and fit.loss["total"].dtype == torch.float32
+    assert F.softmax(fit.logits_masked, -1).shape == (2, 3)
