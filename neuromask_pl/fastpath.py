@@ -58,9 +58,18 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
     )
 
 
+class _ConvBatchNormLeaves(torch.fx.Tracer):
+    """fx tracer that keeps every convolution and BatchNorm a module call, also subclasses defined
+    outside torch (e.g. ``Conv2dStaticSamePadding``), so that conv -> BN pairs are visible."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        leaves = tuple(cls for pair in _CONV_BN for cls in pair)
+        return isinstance(module, leaves) or super().is_leaf_module(module, qualified_name)
+
+
 def _fold_traced(module: nn.Module) -> tuple[nn.Module, int]:
     """Fold conv -> BN pairs in the fx graph of ``module`` (in place on its submodules)."""
-    graph_module = torch.fx.symbolic_trace(module)
+    graph_module = torch.fx.GraphModule(module, _ConvBatchNormLeaves().trace(module))
     modules = dict(graph_module.named_modules())
     folded = 0
     for node in list(graph_module.graph.nodes):

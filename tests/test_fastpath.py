@@ -119,6 +119,44 @@ def test_conv_output_used_twice_and_training_mode_batchnorm_are_not_folded() -> 
     assert fold_batchnorm(resnet18().train())[1] == 0
 
 
+class SamePaddingConv(nn.Conv2d):
+    """A conv subclass with its own forward, as EfficientNet's Conv2dStaticSamePadding."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(F.pad(x, [1, 1, 1, 1]), self.weight, self.bias, self.stride, 0)
+
+
+class StandardisedConv(nn.Conv2d):
+    """Weight standardisation in forward: folding a BatchNorm into its weight is NOT exact."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / self.weight.std((1, 2, 3), keepdim=True)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def conv_bn_net(conv: type[nn.Conv2d]) -> nn.Module:
+    torch.manual_seed(4)
+    net = nn.Sequential(conv(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    net(torch.rand(1, 3, 8, 8))
+    return random_bn_stats(net).eval().requires_grad_(False)
+
+
+def test_conv_subclasses_with_their_own_forward_are_folded() -> None:
+    net = conv_bn_net(SamePaddingConv)
+    folded, count = fold_batchnorm(net)
+    assert count == 1
+    images = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(folded(images), net(images), rtol=1e-4, atol=1e-5)
+
+
+def test_a_conv_that_folding_breaks_is_caught_and_the_classifier_used(caplog) -> None:
+    net = conv_bn_net(StandardisedConv)
+    fast = FastClassifier(FastPath())
+    with caplog.at_level(logging.WARNING, logger="neuromask_pl.fastpath"):
+        assert fast.get(net, torch.rand(2, 3, 8, 8)) is net
+    assert "changes its logits" in caplog.text
+
+
 def test_fast_copy_is_cached_until_the_weights_change(tiny_cnn, image_factory) -> None:
     fast = FastClassifier(FastPath())
     images = image_factory(2, 16)
@@ -343,3 +381,19 @@ def test_loss_terms_shape_under_autocast_are_float32(tiny_cnn, image_factory) ->
         )
     assert fit.masks.dtype == torch.float32 and fit.loss["total"].dtype == torch.float32
     assert F.softmax(fit.logits_masked, -1).shape == (2, 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by scripts/gpu_checks.sh)")
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
+def test_cuda_fast_path_and_compile_give_the_plain_masks(precision: str, image_factory) -> None:
+    model = resnet18().cuda()
+    images = image_factory(4, 32).cuda()
+    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
+    results = {}
+    for name, options in {"plain": dict(fold_batchnorm=False), "default": {}, "compiled": dict(compile=True)}.items():
+        with torch.autocast("cuda", dtype=dtype, enabled=precision != "32"):
+            results[name] = NeuroMask(model, steps=25, **options).explain(images).masks
+    tolerance = FAST_TOLERANCE if precision == "32" else 0.05  # bf16 rounds differently after folding
+    for name in ("default", "compiled"):
+        assert (results[name] - results["plain"]).abs().mean() < tolerance / 10, name
+        assert (results[name] - results["plain"]).abs().max() < max(tolerance, 0.2), name
