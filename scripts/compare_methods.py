@@ -289,11 +289,16 @@ def make_neuromask(
     return explainer
 
 
-def neuromask_maps(explainer: NeuroMask, images: Tensor, targets: Tensor, ids: Tensor, batch: int) -> Tensor:
-    masks = []
+def neuromask_maps(
+    explainer: NeuroMask, images: Tensor, targets: Tensor, ids: Tensor, batch: int
+) -> tuple[Tensor, Tensor]:
+    """NeuroMask's masks and the optimisation steps each image got (fewer with early stopping)."""
+    masks, steps = [], []
     for i in range(0, len(images), batch):
-        masks.append(explainer.explain(images[i : i + batch], targets[i : i + batch], ids[i : i + batch]).masks)
-    return torch.cat(masks).detach()
+        result = explainer.explain(images[i : i + batch], targets[i : i + batch], ids[i : i + batch])
+        masks.append(result.masks)
+        steps.append(result.steps)
+    return torch.cat(masks).detach(), torch.cat(steps)
 
 
 # ----------------------------------------------------------------------------------------- metrics
@@ -549,6 +554,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with frozen(classifier):
             maps = fn()
         seconds = time.perf_counter() - start
+        maps, steps = maps if isinstance(maps, tuple) else (maps, None)
         if maps.shape != (n, 1, *images.shape[-2:]):
             raise RuntimeError(
                 f"{name} returned maps of shape {tuple(maps.shape)}, expected {(n, 1, *images.shape[-2:])}"
@@ -564,6 +570,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "metrics": metrics,
             "settings": settings,
         }
+        if steps is not None:  # NeuroMask: mean optimisation steps per image (early stopping lowers it)
+            row["steps_mean"] = float(steps.float().mean())
         if not args.no_per_image:
             row["per_image"] = {k: [round(float(v), 5) for v in vals] for k, vals in per_image.items()}
         rows.append(row)
