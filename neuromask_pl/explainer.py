@@ -42,9 +42,10 @@ class NeuroMask(pl.LightningModule):
             baseline, optimizer, lr, mask_scale, mask_size, area_target: override single settings of the preset
             (see :class:`neuromask_pl.objective.MaskSettings`); ``stop_patience`` and ``stop_tolerance``
             turn on per-sample early stopping.
-        fold_batchnorm, channels_last, compile: how the frozen classifier runs during the mask steps
-            (a fast copy; the classifier itself is untouched), see :class:`neuromask_pl.fastpath.FastPath`.
-            Folding is on by default; ``compile=True`` adds ``torch.compile`` (with CUDA graphs on GPU).
+        fold_batchnorm, channels_last, compile, pack_convolutions: how the frozen classifier runs during the
+            mask steps (a fast copy; the classifier itself is untouched), see
+            :class:`neuromask_pl.fastpath.FastPath`. Folding is on by default, and on the CPU packed
+            convolutions; ``compile=True`` adds ``torch.compile`` (with CUDA graphs on GPU).
 
     Batches that run out of GPU memory are split in halves (results do not depend on the batch) and
     later batches are learned in chunks of the size that fitted.
@@ -79,6 +80,7 @@ class NeuroMask(pl.LightningModule):
         fold_batchnorm: bool = True,
         channels_last: bool | None = None,
         compile: bool = False,
+        pack_convolutions: bool | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(classifier, nn.Module):
@@ -107,7 +109,12 @@ class NeuroMask(pl.LightningModule):
             stop_patience=stop_patience,
             stop_tolerance=stop_tolerance,
         )
-        self.fast_path = FastPath(fold_batchnorm=fold_batchnorm, channels_last=channels_last, compile=compile)
+        self.fast_path = FastPath(
+            fold_batchnorm=fold_batchnorm,
+            channels_last=channels_last,
+            compile=compile,
+            pack_convolutions=pack_convolutions,
+        )
         self._fast_classifier = FastClassifier(self.fast_path)
         self.max_chunk: int | None = None  # set when a batch ran out of memory
         if target_class is not None and target_class < 0:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -31,6 +32,9 @@ class FastPath:
         channels_last: run the copy in channels_last memory format; None = on CUDA only
             (measured slower on the CPU).
         compile: ``torch.compile`` the copy (mode ``reduce-overhead``, i.e. with CUDA graphs, on CUDA).
+        pack_convolutions: on the CPU, run plain ``nn.Conv2d`` layers as :class:`FrozenConv2d` (weights
+            packed once for oneDNN; backward to the input only); None = on for the CPU when oneDNN is
+            available and ``compile`` is off. Float32 only: under autocast the layers run as they are.
         verify: check the copy's logits against the original's on the first batch it sees,
             and use the original (with a warning) if they differ by more than float rounding.
     """
@@ -38,6 +42,7 @@ class FastPath:
     fold_batchnorm: bool = True
     channels_last: bool | None = None
     compile: bool = False
+    pack_convolutions: bool | None = None
     verify: bool = True
 
     def as_dict(self) -> dict[str, Any]:
@@ -45,6 +50,11 @@ class FastPath:
 
     def uses_channels_last(self, device: torch.device) -> bool:
         return self.channels_last if self.channels_last is not None else device.type == "cuda"
+
+    def packs_convolutions(self, device: torch.device) -> bool:
+        if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+            return False
+        return self.pack_convolutions if self.pack_convolutions is not None else not self.compile
 
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
@@ -149,7 +159,12 @@ class FastClassifier:
         self.options = options
         self._key: tuple | None = None
         self._module: nn.Module | None = None
-        self.folded = 0
+        self.folded = 0  # BatchNorm layers folded into the current copy
+        self.packed = 0  # convolutions of the current copy run as FrozenConv2d
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle (and deepcopy) the options only: the cached copy is rebuilt where it is needed."""
+        return {"options": self.options, "_key": None, "_module": None, "folded": 0, "packed": 0}
 
     @staticmethod
     def _state_key(classifier: nn.Module, device: torch.device) -> tuple:
@@ -164,15 +179,21 @@ class FastClassifier:
         """
         options = self.options
         channels_last = options.uses_channels_last(images.device) and images.ndim == 4
-        if not (options.fold_batchnorm or channels_last or options.compile):
+        pack = options.packs_convolutions(images.device)
+        if not (options.fold_batchnorm or channels_last or options.compile or pack):
             return classifier
         key = self._state_key(classifier, images.device)
         if key != self._key:
-            self._module, self._key = self._build(classifier, images, channels_last), key
+            self._module, self._key = self._build(classifier, images, channels_last, pack), key
         return self._module  # type: ignore[return-value]
 
-    def _build(self, classifier: nn.Module, images: Tensor, channels_last: bool) -> nn.Module:
+    def _build(self, classifier: nn.Module, images: Tensor, channels_last: bool, pack: bool) -> nn.Module:
         module, self.folded = fold_batchnorm(classifier) if self.options.fold_batchnorm else (classifier, 0)
+        self.packed = 0
+        if pack:
+            if module is classifier:
+                module = copy.deepcopy(classifier)
+            self.packed = pack_convolutions(module)
         if channels_last:
             if module is classifier:
                 module = copy.deepcopy(classifier)
@@ -193,7 +214,7 @@ class FastClassifier:
                     "the BatchNorm-folded copy of the classifier changes its logits beyond float rounding; "
                     "using the classifier as it is (set fold_batchnorm=False to silence this)"
                 )
-                module, self.folded = classifier, 0
+                module, self.folded, self.packed = classifier, 0, 0
         if self.options.compile:
             mode = "reduce-overhead" if images.device.type == "cuda" else "default"
             module = torch.compile(module, mode=mode)
@@ -209,3 +230,98 @@ class _ChannelsLast(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.module(images.contiguous(memory_format=torch.channels_last))
+
+
+class _FrozenConvFunction(torch.autograd.Function):
+    """Convolution with packed weights; backward gives the input's gradient only (the weights are frozen)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, layer: FrozenConv2d) -> Tensor:  # type: ignore[override]
+        ctx.layer, ctx.input_size = layer, x.shape[-2:]
+        return layer.run(x, layer.packed_weight(x.shape), layer.bias, layer.padding, layer.stride)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return ctx.layer.input_gradient(grad, ctx.input_size), None
+
+
+class FrozenConv2d(nn.Module):
+    """A frozen ``nn.Conv2d`` for the CPU: its weights packed once for oneDNN, and the gradient to its
+    input computed as cheaply as the layer allows (mathematically the same as autograd's):
+
+    - stride 1: a convolution of the gradient with the flipped, transposed kernel (packed too);
+    - strided with at most 4 input channels (an image stem): a matrix product and ``fold`` (col2im);
+    - other strided layers: ``conv_transpose2d``.
+
+    Only float32 CPU inputs outside autocast take this path; anything else runs the original layer.
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+        self.weight = conv.weight.detach()
+        self.bias = conv.bias.detach() if conv.bias is not None else None
+        self.padding, self.stride = list(conv.padding), list(conv.stride)  # type: ignore[arg-type]
+        self.kernel_size = list(conv.kernel_size)
+        self._packed: Tensor | None = None
+        self._packed_flipped: Tensor | None = None
+        # (C_in * kh * kw, C_out), for the col2im gradient of image stems
+        self.columns = self.weight.flatten(1).t().contiguous() if self.weight.shape[1] <= 4 else None
+
+    @staticmethod
+    def applies_to(conv: nn.Module) -> bool:
+        """Plain ``nn.Conv2d`` (no subclass with its own forward), no groups, no dilation, zero padding
+        no wider than the kernel."""
+        return (
+            type(conv) is nn.Conv2d
+            and conv.groups == 1
+            and conv.dilation == (1, 1)
+            and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str)
+            and all(p <= k - 1 for p, k in zip(conv.padding, conv.kernel_size))
+        )
+
+    @staticmethod
+    def run(x: Tensor, packed: Tensor, bias: Tensor | None, padding: list[int], stride: list[int]) -> Tensor:
+        return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, padding, stride, [1, 1], 1, "none", [], "")
+
+    def packed_weight(self, input_shape: torch.Size) -> Tensor:
+        if self._packed is None:
+            self._packed = torch.ops.mkldnn._reorder_convolution_weight(
+                self.weight, self.padding, self.stride, [1, 1], 1, list(input_shape)
+            )
+        return self._packed
+
+    def input_gradient(self, grad: Tensor, input_size: torch.Size) -> Tensor:
+        if self.stride == [1, 1]:
+            padding = [k - 1 - p for k, p in zip(self.kernel_size, self.padding)]
+            if self._packed_flipped is None:
+                flipped = self.weight.transpose(0, 1).flip(-1, -2).contiguous()
+                self._packed_flipped = torch.ops.mkldnn._reorder_convolution_weight(
+                    flipped, padding, [1, 1], [1, 1], 1, list(grad.shape)
+                )
+            return self.run(grad, self._packed_flipped, None, padding, [1, 1])
+        if self.columns is not None:
+            columns = torch.matmul(self.columns, grad.reshape(grad.shape[0], grad.shape[1], -1))
+            return F.fold(columns, tuple(input_size), self.kernel_size, padding=self.padding, stride=self.stride)
+        output_padding = [
+            (size + 2 * p - k) % s for size, p, k, s in zip(input_size, self.padding, self.kernel_size, self.stride)
+        ]
+        return F.conv_transpose2d(grad, self.weight, None, self.stride, self.padding, output_padding)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+            return self.conv(x)
+        return _FrozenConvFunction.apply(x, self)
+
+
+def pack_convolutions(module: nn.Module) -> int:
+    """Replace, in place, every plain ``nn.Conv2d`` of a frozen CPU module that :class:`FrozenConv2d`
+    applies to; returns how many. Only for copies: the layers lose their weight gradients."""
+    replaced = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Conv2d) and FrozenConv2d.applies_to(child) and child.weight.device.type == "cpu":
+                setattr(parent, name, FrozenConv2d(child))
+                replaced += 1
+    return replaced

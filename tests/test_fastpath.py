@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from neuromask_pl import NeuroMask
 from neuromask_pl.data import TensorDataModule
-from neuromask_pl.fastpath import FastClassifier, FastPath, fold_batchnorm
+from neuromask_pl.fastpath import FastClassifier, FastPath, FrozenConv2d, fold_batchnorm
 from neuromask_pl.objective import resolve_settings
 from neuromask_pl.optimize import MaskOptimisation, SampleLossScale, learn_masks, update_patience
 
@@ -172,7 +172,8 @@ def test_fast_copy_is_cached_until_the_weights_change(tiny_cnn, image_factory) -
 
 
 def test_fast_copy_off_returns_the_classifier(tiny_cnn, image_factory) -> None:
-    assert FastClassifier(FastPath(fold_batchnorm=False)).get(tiny_cnn, image_factory(2, 16)) is tiny_cnn
+    off = FastPath(fold_batchnorm=False, pack_convolutions=False)
+    assert FastClassifier(off).get(tiny_cnn, image_factory(2, 16)) is tiny_cnn
 
 
 def test_a_copy_that_changes_the_logits_falls_back_to_the_classifier(
@@ -190,6 +191,86 @@ def test_a_copy_that_changes_the_logits_falls_back_to_the_classifier(
     assert "changes its logits" in caplog.text and fast.folded == 0
 
 
+# ----------------------------------------------------------------------------- packed convolutions (CPU)
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
+
+
+@needs_onednn
+@pytest.mark.parametrize(
+    "in_channels, out_channels, kernel, stride, padding, bias, size",
+    [
+        (16, 8, 3, 1, 1, True, (12, 12)),
+        (16, 8, 3, 1, 0, False, (11, 9)),
+        (8, 16, 1, 1, 0, True, (7, 7)),
+        (16, 8, 5, 1, 2, True, (10, 13)),
+        (3, 16, 7, 2, 3, False, (32, 32)),  # an image stem: col2im
+        (3, 8, 3, 2, 1, True, (15, 17)),  # odd sizes: the last row and column are never read
+        (16, 32, 3, 2, 1, True, (16, 16)),  # conv_transpose2d
+        (16, 32, 1, 2, 0, False, (9, 9)),  # a ResNet downsample
+    ],
+)
+def test_frozen_conv_matches_autograd(in_channels, out_channels, kernel, stride, padding, bias, size) -> None:
+    torch.manual_seed(5)
+    conv = nn.Conv2d(in_channels, out_channels, kernel, stride, padding, bias=bias).requires_grad_(False)
+    frozen_conv = FrozenConv2d(conv)
+    for batch in (3, 1):  # packed for the first shape, used for the next
+        images = torch.randn(batch, in_channels, *size)
+        grad_out = torch.randn_like(conv(images))
+        results = []
+        for layer in (conv, frozen_conv):
+            inputs = images.clone().requires_grad_(True)
+            out = layer(inputs)
+            (grad,) = torch.autograd.grad(out, inputs, grad_out)
+            results.append((out, grad))
+        torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-5)
+
+
+@needs_onednn
+def test_resnet18_convolutions_are_packed_and_its_gradients_kept() -> None:
+    model = resnet18()
+    fast = FastClassifier(FastPath())
+    images = torch.rand(2, 3, 64, 64)
+    copy = fast.get(model, images)
+    assert fast.folded == 20 and fast.packed == 20
+    assert sum(isinstance(m, FrozenConv2d) for m in copy.modules()) == 20
+    grads = []
+    for net in (model, copy):
+        inputs = images.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(net(inputs).logsumexp(1).sum(), inputs)
+        grads.append(grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-6)
+
+
+@needs_onednn
+def test_frozen_conv_runs_the_original_layer_under_autocast() -> None:
+    conv = nn.Conv2d(3, 4, 3, padding=1).requires_grad_(False)
+    images = torch.rand(2, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert FrozenConv2d(conv)(images).dtype == torch.bfloat16 == conv(images).dtype
+
+
+def test_frozen_conv_leaves_out_what_it_cannot_do() -> None:
+    assert not FrozenConv2d.applies_to(nn.Conv2d(4, 4, 3, groups=2))
+    assert not FrozenConv2d.applies_to(nn.Conv2d(4, 4, 3, dilation=2))
+    assert not FrozenConv2d.applies_to(nn.Conv2d(4, 4, 3, padding="same"))
+    assert not FrozenConv2d.applies_to(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
+    assert not FrozenConv2d.applies_to(SamePaddingConv(4, 4, 3))
+    assert FrozenConv2d.applies_to(nn.Conv2d(4, 4, 3, padding=1))
+
+
+def test_an_explainer_with_a_cached_copy_pickles_and_deep_copies(tiny_cnn, image_factory) -> None:
+    import copy as copy_module
+    import pickle
+
+    module = NeuroMask(tiny_cnn, steps=3)
+    first = module.explain(image_factory(2, 16))
+    for clone in (copy_module.deepcopy(module), pickle.loads(pickle.dumps(module))):
+        again = clone.explain(image_factory(2, 16))
+        torch.testing.assert_close(again.masks, first.masks, rtol=0, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- same masks as the plain path
 
 FAST_TOLERANCE = 1e-3  # the fast path's masks equal the plain path's within this (max abs, mask in [0, 1])
@@ -199,7 +280,7 @@ FAST_TOLERANCE = 1e-3  # the fast path's masks equal the plain path's within thi
 def test_fast_path_masks_equal_plain_path_masks(preset: str, image_factory) -> None:
     model = resnet18()
     images = image_factory(3, 32)
-    plain = NeuroMask(model, preset=preset, steps=25, fold_batchnorm=False).explain(images)
+    plain = NeuroMask(model, preset=preset, steps=25, fold_batchnorm=False, pack_convolutions=False).explain(images)
     fast = NeuroMask(model, preset=preset, steps=25).explain(images)
     assert fast.masks.shape == plain.masks.shape
     assert (fast.masks - plain.masks).abs().max() < FAST_TOLERANCE
@@ -208,14 +289,14 @@ def test_fast_path_masks_equal_plain_path_masks(preset: str, image_factory) -> N
 
 def test_channels_last_on_cpu_gives_the_same_masks(tiny_cnn, image_factory) -> None:
     images = image_factory(3, 16)
-    plain = NeuroMask(tiny_cnn, steps=20, fold_batchnorm=False).explain(images)
+    plain = NeuroMask(tiny_cnn, steps=20, fold_batchnorm=False, pack_convolutions=False).explain(images)
     fast = NeuroMask(tiny_cnn, steps=20, channels_last=True).explain(images)
     assert (fast.masks - plain.masks).abs().max() < FAST_TOLERANCE
 
 
 def test_compiled_fast_path_gives_the_same_masks(tiny_cnn, image_factory) -> None:
     images = image_factory(3, 16)
-    plain = NeuroMask(tiny_cnn, steps=15, fold_batchnorm=False).explain(images)
+    plain = NeuroMask(tiny_cnn, steps=15, fold_batchnorm=False, pack_convolutions=False).explain(images)
     module = NeuroMask(tiny_cnn, steps=15, compile=True)
     compiled = module.explain(images)
     assert (compiled.masks - plain.masks).abs().max() < FAST_TOLERANCE
