@@ -144,7 +144,8 @@ def fold_batchnorm(module: nn.Module) -> tuple[nn.Module, int]:
 def _close(fast: Tensor, reference: Tensor) -> bool:
     fast, reference = fast.float(), reference.float()
     scale = reference.abs().max().clamp_min(1.0)
-    return fast.shape == reference.shape and bool(((fast - reference).abs().max() <= 1e-3 * scale).item())
+    # 1e-2: room for TF32 convolutions on GPUs; a wrongly folded layer is off by far more.
+    return fast.shape == reference.shape and bool(((fast - reference).abs().max() <= 1e-2 * scale).item())
 
 
 class FastClassifier:
@@ -199,8 +200,9 @@ class FastClassifier:
                 module = copy.deepcopy(classifier)
             module = module.to(memory_format=torch.channels_last)
         if self.options.verify and module is not classifier:
-            sample = images[:2]
-            with torch.no_grad():
+            sample = images[:2].float()
+            # Checked in float32 (also under mixed precision): folding is exact up to float32 rounding.
+            with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
                 reference = classifier(sample)
                 try:
                     fed = sample.contiguous(memory_format=torch.channels_last) if channels_last else sample
