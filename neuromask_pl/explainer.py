@@ -38,7 +38,8 @@ class NeuroMask(pl.LightningModule):
             when present, else the classifier's predicted class.
         l_pred, l_sparse, l_smooth, temperature, weight_limit, laplacian, laplacian_padding, smooth_penalty,
             smooth_on, jitter, sparsity_on,
-            baseline, optimizer, lr, mask_scale, mask_size, area_target: override single settings of the preset
+            baseline, optimizer, lr, mask_scale, mask_size, area_target, temperature_start, tie_break: override
+            single settings of the preset
             (see :class:`neuromask_pl.objective.MaskSettings`).
     """
 
@@ -66,6 +67,8 @@ class NeuroMask(pl.LightningModule):
         mask_scale: int | None = None,
         mask_size: int | None = None,
         area_target: float | None = None,
+        temperature_start: float | None = None,
+        tie_break: float | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(classifier, nn.Module):
@@ -91,6 +94,8 @@ class NeuroMask(pl.LightningModule):
             mask_scale=mask_scale,
             mask_size=mask_size,
             area_target=area_target,
+            temperature_start=temperature_start,
+            tie_break=tie_break,
         )
         if target_class is not None and target_class < 0:
             raise ValueError(f"target_class must be a class index >= 0, got {target_class}")

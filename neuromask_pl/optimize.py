@@ -14,10 +14,11 @@ from neuromask_pl.mask import (
     make_baseline,
     mask_shape,
     sample_seed,
+    tie_free_map,
     upsample_mask,
     weights_to_mask,
 )
-from neuromask_pl.objective import MaskSettings, laplacian_kernel, laplacian_size, loss_terms
+from neuromask_pl.objective import MaskSettings, laplacian_kernel, laplacian_size, loss_terms, settings_at
 
 
 class TFRMSprop(torch.optim.Optimizer):
@@ -92,19 +93,26 @@ def learn_masks(
     weights.requires_grad_(True)
     optimizer = make_optimizer([weights], settings)
 
-    def evaluate(shift: tuple[int, int] = (0, 0)) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        mask = upsample_mask(weights_to_mask(weights, settings.temperature), height, width)
+    def evaluate(shift: tuple[int, int] = (0, 0), step: int | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        current = settings_at(settings, step)  # annealed temperature (the final one when step is None)
+        mask = upsample_mask(weights_to_mask(weights, current.temperature), height, width)
         masked = apply_mask(images, mask, baseline)
         if shift != (0, 0):
             masked = torch.roll(masked, shifts=shift, dims=(-2, -1))
         logits = classifier(masked)
-        return mask, logits, loss_terms(logits, targets, weights, mask, kernel, settings)
+        return mask, logits, loss_terms(logits, targets, weights, mask, kernel, current)
 
+    # Sum of the masks over the steps, for the tie-free map (tie_break > 0).
+    path = torch.zeros(images.shape[0], 1, height, width, device=images.device) if settings.tie_break else None
     for step in range(settings.steps):
-        _, _, terms = evaluate(jitter_shift(seed, step, settings.jitter))
+        step_mask, _, terms = evaluate(jitter_shift(seed, step, settings.jitter), step)
         (weights.grad,) = torch.autograd.grad(terms["total"].sum(), [weights])
         optimizer.step()
+        if path is not None:
+            path += step_mask.detach().float()
 
     with torch.no_grad():
         mask, logits, terms = evaluate()
+        if path is not None:
+            mask = tie_free_map(mask, path / settings.steps, settings.tie_break)
     return MaskFit(masks=mask.detach().float(), logits_masked=logits.detach().float(), loss=terms)
