@@ -39,9 +39,9 @@ class NeuroMask(pl.LightningModule):
             when present, else the classifier's predicted class.
         l_pred, l_sparse, l_smooth, temperature, weight_limit, laplacian, laplacian_padding, smooth_penalty,
             smooth_on, jitter, sparsity_on,
-            baseline, optimizer, lr, mask_scale, mask_size, area_target: override single settings of the preset
-            (see :class:`neuromask_pl.objective.MaskSettings`); ``stop_patience`` and ``stop_tolerance``
-            turn on per-sample early stopping.
+            baseline, optimizer, lr, mask_scale, mask_size, area_target, temperature_start, tie_break: override
+            single settings of the preset (see :class:`neuromask_pl.objective.MaskSettings`);
+            ``stop_patience`` and ``stop_tolerance`` turn on per-sample early stopping.
         fold_batchnorm, channels_last, compile, pack_convolutions: how the frozen classifier runs during the
             mask steps (a fast copy; the classifier itself is untouched), see
             :class:`neuromask_pl.fastpath.FastPath`. Folding is on by default, and on the CPU packed
@@ -75,6 +75,8 @@ class NeuroMask(pl.LightningModule):
         mask_scale: int | None = None,
         mask_size: int | None = None,
         area_target: float | None = None,
+        temperature_start: float | None = None,
+        tie_break: float | None = None,
         stop_patience: int | None = None,
         stop_tolerance: float | None = None,
         fold_batchnorm: bool = True,
@@ -108,6 +110,8 @@ class NeuroMask(pl.LightningModule):
             area_target=area_target,
             stop_patience=stop_patience,
             stop_tolerance=stop_tolerance,
+            temperature_start=temperature_start,
+            tie_break=tie_break,
         )
         self.fast_path = FastPath(
             fold_batchnorm=fold_batchnorm,

@@ -31,6 +31,19 @@ def weights_to_mask(weights: Tensor, temperature: float) -> Tensor:
     return torch.sigmoid(weights / temperature)
 
 
+def tie_free_map(mask: Tensor, path_mean: Tensor, weight: float) -> Tensor:
+    """``(1 - weight) * mask + weight * path_mean``: the mask with ties broken by the optimisation path.
+
+    ``path_mean`` is the mask averaged over the optimisation steps (image resolution): a pixel the
+    shrinking mask dropped late ranks above one it dropped early, as variables leave a lasso path.
+    With ``weight < 0.5`` a saturated pixel (exactly 0 or 1) stays on its side of 0.5, so the
+    thresholded mask is unchanged; ``weight == 0`` returns the mask itself.
+    """
+    if weight <= 0:
+        return mask
+    return (1.0 - weight) * mask + weight * path_mean
+
+
 def mask_shape(height: int, width: int, scale: int, minimum: int = 5) -> tuple[int, int]:
     """Size of the learned weights: the image's size divided by ``scale`` (rounded up),
     but at least ``minimum`` pixels a side (or the image's own size) so small images still get a mask."""

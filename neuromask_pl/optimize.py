@@ -14,10 +14,11 @@ from neuromask_pl.mask import (
     make_baseline,
     mask_shape,
     sample_seed,
+    tie_free_map,
     upsample_mask,
     weights_to_mask,
 )
-from neuromask_pl.objective import MaskSettings, laplacian_kernel, laplacian_size, loss_terms
+from neuromask_pl.objective import MaskSettings, laplacian_kernel, laplacian_size, loss_terms, settings_at
 
 
 class TFRMSprop(torch.optim.Optimizer):
@@ -137,23 +138,26 @@ class MaskOptimisation:
         self.best = torch.full((batch,), float("inf"), device=images.device)
         self.stale = torch.zeros(batch, dtype=torch.long, device=images.device)
         self.loss_scale: SampleLossScale | None = None  # made at the first step run under float16 autocast
+        self.path = torch.zeros(batch, 1, height, width, device=images.device) if settings.tie_break else None
         self._step = 0
         self._all_active = True  # host-side flag: no indexing while every sample still runs
 
     def evaluate(
-        self, rows: Tensor | None = None, shift: tuple[int, int] = (0, 0)
+        self, rows: Tensor | None = None, shift: tuple[int, int] = (0, 0), step: int | None = None
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """Mask, logits of the masked image and loss terms for the samples ``rows`` (None = all)."""
+        """Mask, logits of the masked image and loss terms for the samples ``rows`` (None = all), at the
+        temperature of optimisation step ``step`` (None = the final temperature)."""
         images, baseline, targets, weights = self.images, self.baseline, self.targets, self.weights
         if rows is not None:
             images, baseline, targets, weights = images[rows], baseline[rows], targets[rows], weights[rows]
+        current = settings_at(self.settings, step)
         height, width = images.shape[-2:]
-        mask = upsample_mask(weights_to_mask(weights, self.settings.temperature), height, width)
+        mask = upsample_mask(weights_to_mask(weights, current.temperature), height, width)
         masked = apply_mask(images, mask, baseline)
         if shift != (0, 0):
             masked = torch.roll(masked, shifts=shift, dims=(-2, -1))
         logits = self.classifier(masked)
-        return mask, logits, loss_terms(logits, targets, weights, mask, self.kernel, self.settings)
+        return mask, logits, loss_terms(logits, targets, weights, mask, self.kernel, current)
 
     def step(self) -> None:
         """One optimisation step of every sample still running."""
@@ -163,7 +167,9 @@ class MaskOptimisation:
             return
         if self.loss_scale is None and autocast_float16(self.images.device):
             self.loss_scale = SampleLossScale(len(self.images), self.images.device)
-        _, _, terms = self.evaluate(rows, jitter_shift(self.seed, self._step, settings.jitter))
+        mask, _, terms = self.evaluate(rows, jitter_shift(self.seed, self._step, settings.jitter), self._step)
+        if self.path is not None:  # the masks summed over each sample's steps, for the tie-free map
+            self.path[rows if rows is not None else slice(None)] += mask.detach().float()
         total = terms["total"]
         if self.loss_scale is not None:
             scale = self.loss_scale.scale if rows is None else self.loss_scale.scale[rows]
@@ -206,6 +212,9 @@ class MaskOptimisation:
         """Final masks, logits of the soft-masked images and loss terms (no gradient)."""
         with torch.no_grad():
             mask, logits, terms = self.evaluate()
+            if self.path is not None:
+                path_mean = self.path / self.steps_run.clamp_min(1).view(-1, 1, 1, 1)
+                mask = tie_free_map(mask, path_mean, self.settings.tie_break)
         return MaskFit(
             masks=mask.detach().float().clone(),
             logits_masked=logits.detach().float().clone(),

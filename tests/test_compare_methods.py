@@ -44,7 +44,7 @@ def test_minmax_per_image(compare):
 
 def test_make_neuromask_overrides_reach_settings(compare):
     classifier = load_benchmark_classifier("clean")
-    explainer = compare.make_neuromask(classifier, "default", 7, {"lr": 0.02, "l_smooth": 0.5}, seed=0)
+    explainer = compare.make_neuromask(classifier, "blur_area", 7, {"lr": 0.02, "l_smooth": 0.5}, seed=0)
     assert (explainer.settings.steps, explainer.settings.lr, explainer.settings.l_smooth) == (7, 0.02, 0.5)
     assert explainer.settings.baseline == "blur"  # the rest of the preset is kept
     with pytest.raises(ValueError, match="unknown"):

@@ -20,7 +20,10 @@ from neuromask_pl.result import LOSS_TERMS, Explanation
 BATCH_CONFIGS = {
     "paper": dict(preset="paper", steps=40),
     "paper_unsaturated": dict(preset="paper", steps=60, weight_limit=1.0, lr=0.1),
-    "default": dict(preset="default", steps=40),
+    # The default ends at temperature 0.01, which amplifies float32 rounding differences between batched and
+    # single-image convolutions 100x; here it ends at 0.05, and tests/test_objective_options_v2.py checks the
+    # exact default preset in float64.
+    "default": dict(preset="default", steps=40, temperature=0.05),
 }
 
 

@@ -273,7 +273,7 @@ def test_an_explainer_with_a_cached_copy_pickles_and_deep_copies(tiny_cnn, image
 FAST_TOLERANCE = 1e-3  # the fast path's masks equal the plain path's within this (max abs, mask in [0, 1])
 
 
-@pytest.mark.parametrize("preset", ["default", "paper"])
+@pytest.mark.parametrize("preset", ["blur_area", "paper", "sharp"])
 def test_fast_path_masks_equal_plain_path_masks(preset: str, image_factory) -> None:
     model = resnet18()
     images = image_factory(3, 32)
@@ -282,6 +282,21 @@ def test_fast_path_masks_equal_plain_path_masks(preset: str, image_factory) -> N
     assert fast.masks.shape == plain.masks.shape
     assert (fast.masks - plain.masks).abs().max() < FAST_TOLERANCE
     torch.testing.assert_close(fast.prob_original, plain.prob_original, rtol=0, atol=1e-6)  # original model
+
+
+def test_fast_path_with_the_annealed_default(image_factory) -> None:
+    """The default ends at temperature 0.01, which amplifies float32 rounding about 100x, so a few pixels near
+    0.5 may land on the other side; in float64 (folding only: packed convolutions are float32) it is exact."""
+    model = resnet18()
+    images = image_factory(3, 32)
+    plain = NeuroMask(model, steps=25, fold_batchnorm=False, pack_convolutions=False).explain(images)
+    fast = NeuroMask(model, steps=25).explain(images)
+    assert (fast.masks - plain.masks).abs().mean() < 5e-3
+    assert ((fast.masks > 0.5) == (plain.masks > 0.5)).float().mean() > 0.995
+    model64, images64 = model.double(), images.double()
+    plain64 = NeuroMask(model64, steps=25, fold_batchnorm=False).explain(images64)
+    fast64 = NeuroMask(model64, steps=25).explain(images64)
+    torch.testing.assert_close(fast64.masks, plain64.masks, rtol=0, atol=1e-6)
 
 
 def test_channels_last_on_cpu_gives_the_same_masks(tiny_cnn, image_factory) -> None:
@@ -325,13 +340,14 @@ def test_update_patience_by_hand() -> None:
 def test_early_stopping_per_sample(tiny_cnn, image_factory) -> None:
     images = image_factory(4, 16)
     ids = torch.tensor([4, 9, 2, 6])
-    settings = dict(preset="default", steps=120, stop_patience=5, stop_tolerance=1e-2)
+    # A fixed temperature (blur_area): with an annealed one the schedule spans `steps`, so a shorter run differs.
+    settings = dict(preset="blur_area", steps=120, stop_patience=5, stop_tolerance=1e-2)
     stopped = NeuroMask(tiny_cnn, **settings).explain(images, ids=ids)
     steps = stopped.steps.tolist()
     assert min(steps) < 120 and len(set(steps)) > 1  # images stop at different steps
     # A stopped mask is exactly the mask of a run that was given that many steps and no early stopping.
     for i, n in enumerate(steps):
-        alone = NeuroMask(tiny_cnn, preset="default", steps=n).explain(images[i : i + 1], ids=ids[i : i + 1])
+        alone = NeuroMask(tiny_cnn, preset="blur_area", steps=n).explain(images[i : i + 1], ids=ids[i : i + 1])
         torch.testing.assert_close(stopped.masks[i], alone.masks[0], rtol=0, atol=1e-4)
     # And batching does not change when (or where) an image stops.
     singles = [NeuroMask(tiny_cnn, **settings).explain(images[i : i + 1], ids=ids[i : i + 1]) for i in range(4)]
@@ -470,7 +486,8 @@ def test_cuda_fast_path_and_compile_give_the_plain_masks(precision: str, image_f
     results = {}
     for name, options in {"plain": dict(fold_batchnorm=False), "default": {}, "compiled": dict(compile=True)}.items():
         with torch.autocast("cuda", dtype=dtype, enabled=precision != "32"):
-            results[name] = NeuroMask(model, steps=25, **options).explain(images).masks
+            # blur_area: a fixed temperature, so float rounding is not amplified (see the annealed-default test)
+            results[name] = NeuroMask(model, preset="blur_area", steps=25, **options).explain(images).masks
     tolerance = FAST_TOLERANCE if precision == "32" else 0.05  # bf16 rounds differently after folding
     for name in ("default", "compiled"):
         assert (results[name] - results["plain"]).abs().mean() < tolerance / 10, name

@@ -81,8 +81,8 @@ def test_paper_preset_is_the_reference_configuration() -> None:
     assert (paper.mask_scale, paper.laplacian) == (1, 0)
 
 
-def test_default_preset_uses_low_resolution_blur_area_and_adam() -> None:
-    default = PRESETS["default"]
+def test_blur_area_preset_uses_low_resolution_blur_area_and_adam() -> None:
+    default = PRESETS["blur_area"]
     assert (default.mask_scale, default.baseline, default.sparsity_on, default.optimizer) == (8, "blur", "area", "adam")
     assert 0 < default.area_target < 1
 
@@ -124,8 +124,8 @@ def test_replicate_padded_smoothness_by_hand(size: int) -> None:
         assert terms["smooth"][sample].item() != pytest.approx(laplacian_mse_by_hand(grid, size), rel=1e-3)
 
 
-def test_default_preset_loss_terms_by_hand() -> None:
-    settings = PRESETS["default"]
+def test_blur_area_preset_loss_terms_by_hand() -> None:
+    settings = PRESETS["blur_area"]
     weights = as_batch(GRID_A)
     mask = torch.sigmoid(weights / settings.temperature)
     kernel = laplacian_kernel(settings.laplacian)
@@ -187,7 +187,7 @@ def test_area_profile_loss_by_hand() -> None:
 
 
 def test_area_sparsity_in_loss_terms_uses_the_area_target() -> None:
-    settings = resolve_settings("default")
+    settings = resolve_settings("blur_area")
     mask = torch.linspace(0, 1, 100).view(1, 1, 10, 10)
     weights = torch.zeros(1, 1, 5, 5)
     terms = loss_terms(torch.zeros(1, 3), torch.tensor([0]), weights, mask, laplacian_kernel(3), settings)
