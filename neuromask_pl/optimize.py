@@ -18,7 +18,14 @@ from neuromask_pl.mask import (
     upsample_mask,
     weights_to_mask,
 )
-from neuromask_pl.objective import MaskSettings, laplacian_kernel, laplacian_size, loss_terms, settings_at
+from neuromask_pl.objective import (
+    MaskSettings,
+    laplacian_kernel,
+    laplacian_size,
+    loss_terms,
+    settings_at,
+    temperature_at,
+)
 
 
 class TFRMSprop(torch.optim.Optimizer):
@@ -139,15 +146,22 @@ class MaskOptimisation:
         self.stale = torch.zeros(batch, dtype=torch.long, device=images.device)
         self.loss_scale: SampleLossScale | None = None  # made at the first step run under float16 autocast
         self.path = torch.zeros(batch, 1, height, width, device=images.device) if settings.tie_break else None
+        self.last_temperature = torch.full((batch,), settings.temperature, device=images.device)
         self._step = 0
         self._all_active = True  # host-side flag: no indexing while every sample still runs
 
     def evaluate(
-        self, rows: Tensor | None = None, shift: tuple[int, int] = (0, 0), step: int | None = None
+        self,
+        rows: Tensor | None = None,
+        shift: tuple[int, int] = (0, 0),
+        step: int | None = None,
+        weights: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Mask, logits of the masked image and loss terms for the samples ``rows`` (None = all), at the
-        temperature of optimisation step ``step`` (None = the final temperature)."""
-        images, baseline, targets, weights = self.images, self.baseline, self.targets, self.weights
+        temperature of optimisation step ``step`` (None = the final temperature), of ``weights``
+        (default: the weights being learned)."""
+        images, baseline, targets = self.images, self.baseline, self.targets
+        weights = self.weights if weights is None else weights
         if rows is not None:
             images, baseline, targets, weights = images[rows], baseline[rows], targets[rows], weights[rows]
         current = settings_at(self.settings, step)
@@ -187,6 +201,9 @@ class MaskOptimisation:
             with torch.no_grad():
                 self.weights.copy_(torch.where(step_rows.view(-1, 1, 1, 1), self.weights, keep))
         self.steps_run += self.active.long()
+        if settings.stop_patience and settings.temperature_start:  # the temperature each sample last ran at
+            temperature = temperature_at(settings, self._step)
+            self.last_temperature.masked_fill_(self.active, temperature)
         self._step += 1
         if settings.stop_patience:
             self._update_stopping(terms["total"].detach().float(), rows)
@@ -211,7 +228,10 @@ class MaskOptimisation:
     def result(self) -> MaskFit:
         """Final masks, logits of the soft-masked images and loss terms (no gradient)."""
         with torch.no_grad():
-            mask, logits, terms = self.evaluate()
+            # A sample that stopped early while the temperature was still being annealed keeps the temperature
+            # it last ran at: sigmoid(w / T_i) = sigmoid((w * T / T_i) / T), with T the final temperature.
+            weights = self.weights * (self.settings.temperature / self.last_temperature).view(-1, 1, 1, 1)
+            mask, logits, terms = self.evaluate(weights=weights)
             if self.path is not None:
                 path_mean = self.path / self.steps_run.clamp_min(1).view(-1, 1, 1, 1)
                 mask = tie_free_map(mask, path_mean, self.settings.tie_break)

@@ -4,6 +4,7 @@ out-of-memory backoff: each checked against the plain path or a hand computation
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 from neuromask_pl import NeuroMask
 from neuromask_pl.data import TensorDataModule
 from neuromask_pl.fastpath import FastClassifier, FastPath, FrozenConv2d, fold_batchnorm
-from neuromask_pl.objective import resolve_settings
+from neuromask_pl.objective import resolve_settings, temperature_at
 from neuromask_pl.optimize import MaskOptimisation, SampleLossScale, learn_masks, update_patience
 
 # ----------------------------------------------------------------------------- models
@@ -492,3 +493,22 @@ def test_cuda_fast_path_and_compile_give_the_plain_masks(precision: str, image_f
     for name in ("default", "compiled"):
         assert (results[name] - results["plain"]).abs().mean() < tolerance / 10, name
         assert (results[name] - results["plain"]).abs().max() < max(tolerance, 0.2), name
+
+
+def test_early_stopping_under_annealing_keeps_each_samples_last_temperature(tiny_cnn, image_factory) -> None:
+    images = image_factory(3, 16)
+    ids = torch.tensor([1, 5, 9])
+    options = dict(steps=60, tie_break=0.0, stop_patience=4, stop_tolerance=2e-2)
+    result = NeuroMask(tiny_cnn, **options).explain(images, ids=ids)
+    steps = result.steps.tolist()
+    assert min(steps) < 60
+    settings = resolve_settings("default", **options)
+    no_stopping = replace(settings, stop_patience=0)
+    for i, n in enumerate(steps):  # step one image by hand, as far as it went, without early stopping
+        one = slice(i, i + 1)
+        manual = MaskOptimisation(tiny_cnn, images[one], result.targets[one], ids[one], no_stopping, seed=0)
+        for _ in range(n):
+            manual.step()
+        last = temperature_at(settings, n - 1)
+        expected = F.interpolate(torch.sigmoid(manual.weights.detach() / last), size=(16, 16), mode="bilinear")
+        torch.testing.assert_close(result.masks[one], expected, rtol=0, atol=1e-4)
