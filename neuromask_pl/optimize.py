@@ -179,6 +179,8 @@ class MaskOptimisation:
         rows = None if self._all_active else self.active.nonzero()[:, 0]
         if rows is not None and rows.numel() == 0:
             return
+        if self.images.is_cuda:  # a new iteration for CUDA graphs (compile=True): earlier outputs may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         if self.loss_scale is None and autocast_float16(self.images.device):
             self.loss_scale = SampleLossScale(len(self.images), self.images.device)
         mask, _, terms = self.evaluate(rows, jitter_shift(self.seed, self._step, settings.jitter), self._step)
