@@ -57,6 +57,13 @@ def upsample_mask(mask: Tensor, height: int, width: int) -> Tensor:
     return F.interpolate(mask, size=(height, width), mode="bilinear", align_corners=False)
 
 
+def blur_kernel_size(height: int, width: int) -> int:
+    """Side of the blur baseline's Gaussian kernel: odd, about 4 sigma (sigma = longer side / 20), no wider
+    than reflection padding allows; 1 (no blur at all) for images under 10 pixels a side."""
+    sigma = max(height, width) / 20.0
+    return max(1, min(2 * int(2 * sigma) + 1, 2 * (min(height, width) // 2) - 1))
+
+
 def make_baseline(images: Tensor, kind: str) -> Tensor:
     """What hidden pixels become: black (zeros), each image's mean colour, or a blurred copy."""
     if kind == "black":
@@ -65,8 +72,7 @@ def make_baseline(images: Tensor, kind: str) -> Tensor:
         return images.mean(dim=(2, 3), keepdim=True).expand_as(images)
     if kind == "blur":
         sigma = max(images.shape[-2:]) / 20.0
-        # Odd kernel of about 4 sigma, no wider than reflection padding allows.
-        size = max(1, min(2 * int(2 * sigma) + 1, 2 * (min(images.shape[-2:]) // 2) - 1))
+        size = blur_kernel_size(*images.shape[-2:])
         return gaussian_blur(images, kernel_size=[size, size], sigma=[sigma, sigma])
     raise ValueError(f"unknown baseline {kind!r}; choose black, mean or blur")
 

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from neuromask_pl.mask import (
     apply_mask,
+    blur_kernel_size,
     init_weights,
     make_baseline,
     mask_shape,
@@ -135,6 +136,11 @@ class MaskOptimisation:
         height, width = images.shape[-2:]
         mask_height, mask_width = mask_shape(height, width, settings.scale_for(height, width))
         self.kernel = laplacian_kernel(laplacian_size(settings.laplacian, mask_height, mask_width)).to(images.device)
+        if settings.baseline == "blur" and blur_kernel_size(height, width) < 3:
+            raise ValueError(
+                f"images of {height}x{width} pixels are too small for the blur baseline (the blurred copy would be "
+                "the image itself, so no mask could hide anything); use baseline='black' or 'mean'"
+            )
         self.baseline = make_baseline(images, settings.baseline)
         weights = init_weights(ids.cpu(), mask_height, mask_width, settings.weight_limit, seed).to(images.device)
         self.weights = weights.requires_grad_(True)

@@ -512,3 +512,8 @@ def test_early_stopping_under_annealing_keeps_each_samples_last_temperature(tiny
         last = temperature_at(settings, n - 1)
         expected = F.interpolate(torch.sigmoid(manual.weights.detach() / last), size=(16, 16), mode="bilinear")
         torch.testing.assert_close(result.masks[one], expected, rtol=0, atol=1e-4)
+
+
+def test_blur_baseline_on_images_too_small_to_blur_is_a_clear_error(tiny_cnn, image_factory) -> None:
+    with pytest.raises(ValueError, match="too small for the blur baseline"):
+        NeuroMask(tiny_cnn, preset="blur_area", steps=2).explain(image_factory(2, 8))
