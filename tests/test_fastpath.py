@@ -389,7 +389,9 @@ class FP16Underflow(nn.Module):
 
 def first_step_gradient(float16: bool) -> Tensor:
     model = FP16Underflow().eval().requires_grad_(False)
-    settings = resolve_settings("default", steps=1, l_sparse=0.0, l_smooth=0.0, mask_scale=1, baseline="black")
+    settings = resolve_settings(
+        "default", steps=1, l_sparse=0.0, l_smooth=0.0, l_detail=0.0, mask_scale=1, baseline="black"
+    )
     problem = MaskOptimisation(model, make_images(2, 8), torch.tensor([0, 1]), torch.arange(2), settings, seed=0)
     with torch.autocast("cpu", dtype=torch.float16, enabled=float16):
         problem.step()
