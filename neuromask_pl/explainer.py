@@ -39,7 +39,8 @@ class NeuroMask(pl.LightningModule):
             when present, else the classifier's predicted class.
         l_pred, l_sparse, l_smooth, temperature, weight_limit, laplacian, laplacian_padding, smooth_penalty,
             smooth_on, jitter, sparsity_on,
-            baseline, optimizer, lr, mask_scale, mask_size, area_target, temperature_start, tie_break: override
+            baseline, optimizer, lr, mask_scale, mask_size, area_target, temperature_start, tie_break, mask_coarse,
+            l_detail, upsample_weights: override
             single settings of the preset (see :class:`neuromask_pl.objective.MaskSettings`);
             ``stop_patience`` and ``stop_tolerance`` turn on per-sample early stopping.
         fold_batchnorm, channels_last, compile, pack_convolutions: how the frozen classifier runs during the
@@ -77,6 +78,9 @@ class NeuroMask(pl.LightningModule):
         area_target: float | None = None,
         temperature_start: float | None = None,
         tie_break: float | None = None,
+        mask_coarse: int | None = None,
+        l_detail: float | None = None,
+        upsample_weights: bool | None = None,
         stop_patience: int | None = None,
         stop_tolerance: float | None = None,
         fold_batchnorm: bool = True,
@@ -112,6 +116,9 @@ class NeuroMask(pl.LightningModule):
             stop_tolerance=stop_tolerance,
             temperature_start=temperature_start,
             tie_break=tie_break,
+            mask_coarse=mask_coarse,
+            l_detail=l_detail,
+            upsample_weights=upsample_weights,
         )
         self.fast_path = FastPath(
             fold_batchnorm=fold_batchnorm,

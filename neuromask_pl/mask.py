@@ -26,6 +26,20 @@ def init_weights(ids: Tensor, height: int, width: int, weight_limit: float, seed
     return out
 
 
+def pack_weights(fine: Tensor, coarse: Tensor) -> Tensor:
+    """Fine (B, 1, h, w) and coarse (B, 1, hc, wc) weights of a two-scale mask as one (B, 1, 1, n) tensor."""
+    return torch.cat([fine.flatten(1), coarse.flatten(1)], dim=1).view(fine.shape[0], 1, 1, -1)
+
+
+def unpack_weights(packed: Tensor, fine_shape: tuple[int, int], coarse_shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Undo :func:`pack_weights`: ``(logits, fine)`` where ``logits = up(coarse) + fine`` (bilinear), per sample."""
+    flat = packed.flatten(1)
+    cut = fine_shape[0] * fine_shape[1]
+    fine = flat[:, :cut].view(-1, 1, *fine_shape)
+    coarse = flat[:, cut:].view(-1, 1, *coarse_shape)
+    return fine + upsample_mask(coarse, *fine_shape), fine
+
+
 def weights_to_mask(weights: Tensor, temperature: float) -> Tensor:
     """``sigmoid(w / T)``: 1 keeps a pixel, 0 hides it."""
     return torch.sigmoid(weights / temperature)

@@ -89,6 +89,9 @@ class MaskSettings:
     stop_tolerance: float = 1e-3
     temperature_start: float = 0.0
     tie_break: float = 0.0
+    mask_coarse: int = 0
+    l_detail: float = 0.0
+    upsample_weights: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -106,6 +109,12 @@ class MaskSettings:
                 f"temperature_start must be >= 0 (0 = fixed temperature), got {self.temperature_start}",
             ),
             (0 <= self.tie_break < 0.5, f"tie_break must be in [0, 0.5), got {self.tie_break}"),
+            (self.mask_coarse >= 0, f"mask_coarse must be >= 0 cells (0 = one grid), got {self.mask_coarse}"),
+            (self.l_detail >= 0, f"l_detail must be >= 0, got {self.l_detail}"),
+            (
+                self.l_detail == 0 or self.mask_coarse > 0,
+                f"l_detail={self.l_detail} penalises the fine grid of a two-scale mask: set mask_coarse > 0 too",
+            ),
             (
                 min(self.l_pred, self.l_sparse, self.l_smooth) >= 0,
                 "loss weights l_pred, l_sparse, l_smooth must be >= 0",
@@ -137,6 +146,10 @@ class MaskSettings:
         if self.mask_size:
             return max(1, round(min(height, width) / self.mask_size))
         return self.mask_scale
+
+    def coarse_scale_for(self, height: int, width: int) -> int:
+        """The down-scaling factor of the coarse grid of a two-scale mask (``mask_coarse > 0``)."""
+        return max(1, round(min(height, width) / self.mask_coarse)) if self.mask_coarse else 1
 
     def as_dict(self) -> dict[str, Any]:
         """Plain dict of the settings (for run records and logs)."""
@@ -171,11 +184,13 @@ PRESETS: dict[str, MaskSettings] = {
     # The default, chosen on the localisation benchmark and the demo photos (docs/results/SUMMARY.md): `sharp`
     # with the temperature annealed from 2 (a soft mask that can still move) to 0.01 (nearly binary, so what
     # the classifier sees is what a 0.5 threshold keeps), total variation of the mask instead of the
-    # Laplacian of the weights (blob-like masks on photos), and ties broken by the optimisation path.
+    # Laplacian of the weights, ties broken by the optimisation path, a two-scale mask (a 16-cell grid plus
+    # the 32-cell one, whose detail costs l_detail: regions rather than dots on photos), the weights, not
+    # the mask, upsampled (a binary mask with smooth contours at every pixel), and half the L1 weight.
     "default": MaskSettings(
         steps=300,
         l_pred=1.0,
-        l_sparse=2.0,
+        l_sparse=1.0,
         l_smooth=1.0,
         temperature=0.01,
         temperature_start=2.0,
@@ -190,6 +205,9 @@ PRESETS: dict[str, MaskSettings] = {
         lr=0.1,
         mask_size=32,
         tie_break=0.001,
+        mask_coarse=16,
+        l_detail=10.0,
+        upsample_weights=True,
     ),
     # The previous provisional default, kept for comparison: a smooth mask at 1/8 resolution pushed
     # towards a binary mask keeping 15% of the pixels, hidden pixels blurred instead of blacked out.
@@ -311,10 +329,25 @@ def total_variation(values: Tensor) -> Tensor:
     return vertical + horizontal
 
 
+def detail_penalty(fine: Tensor) -> Tensor:
+    """``mean|w_fine|`` per sample: the detail a two-scale mask adds to its coarse grid."""
+    return fine.float().abs().flatten(1).mean(1)
+
+
 def loss_terms(
-    logits: Tensor, targets: Tensor, weights: Tensor, mask: Tensor, kernel: Tensor, settings: MaskSettings
+    logits: Tensor,
+    targets: Tensor,
+    weights: Tensor,
+    mask: Tensor,
+    kernel: Tensor,
+    settings: MaskSettings,
+    fine: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """The weighted NeuroMask loss, term by term, each of shape (B,); ``total`` is their weighted sum."""
+    """The weighted NeuroMask loss, term by term, each of shape (B,); ``total`` is their weighted sum.
+
+    ``weights`` are the mask's logits (for a two-scale mask, the coarse grid upsampled plus the fine one);
+    ``fine`` are the fine weights of a two-scale mask, whose ``l_detail * mean|fine|`` is added to ``total``.
+    """
     terms = {
         "pred": prediction_loss(logits, targets),
         "sparse": sparsity(weights, mask, settings),
@@ -323,4 +356,6 @@ def loss_terms(
     terms["total"] = (
         settings.l_pred * terms["pred"] + settings.l_sparse * terms["sparse"] + settings.l_smooth * terms["smooth"]
     )
+    if fine is not None and settings.l_detail:
+        terms["total"] = terms["total"] + settings.l_detail * detail_penalty(fine)
     return terms

@@ -14,8 +14,10 @@ from neuromask_pl.mask import (
     init_weights,
     make_baseline,
     mask_shape,
+    pack_weights,
     sample_seed,
     tie_free_map,
+    unpack_weights,
     upsample_mask,
     weights_to_mask,
 )
@@ -143,6 +145,11 @@ class MaskOptimisation:
             )
         self.baseline = make_baseline(images, settings.baseline)
         weights = init_weights(ids.cpu(), mask_height, mask_width, settings.weight_limit, seed).to(images.device)
+        self.grids: tuple[tuple[int, int], tuple[int, int]] | None = None  # two-scale: (fine, coarse) shapes
+        if settings.mask_coarse:  # one packed tensor, so the step below treats both grids alike
+            coarse = mask_shape(height, width, settings.coarse_scale_for(height, width))
+            self.grids = ((mask_height, mask_width), coarse)
+            weights = pack_weights(weights, weights.new_zeros(len(ids), 1, *coarse))
         self.weights = weights.requires_grad_(True)
         self.optimizer = make_optimizer([self.weights], settings)
         batch = images.shape[0]
@@ -172,12 +179,18 @@ class MaskOptimisation:
             images, baseline, targets, weights = images[rows], baseline[rows], targets[rows], weights[rows]
         current = settings_at(self.settings, step)
         height, width = images.shape[-2:]
-        mask = upsample_mask(weights_to_mask(weights, current.temperature), height, width)
+        fine = None
+        if self.grids is not None:
+            weights, fine = unpack_weights(weights, *self.grids)
+        if current.upsample_weights:
+            mask = weights_to_mask(upsample_mask(weights, height, width), current.temperature)
+        else:
+            mask = upsample_mask(weights_to_mask(weights, current.temperature), height, width)
         masked = apply_mask(images, mask, baseline)
         if shift != (0, 0):
             masked = torch.roll(masked, shifts=shift, dims=(-2, -1))
         logits = self.classifier(masked)
-        return mask, logits, loss_terms(logits, targets, weights, mask, self.kernel, current)
+        return mask, logits, loss_terms(logits, targets, weights, mask, self.kernel, current, fine)
 
     def step(self) -> None:
         """One optimisation step of every sample still running."""
