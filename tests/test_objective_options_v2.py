@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_images
+from conftest import assert_masks_independent_of_the_batch, make_images
 
 from neuromask_pl import NeuroMask
 from neuromask_pl.mask import tie_free_map
@@ -124,16 +124,8 @@ def test_tie_break_leaves_the_thresholded_mask_unchanged_and_stays_close(tiny_cn
     ],
 )
 def test_masks_do_not_depend_on_the_batch(tiny_cnn: torch.nn.Module, options: dict) -> None:
-    # float64: at the default's final temperature 0.01, float32 rounding differences between a batched and
-    # a single-image convolution would be amplified 100x; in float64 alone and batched must agree.
-    tiny_cnn = tiny_cnn.double()
     images = make_images(3, size=16, seed=5).double()
-    together = _explain(tiny_cnn, images, [7, 8, 9], **options)
-    for k, sample_id in enumerate([7, 8, 9]):
-        alone = _explain(tiny_cnn, images[k : k + 1], [sample_id], **options)
-        torch.testing.assert_close(alone[0], together[k], rtol=1e-5, atol=1e-6)
-    reordered = _explain(tiny_cnn, images[[2, 0, 1]], [9, 7, 8], **options)
-    torch.testing.assert_close(reordered, together[[2, 0, 1]], rtol=1e-5, atol=1e-6)
+    assert_masks_independent_of_the_batch(tiny_cnn.double(), images, **options)
 
 
 def test_new_options_reach_the_settings_through_the_constructor(tiny_cnn: torch.nn.Module) -> None:
