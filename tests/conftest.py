@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 # The tests run thousands of tiny convolutions; on a small (2-core) machine that is busy with
@@ -84,6 +86,39 @@ def assert_masks_independent_of_the_batch(net: nn.Module, images: torch.Tensor, 
     for k, sample_id in enumerate([7, 8, 9]):
         torch.testing.assert_close(explain(images[k : k + 1], [sample_id])[0], together[k], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(explain(images[[2, 0, 1]], [9, 7, 8]), together[[2, 0, 1]], rtol=1e-5, atol=1e-6)
+
+
+RESNET18_CLASSIFIER = {
+    "class_path": "neuromask_pl.classifiers.FactoryClassifier",
+    "init_args": {"factory": "torchvision.models:resnet18", "kwargs": {"num_classes": 10}},
+}
+
+
+def write_cli_config(
+    path: Path,
+    images: Path,
+    *,
+    steps: int,
+    image_size: int = 32,
+    batch_size: int | None = None,
+    classifier: dict[str, Any] = RESNET18_CLASSIFIER,
+    preset: str = "default",
+    trainer: dict[str, Any] | None = None,
+    writer: dict[str, Any] | None = None,
+) -> Path:
+    """Write a ``neuromask-pl`` YAML config for a folder of images on a quiet single CPU and return its path."""
+    data_args: dict[str, Any] = {"root": str(images), "image_size": image_size}
+    if batch_size is not None:
+        data_args["batch_size"] = batch_size
+    config = {
+        "seed_everything": 0,
+        "model": {"classifier": classifier, "preset": preset, "steps": steps},
+        "data": {"class_path": "neuromask_pl.data.ImageFolderDataModule", "init_args": data_args},
+        "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False, **(trainer or {})},
+        "writer": writer or {},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 def make_trainer(**overrides: Any) -> pl.Trainer:

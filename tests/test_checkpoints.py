@@ -13,7 +13,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-import yaml
+from conftest import write_cli_config
 from jsonargparse import ArgumentParser
 from PIL import Image
 from torch import nn
@@ -348,31 +348,20 @@ def test_cli_explains_a_checkpoint_from_a_config(trained, tmp_path):
     pixels = np.random.default_rng(0).integers(0, 255, (3, 8, 8, 3), dtype=np.uint8)
     for i, image in enumerate(pixels):
         Image.fromarray(image).save(folder / f"img{i}.png")
-    classifier = {"module_class": CLASS, "checkpoint": str(path)}
-    config = {
-        "seed_everything": 0,
-        "model": {
-            "classifier": {
-                "class_path": "neuromask_pl.classifiers.LightningCheckpointClassifier",
-                "init_args": classifier,
-            },
-            "preset": "paper",
-            "steps": 3,
+    config = write_cli_config(
+        tmp_path / "ckpt.yaml",
+        folder,
+        steps=3,
+        image_size=8,
+        classifier={
+            "class_path": "neuromask_pl.classifiers.LightningCheckpointClassifier",
+            "init_args": {"module_class": CLASS, "checkpoint": str(path)},
         },
-        "data": {
-            "class_path": "neuromask_pl.data.ImageFolderDataModule",
-            "init_args": {"root": str(folder), "image_size": 8},
-        },
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "default_root_dir": str(tmp_path),
-            "enable_progress_bar": False,
-        },
-        "writer": {"output_dir": str(out)},
-    }
-    (tmp_path / "ckpt.yaml").write_text(yaml.safe_dump(config))
-    main(["predict", "--config", str(tmp_path / "ckpt.yaml")])
+        preset="paper",
+        trainer={"default_root_dir": str(tmp_path)},
+        writer={"output_dir": str(out)},
+    )
+    main(["predict", "--config", str(config)])
 
     rows = list(csv.DictReader(open(out / "manifest.csv")))
     with torch.no_grad():

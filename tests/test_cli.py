@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
+from conftest import write_cli_config
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
@@ -25,31 +25,14 @@ def _make_images(root: Path) -> None:
 
 
 def _config(tmp_path: Path, images: Path, out: Path) -> Path:
-    config = {
-        "seed_everything": 0,
-        "model": {
-            "classifier": {
-                "class_path": "neuromask_pl.classifiers.FactoryClassifier",
-                "init_args": {"factory": "torchvision.models:resnet18", "kwargs": {"num_classes": 10}},
-            },
-            "preset": "default",
-            "steps": 5,
-        },
-        "data": {
-            "class_path": "neuromask_pl.data.ImageFolderDataModule",
-            "init_args": {"root": str(images), "image_size": 32, "batch_size": 4},
-        },
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "default_root_dir": str(tmp_path),
-            "enable_progress_bar": False,
-        },
-        "writer": {"output_dir": str(out)},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_cli_config(
+        tmp_path / "tiny.yaml",
+        images,
+        steps=5,
+        batch_size=4,
+        trainer={"default_root_dir": str(tmp_path)},
+        writer={"output_dir": str(out)},
+    )
 
 
 def _events(tmp_path: Path) -> EventAccumulator:

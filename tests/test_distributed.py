@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
+from conftest import write_cli_config
 from PIL import Image
 
 from neuromask_pl.store import load_results, scan_shards
@@ -168,25 +168,7 @@ def _make_folder(root: Path, n: int, corrupt: int | None = None, seed: int = 0) 
 
 
 def _config(path: Path, images: Path, steps: int) -> Path:
-    config = {
-        "seed_everything": 0,
-        "model": {
-            "classifier": {
-                "class_path": "neuromask_pl.classifiers.FactoryClassifier",
-                "init_args": {"factory": "torchvision.models:resnet18", "kwargs": {"num_classes": 10}},
-            },
-            "preset": "default",
-            "steps": steps,
-        },
-        "data": {
-            "class_path": "neuromask_pl.data.ImageFolderDataModule",
-            "init_args": {"root": str(images), "image_size": 32, "batch_size": 2},
-        },
-        "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
-        "writer": {"chunk_size": 2},
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_cli_config(path, images, steps=steps, batch_size=2, writer={"chunk_size": 2})
 
 
 def _manifest_ids(out: Path) -> list[int]:
