@@ -32,18 +32,16 @@ class FastPath:
         channels_last: run the copy in channels_last memory format; None = on CUDA only
             (measured slower on the CPU).
         compile: ``torch.compile`` the copy (mode ``reduce-overhead``, i.e. with CUDA graphs, on CUDA).
-        pack_convolutions: on the CPU, run plain ``nn.Conv2d`` layers as :class:`FrozenConv2d` (weights
+        pack_convolutions: on the CPU, run the convolutions :meth:`FrozenConv2d.applies_to` accepts as
+            :class:`FrozenConv2d` (weights
             packed once for oneDNN; backward to the input only); None = on for the CPU when oneDNN is
             available and ``compile`` is off. Float32 only: under autocast the layers run as they are.
-        verify: check the copy's logits against the original's on the first batch it sees,
-            and use the original (with a warning) if they differ by more than float rounding.
     """
 
     fold_batchnorm: bool = True
     channels_last: bool | None = None
     compile: bool = False
     pack_convolutions: bool | None = None
-    verify: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -190,37 +188,39 @@ class FastClassifier:
 
     def _build(self, classifier: nn.Module, images: Tensor, channels_last: bool, pack: bool) -> nn.Module:
         module, self.folded = fold_batchnorm(classifier) if self.options.fold_batchnorm else (classifier, 0)
-        self.packed = 0
-        if pack:
-            if module is classifier:
-                module = copy.deepcopy(classifier)
-            self.packed = pack_convolutions(module)
+        if module is classifier and (pack or channels_last):
+            module = copy.deepcopy(classifier)
+        self.packed = pack_convolutions(module) if pack else 0
         if channels_last:
-            if module is classifier:
-                module = copy.deepcopy(classifier)
             module = module.to(memory_format=torch.channels_last)
-        if self.options.verify and module is not classifier:
-            sample = images[:2]
-            # Checked without autocast (also under mixed precision): folding is exact up to float rounding.
-            with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
-                reference = classifier(sample)
-                try:
-                    fed = sample.contiguous(memory_format=torch.channels_last) if channels_last else sample
-                    candidate = module(fed)
-                    ok = isinstance(candidate, Tensor) and _close(candidate, reference)
-                except Exception as error:  # noqa: BLE001 - any failure of the copy means: use the original
-                    log.warning("the fast copy of the classifier failed (%s); using the classifier as it is", error)
-                    ok, module = False, classifier
-            if not ok and module is not classifier:
-                log.warning(
-                    "the BatchNorm-folded copy of the classifier changes its logits beyond float rounding; "
-                    "using the classifier as it is (set fold_batchnorm=False to silence this)"
-                )
-                module, self.folded, self.packed = classifier, 0, 0
+        if module is not classifier and not _same_logits(classifier, module, images[:2], channels_last):
+            module, self.folded, self.packed = classifier, 0, 0
         if self.options.compile:
             mode = "reduce-overhead" if images.device.type == "cuda" else "default"
             module = torch.compile(module, mode=mode)
         return _ChannelsLast(module) if channels_last else module
+
+
+def _same_logits(classifier: nn.Module, fast: nn.Module, sample: Tensor, channels_last: bool) -> bool:
+    """Whether the fast copy gives the classifier's logits on ``sample`` (up to float rounding); warns if not.
+
+    Checked without autocast, also under mixed precision: folding and packing are exact up to float rounding.
+    """
+    with torch.no_grad(), torch.autocast(sample.device.type, enabled=False):
+        reference = classifier(sample)
+        try:
+            candidate = fast(sample.contiguous(memory_format=torch.channels_last) if channels_last else sample)
+        except Exception as error:  # noqa: BLE001 - any failure of the copy means: use the original
+            log.warning("the fast copy of the classifier failed (%s); using the classifier as it is", error)
+            return False
+    if isinstance(candidate, Tensor) and _close(candidate, reference):
+        return True
+    log.warning(
+        "the fast copy of the classifier (BatchNorm folded, packed convolutions) changes its logits beyond float "
+        "rounding; using the classifier as it is (set fold_batchnorm=False and pack_convolutions=False to "
+        "silence this)"
+    )
+    return False
 
 
 class _ChannelsLast(nn.Module):

@@ -112,6 +112,23 @@ def test_untraceable_model_is_folded_inside_its_sequentials() -> None:
     torch.testing.assert_close(folded(images), model(images), rtol=1e-4, atol=1e-5)
 
 
+class DataDependent(nn.Module):
+    """A block fx cannot trace (a branch on a tensor value)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x if x.mean() > 0 else -x
+
+
+def test_a_sequential_fx_cannot_trace_still_folds_its_adjacent_conv_and_batchnorm() -> None:
+    torch.manual_seed(6)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), DataDependent(), nn.Flatten())
+    net = random_bn_stats(net).eval()
+    folded, count = fold_batchnorm(net)
+    assert count == 1 and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    images = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(folded(images), net(images), rtol=1e-4, atol=1e-5)
+
+
 def test_conv_output_used_twice_and_training_mode_batchnorm_are_not_folded() -> None:
     torch.manual_seed(2)
     model = random_bn_stats(SharedConvOutput()).eval()
