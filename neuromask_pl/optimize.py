@@ -55,12 +55,16 @@ class TFRMSprop(torch.optim.Optimizer):
                 param.addcdiv_(param.grad, (ms + group["eps"]).sqrt(), value=-group["lr"])
 
 
+def fuses_adam(device: torch.device) -> bool:
+    """Whether Adam runs as the fused implementation (one kernel per step): on CUDA."""
+    return device.type == "cuda"
+
+
 def make_optimizer(params: list[Tensor], settings: MaskSettings) -> torch.optim.Optimizer:
-    """The optimiser named by the settings; both are element-wise, so samples stay independent.
-    Adam is the fused implementation on CUDA (one kernel per step)."""
+    """The optimiser named by the settings; both are element-wise, so samples stay independent."""
     if settings.optimizer == "rmsprop_tf":
         return TFRMSprop(params, lr=settings.lr)
-    return torch.optim.Adam(params, lr=settings.lr, fused=params[0].device.type == "cuda")
+    return torch.optim.Adam(params, lr=settings.lr, fused=fuses_adam(params[0].device))
 
 
 def jitter_shift(seed: int, step: int, jitter: int) -> tuple[int, int]:

@@ -556,3 +556,31 @@ def test_efficientnet_lite0_pointwise_convolutions_are_packed_and_gradients_kept
     assert fast.folded == 49 and fast.packed == 32  # the 1x1 same-padding convs; depthwise ones are grouped
     grad, reference = input_gradient(copy, images), input_gradient(model, images)
     assert (grad - reference).abs().mean() < 1e-3 * reference.abs().mean()
+
+
+@pytest.mark.parametrize("float16", [False, True])
+def test_fused_adam_of_cuda_gives_the_same_masks_with_early_stopping(float16, tiny_cnn, image_factory, monkeypatch):
+    """The fused Adam that CUDA runs, exercised on the CPU (torch has it there too): same masks, same stops,
+    also where early stopping and float16 overflow skips restore some samples' weights after the step."""
+    images = image_factory(3, 16)
+    options = dict(steps=40, stop_patience=3, stop_tolerance=2e-2)
+
+    def explain():
+        with torch.autocast("cpu", dtype=torch.float16, enabled=float16):
+            return NeuroMask(tiny_cnn, preset="blur_area", **options).explain(images)
+
+    reference = explain()
+    monkeypatch.setattr("neuromask_pl.optimize.fuses_adam", lambda device: True)
+    made = []
+    original = torch.optim.Adam.__init__
+
+    def record(self, params, **kwargs):
+        made.append(kwargs.get("fused"))
+        original(self, params, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "__init__", record)
+    fused = explain()
+    assert made and all(made), "the fused Adam was not used"
+    assert min(reference.steps.tolist()) < 40, "no sample stopped early: the test would not cover restored weights"
+    assert fused.steps.tolist() == reference.steps.tolist()
+    torch.testing.assert_close(fused.masks, reference.masks, rtol=0, atol=FAST_TOLERANCE)
