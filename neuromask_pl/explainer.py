@@ -199,7 +199,12 @@ class NeuroMask(pl.LightningModule):
             part = slice(start, start + size)
             out_of_memory = False
             try:
-                fits.append(learn_masks(classifier, images[part], targets[part], ids[part], self.settings, self.seed))
+                fits.append(
+                    learn_masks(
+                        classifier, images[part], targets[part], ids[part], self.settings, self.seed,
+                        few_batch_sizes=self.fast_path.records_cuda_graphs(images.device),  # fewer recordings
+                    )
+                )
                 start += size
             except torch.OutOfMemoryError:
                 if size == 1:

@@ -49,6 +49,10 @@ class FastPath:
     def uses_channels_last(self, device: torch.device) -> bool:
         return self.channels_last if self.channels_last is not None else device.type == "cuda"
 
+    def records_cuda_graphs(self, device: torch.device) -> bool:
+        """Whether the compiled copy runs as CUDA graphs (one recording per batch size): compile on CUDA."""
+        return self.compile and device.type == "cuda"
+
     def packs_convolutions(self, device: torch.device) -> bool:
         if device.type != "cpu" or not torch.backends.mkldnn.is_available():
             return False
@@ -196,7 +200,7 @@ class FastClassifier:
         if module is not classifier and not _same_logits(classifier, module, images[:2], channels_last):
             module, self.folded, self.packed = classifier, 0, 0
         if self.options.compile:
-            mode = "reduce-overhead" if images.device.type == "cuda" else "default"
+            mode = "reduce-overhead" if self.options.records_cuda_graphs(images.device) else "default"
             module = torch.compile(module, mode=mode)
         return _ChannelsLast(module) if channels_last else module
 

@@ -85,6 +85,18 @@ def update_patience(loss: Tensor, best: Tensor, stale: Tensor, tolerance: float)
     return torch.where(improved, loss, best), torch.where(improved, torch.zeros_like(stale), stale + 1)
 
 
+def running_rows(active: Tensor, power_of_two: bool = False) -> Tensor:
+    """The batch rows a step runs: the active samples. With ``power_of_two`` they are topped up with stopped
+    samples to the next power of two (at most the batch), so that the classifier sees at most log2(batch) + 2
+    batch sizes: CUDA graphs record one graph per batch size (each recording costs time and memory)."""
+    rows = active.nonzero()[:, 0]
+    if not power_of_two or rows.numel() == 0:
+        return rows
+    size = min(len(active), 1 << (rows.numel() - 1).bit_length())
+    padding = (~active).nonzero()[:, 0][: size - rows.numel()]
+    return torch.cat([rows, padding]).sort().values
+
+
 class SampleLossScale:
     """Dynamic loss scaling per sample, for float16 autocast (as ``torch.amp.GradScaler``, but one
     scale per image, so an overflow in one image never skips or changes another image's step).
@@ -130,15 +142,24 @@ class MaskOptimisation:
 
     The summed loss is minimised; since every term is per sample and the optimisers are element-wise,
     each mask follows exactly the path it would follow alone. Samples that early stopping has stopped
-    leave the forward passes and keep their weights. The classifier must already be frozen (eval mode,
-    no parameter gradients) by the caller; it may be a fast copy (see :mod:`neuromask_pl.fastpath`).
+    leave the forward passes and keep their weights; with ``few_batch_sizes`` (for CUDA graphs) the rows
+    that run are topped up to a power of two, see :func:`running_rows`. The classifier must already
+    be frozen (eval mode, no parameter gradients) by the caller; it may be a fast copy (see
+    :mod:`neuromask_pl.fastpath`).
     """
 
     def __init__(
-        self, classifier: nn.Module, images: Tensor, targets: Tensor, ids: Tensor, settings: MaskSettings, seed: int
+        self,
+        classifier: nn.Module,
+        images: Tensor,
+        targets: Tensor,
+        ids: Tensor,
+        settings: MaskSettings,
+        seed: int,
+        few_batch_sizes: bool = False,
     ) -> None:
         self.classifier, self.images, self.targets = classifier, images, targets
-        self.settings, self.seed = settings, seed
+        self.settings, self.seed, self.few_batch_sizes = settings, seed, few_batch_sizes
         height, width = images.shape[-2:]
         mask_height, mask_width = mask_shape(height, width, settings.scale_for(height, width))
         self.kernel = laplacian_kernel(laplacian_size(settings.laplacian, mask_height, mask_width)).to(images.device)
@@ -199,16 +220,19 @@ class MaskOptimisation:
     def step(self) -> None:
         """One optimisation step of every sample still running."""
         settings = self.settings
-        rows = None if self._all_active else self.active.nonzero()[:, 0]
+        rows = None if self._all_active else running_rows(self.active, self.few_batch_sizes)
         if rows is not None and rows.numel() == 0:
             return
+        if rows is not None and rows.numel() == len(self.images):  # topped up to the whole batch
+            rows = None
         if self.images.is_cuda:  # a new iteration for CUDA graphs (compile=True): earlier outputs may be reused
             torch.compiler.cudagraph_mark_step_begin()
         if self.loss_scale is None and autocast_float16(self.images.device):
             self.loss_scale = SampleLossScale(len(self.images), self.images.device)
         mask, _, terms = self.evaluate(rows, jitter_shift(self.seed, self._step, settings.jitter), self._step)
-        if self.path is not None:  # the masks summed over each sample's steps, for the tie-free map
-            self.path[rows if rows is not None else slice(None)] += mask.detach().float()
+        if self.path is not None:  # the masks summed over each sample's (active) steps, for the tie-free map
+            running = self.active if rows is None else self.active[rows]
+            self.path[rows if rows is not None else slice(None)] += mask.detach().float() * running.view(-1, 1, 1, 1)
         total = terms["total"]
         if self.loss_scale is not None:
             scale = self.loss_scale.scale if rows is None else self.loss_scale.scale[rows]
@@ -275,6 +299,7 @@ def learn_masks(
     ids: Tensor,
     settings: MaskSettings,
     seed: int,
+    few_batch_sizes: bool = False,
 ) -> MaskFit:
     """Optimise one mask per image for ``settings.steps`` steps (fewer for samples that stop early)."""
-    return MaskOptimisation(classifier, images, targets, ids, settings, seed).run().result()
+    return MaskOptimisation(classifier, images, targets, ids, settings, seed, few_batch_sizes).run().result()

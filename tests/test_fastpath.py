@@ -17,7 +17,13 @@ from neuromask_pl import NeuroMask
 from neuromask_pl.data import TensorDataModule
 from neuromask_pl.fastpath import FastClassifier, FastPath, FrozenConv2d, fold_batchnorm
 from neuromask_pl.objective import resolve_settings, temperature_at
-from neuromask_pl.optimize import MaskOptimisation, SampleLossScale, learn_masks, update_patience
+from neuromask_pl.optimize import (
+    MaskOptimisation,
+    SampleLossScale,
+    learn_masks,
+    running_rows,
+    update_patience,
+)
 
 # ----------------------------------------------------------------------------- models
 
@@ -517,6 +523,21 @@ def test_cuda_fast_path_and_compile_give_the_plain_masks(precision: str, image_f
         assert (results[name] - results["plain"]).abs().max() < max(tolerance, 0.2), name
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by scripts/gpu_checks.sh)")
+def test_cuda_graphs_with_early_stopping_record_few_sizes_and_give_the_eager_masks(image_factory) -> None:
+    """compile=True on CUDA (CUDA graphs) while samples stop at different steps: the batch is topped up to
+    powers of two, and no output of an earlier graph replay is read after it was overwritten."""
+    model = resnet18().cuda()
+    images = image_factory(12, 32).cuda()
+    options = dict(preset="blur_area", steps=80, stop_patience=4, stop_tolerance=1e-2)
+    eager = NeuroMask(model, **options).explain(images)
+    compiled = NeuroMask(model, compile=True, **options).explain(images)
+    assert len(set(eager.steps.tolist())) > 2, "samples should stop at different steps"
+    assert torch.isfinite(compiled.masks).all()
+    assert (compiled.steps - eager.steps).abs().float().mean() <= 2  # TF32 rounding may shift a stop by a step
+    assert (compiled.masks - eager.masks).abs().mean() < 0.02
+
+
 def test_early_stopping_under_annealing_keeps_each_samples_last_temperature(tiny_cnn, image_factory) -> None:
     images = image_factory(3, 16)
     ids = torch.tensor([1, 5, 9])
@@ -584,3 +605,60 @@ def test_fused_adam_of_cuda_gives_the_same_masks_with_early_stopping(float16, ti
     assert min(reference.steps.tolist()) < 40, "no sample stopped early: the test would not cover restored weights"
     assert fused.steps.tolist() == reference.steps.tolist()
     torch.testing.assert_close(fused.masks, reference.masks, rtol=0, atol=FAST_TOLERANCE)
+
+
+def test_running_rows_tops_up_the_active_rows_to_a_power_of_two() -> None:
+    active = torch.tensor([True, False, True, False, False, True, False, False])
+    assert running_rows(active).tolist() == [0, 2, 5]
+    assert running_rows(active, power_of_two=True).tolist() == [0, 1, 2, 5]  # 3 active -> 4 rows
+    assert running_rows(torch.tensor([False, True, False]), power_of_two=True).tolist() == [1]
+    assert running_rows(torch.tensor([True, True, True, False, True]), power_of_two=True).tolist() == [0, 1, 2, 4]
+    five_of_six = torch.tensor([True, True, True, False, True, True])  # 5 -> 8, capped at the batch
+    assert running_rows(five_of_six, power_of_two=True).tolist() == [0, 1, 2, 3, 4, 5]
+    assert running_rows(torch.zeros(4, dtype=torch.bool), power_of_two=True).numel() == 0
+
+
+class RecordsBatchSizes(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.sizes = model, []
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            self.sizes.append(x.shape[0])
+        return self.model(x)
+
+
+def test_few_batch_sizes_give_the_same_masks_and_stops_as_early_stopping_alone(tiny_cnn, image_factory) -> None:
+    """For a compiled classifier the rows of a step are topped up to a power of two: the classifier sees
+    few batch sizes, and the topped-up (stopped) samples change nothing."""
+    images, targets, ids = image_factory(7, 16), torch.tensor([0, 1, 2, 0, 1, 2, 0]), torch.arange(7)
+    settings = resolve_settings("blur_area", steps=60, stop_patience=3, stop_tolerance=2e-2, tie_break=1e-3)
+    fits, sizes = {}, {}
+    for few in (False, True):
+        model = RecordsBatchSizes(tiny_cnn.eval().requires_grad_(False))
+        fits[few] = learn_masks(model, images, targets, ids, settings, seed=0, few_batch_sizes=few)
+        sizes[few] = set(model.sizes)
+    assert len(sizes[False]) > 3, "too few samples stopped at different steps to test anything"
+    assert sizes[True] <= {1, 2, 4, 7} and len(sizes[True]) < len(sizes[False])
+    assert fits[True].steps.tolist() == fits[False].steps.tolist()
+    torch.testing.assert_close(fits[True].masks, fits[False].masks, rtol=0, atol=1e-4)
+    torch.testing.assert_close(fits[True].loss["total"], fits[False].loss["total"], rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_graphs_top_up_the_batch_under_early_stopping(tiny_cnn, image_factory, monkeypatch) -> None:
+    assert FastPath(compile=True).records_cuda_graphs(torch.device("cuda"))
+    assert not FastPath(compile=True).records_cuda_graphs(torch.device("cpu"))  # dynamic shapes: no top-up needed
+    assert not FastPath().records_cuda_graphs(torch.device("cuda"))
+    seen = []
+    original = learn_masks
+
+    def record(*args, **kwargs):
+        seen.append(kwargs.get("few_batch_sizes"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr("neuromask_pl.explainer.learn_masks", record)
+    NeuroMask(tiny_cnn, steps=2).explain(image_factory(2, 16))
+    monkeypatch.setattr(FastPath, "records_cuda_graphs", lambda self, device: True)
+    NeuroMask(tiny_cnn, steps=2).explain(image_factory(2, 16))
+    assert seen == [False, True]
