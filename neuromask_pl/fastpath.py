@@ -32,7 +32,7 @@ class FastPath:
         channels_last: run the copy in channels_last memory format; None = on CUDA only
             (measured slower on the CPU).
         compile: ``torch.compile`` the copy (mode ``reduce-overhead``, i.e. with CUDA graphs, on CUDA).
-        pack_convolutions: on the CPU, run the convolutions :meth:`FrozenConv2d.applies_to` accepts as
+        pack_convolutions: on the CPU, run the convolutions :meth:`FrozenConv2d.padding_of` accepts as
             :class:`FrozenConv2d` (weights
             packed once for oneDNN; backward to the input only); None = on for the CPU when oneDNN is
             available and ``compile`` is off. Float32 only: under autocast the layers run as they are.
@@ -259,44 +259,52 @@ class FrozenConv2d(nn.Module):
     - strided with at most 4 input channels (an image stem): a matrix product and ``fold`` (col2im);
     - other strided layers: ``conv_transpose2d``.
 
+    Grouped (e.g. depthwise) convolutions are packed too. ``padding`` is the layer's effective zero padding
+    (see :meth:`padding_of`): a conv subclass that pads in its forward runs as one padded convolution.
     Only float32 CPU inputs outside autocast take this path; anything else runs the original layer.
     """
 
-    def __init__(self, conv: nn.Conv2d) -> None:
+    def __init__(self, conv: nn.Conv2d, padding: list[int] | None = None) -> None:
         super().__init__()
         self.conv = conv
         self.weight = conv.weight.detach()
         self.bias = conv.bias.detach() if conv.bias is not None else None
-        self.padding, self.stride = list(conv.padding), list(conv.stride)  # type: ignore[arg-type]
+        self.padding = padding if padding is not None else list(conv.padding)  # type: ignore[arg-type]
+        self.stride, self.groups = list(conv.stride), conv.groups
         self.kernel_size = list(conv.kernel_size)
         self._packed: Tensor | None = None
         self._packed_flipped: Tensor | None = None
         # (C_in * kh * kw, C_out), for the col2im gradient of image stems
-        self.columns = self.weight.flatten(1).t().contiguous() if self.weight.shape[1] <= 4 else None
+        stem = self.weight.shape[1] <= 4 and self.groups == 1
+        self.columns = self.weight.flatten(1).t().contiguous() if stem else None
 
     @staticmethod
-    def applies_to(conv: nn.Module) -> bool:
-        """An ``nn.Conv2d`` without groups or dilation, zero padding no wider than the kernel, whose forward
-        is the plain convolution: ``nn.Conv2d`` itself, or a subclass that computes exactly what
-        ``nn.Conv2d.forward`` would on a random input (e.g. EfficientNet's same-padding 1x1 convolutions)."""
-        return (
+    def padding_of(conv: nn.Module) -> list[int] | None:
+        """The zero padding under which ``conv`` is a plain convolution (no dilation, padding no wider than
+        the kernel), or None if it is not one: ``nn.Conv2d``'s own padding, or for a subclass with its own
+        forward, the symmetric padding with which ``nn.Conv2d.forward`` computes what that forward does on a
+        random input (e.g. EfficientNet's same-padding convolutions, which pad before a convolution)."""
+        if not (
             isinstance(conv, nn.Conv2d)
-            and conv.groups == 1
             and conv.dilation == (1, 1)
             and conv.padding_mode == "zeros"
             and not isinstance(conv.padding, str)
-            and all(p <= k - 1 for p, k in zip(conv.padding, conv.kernel_size))
-            and (type(conv) is nn.Conv2d or _computes_a_plain_convolution(conv))
-        )
+        ):
+            return None
+        if type(conv) is nn.Conv2d:
+            padding = list(conv.padding)
+            return padding if all(p <= k - 1 for p, k in zip(padding, conv.kernel_size)) else None
+        return _plain_padding(conv)
 
-    @staticmethod
-    def run(x: Tensor, packed: Tensor, bias: Tensor | None, padding: list[int], stride: list[int]) -> Tensor:
-        return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, padding, stride, [1, 1], 1, "none", [], "")
+    def run(self, x: Tensor, packed: Tensor, bias: Tensor | None, padding: list[int], stride: list[int]) -> Tensor:
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, packed, bias, padding, stride, [1, 1], self.groups, "none", [], ""
+        )
 
     def packed_weight(self, input_shape: torch.Size) -> Tensor:
         if self._packed is None:
             self._packed = torch.ops.mkldnn._reorder_convolution_weight(
-                self.weight, self.padding, self.stride, [1, 1], 1, list(input_shape)
+                self.weight, self.padding, self.stride, [1, 1], self.groups, list(input_shape)
             )
         return self._packed
 
@@ -304,9 +312,9 @@ class FrozenConv2d(nn.Module):
         if self.stride == [1, 1]:
             padding = [k - 1 - p for k, p in zip(self.kernel_size, self.padding)]
             if self._packed_flipped is None:
-                flipped = self.weight.transpose(0, 1).flip(-1, -2).contiguous()
                 self._packed_flipped = torch.ops.mkldnn._reorder_convolution_weight(
-                    flipped, padding, [1, 1], [1, 1], 1, list(grad.shape)
+                    _flipped_transposed(self.weight, self.groups), padding, [1, 1], [1, 1], self.groups,
+                    list(grad.shape),
                 )
             return self.run(grad, self._packed_flipped, None, padding, [1, 1])
         if self.columns is not None:
@@ -315,7 +323,7 @@ class FrozenConv2d(nn.Module):
         output_padding = [
             (size + 2 * p - k) % s for size, p, k, s in zip(input_size, self.padding, self.kernel_size, self.stride)
         ]
-        return F.conv_transpose2d(grad, self.weight, None, self.stride, self.padding, output_padding)
+        return F.conv_transpose2d(grad, self.weight, None, self.stride, self.padding, output_padding, self.groups)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
@@ -323,18 +331,43 @@ class FrozenConv2d(nn.Module):
         return _FrozenConvFunction.apply(x, self)
 
 
-def _computes_a_plain_convolution(conv: nn.Conv2d) -> bool:
-    """Whether a Conv2d subclass's own forward equals ``nn.Conv2d.forward`` (checked on a seeded random input)."""
+def _flipped_transposed(weight: Tensor, groups: int) -> Tensor:
+    """The kernel of a stride-1 convolution's input gradient: in and out channels swapped within each group,
+    spatially flipped; (C_out, C_in / g, kh, kw) -> (C_in, C_out / g, kh, kw)."""
+    out_channels, in_per_group, height, width = weight.shape
+    grouped = weight.reshape(groups, out_channels // groups, in_per_group, height, width).transpose(1, 2)
+    return grouped.reshape(groups * in_per_group, out_channels // groups, height, width).flip(-1, -2).contiguous()
+
+
+def _plain_padding(conv: nn.Conv2d) -> list[int] | None:
+    """The symmetric zero padding with which ``nn.Conv2d``'s convolution equals a subclass's own forward on
+    seeded random inputs of an even and an odd size, or None (a forward that changes the maths, pads
+    unevenly, or cannot run)."""
+    found = [_padding_on(conv, [max(8, 2 * k) + extra for k in conv.kernel_size]) for extra in (0, 1)]
+    return found[0] if found[0] is not None and found[0] == found[1] else None
+
+
+def _padding_on(conv: nn.Conv2d, size: list[int]) -> list[int] | None:
     generator = torch.Generator().manual_seed(0)
-    size = [max(8, 2 * k) for k in conv.kernel_size]
     sample = torch.randn(2, conv.in_channels, *size, generator=generator).to(conv.weight)
     with torch.no_grad():
         try:
             own = conv(sample)
         except Exception:  # noqa: BLE001 - a forward that cannot run on this input is not a plain convolution
-            return False
-        plain = nn.Conv2d.forward(conv, sample)
-    return isinstance(own, Tensor) and own.shape == plain.shape and torch.equal(own, plain)
+            return None
+        if not isinstance(own, Tensor) or own.ndim != 4:
+            return None
+        # Output size n_out = (n + 2p - k) // s + 1: try each padding up to k - 1 that gives the forward's size.
+        candidates = [
+            [p for p in range(k) if (n + 2 * p - k) // s + 1 == n_out]
+            for n, k, s, n_out in zip(size, conv.kernel_size, conv.stride, own.shape[-2:])
+        ]
+        for pad_h in candidates[0]:
+            for pad_w in candidates[1]:
+                plain = F.conv2d(sample, conv.weight, conv.bias, conv.stride, (pad_h, pad_w), 1, conv.groups)
+                if torch.allclose(plain, own, rtol=1e-5, atol=1e-6):
+                    return [pad_h, pad_w]
+    return None
 
 
 def pack_convolutions(module: nn.Module) -> int:
@@ -343,7 +376,10 @@ def pack_convolutions(module: nn.Module) -> int:
     replaced = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Conv2d) and FrozenConv2d.applies_to(child) and child.weight.device.type == "cpu":
-                setattr(parent, name, FrozenConv2d(child))
+            if not isinstance(child, nn.Conv2d) or child.weight.device.type != "cpu":
+                continue
+            padding = FrozenConv2d.padding_of(child)
+            if padding is not None:
+                setattr(parent, name, FrozenConv2d(child, padding))
                 replaced += 1
     return replaced

