@@ -260,8 +260,10 @@ class FrozenConv2d(nn.Module):
     - other strided layers: ``conv_transpose2d``.
 
     Grouped (e.g. depthwise) convolutions are packed too. ``padding`` is the layer's effective zero padding
-    (see :meth:`padding_of`): a conv subclass that pads in its forward runs as one padded convolution.
-    Only float32 CPU inputs outside autocast take this path; anything else runs the original layer.
+    as ``[left, right, top, bottom]`` (see :meth:`padding_of`; default: the layer's own): a conv subclass that
+    pads in its forward runs as one padded convolution, or, where the padding is uneven, as ``F.pad`` and an
+    unpadded convolution. Only float32 CPU inputs outside autocast take this path; anything else runs the
+    original layer.
     """
 
     def __init__(self, conv: nn.Conv2d, padding: list[int] | None = None) -> None:
@@ -269,7 +271,10 @@ class FrozenConv2d(nn.Module):
         self.conv = conv
         self.weight = conv.weight.detach()
         self.bias = conv.bias.detach() if conv.bias is not None else None
-        self.padding = padding if padding is not None else list(conv.padding)  # type: ignore[arg-type]
+        left, right, top, bottom = padding if padding is not None else _sides(conv.padding)  # type: ignore[arg-type]
+        even = left == right and top == bottom
+        self.padding = [top, left] if even else [0, 0]  # the convolution's own (symmetric) padding
+        self.pre_pad = None if even else [left, right, top, bottom]  # F.pad before it, where uneven
         self.stride, self.groups = list(conv.stride), conv.groups
         self.kernel_size = list(conv.kernel_size)
         self._packed: Tensor | None = None
@@ -280,10 +285,11 @@ class FrozenConv2d(nn.Module):
 
     @staticmethod
     def padding_of(conv: nn.Module) -> list[int] | None:
-        """The zero padding under which ``conv`` is a plain convolution (no dilation, padding no wider than
-        the kernel), or None if it is not one: ``nn.Conv2d``'s own padding, or for a subclass with its own
-        forward, the symmetric padding with which ``nn.Conv2d.forward`` computes what that forward does on a
-        random input (e.g. EfficientNet's same-padding convolutions, which pad before a convolution)."""
+        """The zero padding ``[left, right, top, bottom]`` under which ``conv`` is a plain convolution (no
+        dilation, no side wider than the kernel), or None if it is not one: ``nn.Conv2d``'s own padding, or for
+        a subclass with its own forward, the padding with which an unpadded convolution of the zero-padded
+        input computes what that forward does on random inputs of an even and an odd size (e.g. EfficientNet's
+        convolutions with TensorFlow's "same" padding, which pad before convolving)."""
         if not (
             isinstance(conv, nn.Conv2d)
             and conv.dilation == (1, 1)
@@ -292,8 +298,8 @@ class FrozenConv2d(nn.Module):
         ):
             return None
         if type(conv) is nn.Conv2d:
-            padding = list(conv.padding)
-            return padding if all(p <= k - 1 for p, k in zip(padding, conv.kernel_size)) else None
+            fits = all(p <= k - 1 for p, k in zip(conv.padding, conv.kernel_size))  # type: ignore[arg-type]
+            return _sides(conv.padding) if fits else None  # type: ignore[arg-type]
         return _plain_padding(conv)
 
     def run(self, x: Tensor, packed: Tensor, bias: Tensor | None, padding: list[int], stride: list[int]) -> Tensor:
@@ -328,7 +334,7 @@ class FrozenConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
             return self.conv(x)
-        return _FrozenConvFunction.apply(x, self)
+        return _FrozenConvFunction.apply(F.pad(x, self.pre_pad) if self.pre_pad else x, self)
 
 
 def _flipped_transposed(weight: Tensor, groups: int) -> Tensor:
@@ -339,35 +345,47 @@ def _flipped_transposed(weight: Tensor, groups: int) -> Tensor:
     return grouped.reshape(groups * in_per_group, out_channels // groups, height, width).flip(-1, -2).contiguous()
 
 
+def _sides(padding: tuple[int, int] | list[int]) -> list[int]:
+    """A convolution's (height, width) padding as ``[left, right, top, bottom]``."""
+    return [padding[1], padding[1], padding[0], padding[0]]
+
+
 def _plain_padding(conv: nn.Conv2d) -> list[int] | None:
-    """The symmetric zero padding with which ``nn.Conv2d``'s convolution equals a subclass's own forward on
-    seeded random inputs of an even and an odd size, or None (a forward that changes the maths, pads
-    unevenly, or cannot run)."""
-    found = [_padding_on(conv, [max(8, 2 * k) + extra for k in conv.kernel_size]) for extra in (0, 1)]
-    return found[0] if found[0] is not None and found[0] == found[1] else None
-
-
-def _padding_on(conv: nn.Conv2d, size: list[int]) -> list[int] | None:
+    """The zero padding ``[left, right, top, bottom]`` with which an unpadded ``nn.Conv2d`` convolution of the
+    padded input equals a subclass's own forward on seeded random inputs of an even and an odd size, or None (a
+    forward that changes the maths, pads differently for different sizes, or cannot run)."""
     generator = torch.Generator().manual_seed(0)
-    sample = torch.randn(2, conv.in_channels, *size, generator=generator).to(conv.weight)
+    sizes = [[max(8, 2 * k) + extra for k in conv.kernel_size] for extra in (0, 1)]
+    samples = [torch.randn(2, conv.in_channels, *size, generator=generator).to(conv.weight) for size in sizes]
     with torch.no_grad():
         try:
-            own = conv(sample)
-        except Exception:  # noqa: BLE001 - a forward that cannot run on this input is not a plain convolution
+            owns = [conv(sample) for sample in samples]
+        except Exception:  # noqa: BLE001 - a forward that cannot run on these inputs is not a plain convolution
             return None
-        if not isinstance(own, Tensor) or own.ndim != 4:
+        if not all(isinstance(own, Tensor) and own.ndim == 4 for own in owns):
             return None
-        # Output size n_out = (n + 2p - k) // s + 1: try each padding up to k - 1 that gives the forward's size.
-        candidates = [
-            [p for p in range(k) if (n + 2 * p - k) // s + 1 == n_out]
-            for n, k, s, n_out in zip(size, conv.kernel_size, conv.stride, own.shape[-2:])
-        ]
-        for pad_h in candidates[0]:
-            for pad_w in candidates[1]:
-                plain = F.conv2d(sample, conv.weight, conv.bias, conv.stride, (pad_h, pad_w), 1, conv.groups)
-                if torch.allclose(plain, own, rtol=1e-5, atol=1e-6):
-                    return [pad_h, pad_w]
+        for padding in _candidate_paddings(conv, sizes[0], owns[0].shape[-2:]):
+            if all(_reproduces(conv, sample, own, padding) for sample, own in zip(samples, owns)):
+                return padding
     return None
+
+
+def _candidate_paddings(conv: nn.Conv2d, size: list[int], out_size: torch.Size) -> list[list[int]]:
+    """Paddings ``[left, right, top, bottom]``, no side wider than k - 1, under which the convolution's output
+    has ``out_size`` for an input of ``size``: even ones first, then the narrowest."""
+    sides = [
+        sorted(
+            ((a, b) for a in range(k) for b in range(k) if (n + a + b - k) // s + 1 == n_out),
+            key=lambda ab: (ab[0] != ab[1], ab[0] + ab[1], ab[0]),
+        )
+        for n, k, s, n_out in zip(size, conv.kernel_size, conv.stride, out_size)
+    ]
+    return [[left, right, top, bottom] for top, bottom in sides[0] for left, right in sides[1]]
+
+
+def _reproduces(conv: nn.Conv2d, sample: Tensor, own: Tensor, padding: list[int]) -> bool:
+    plain = F.conv2d(F.pad(sample, padding), conv.weight, conv.bias, conv.stride, 0, 1, conv.groups)
+    return plain.shape == own.shape and torch.allclose(plain, own, rtol=1e-5, atol=1e-6)
 
 
 def pack_convolutions(module: nn.Module) -> int:

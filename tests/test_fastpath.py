@@ -159,6 +159,17 @@ class UnevenSamePaddingConv(nn.Conv2d):
         return F.conv2d(F.pad(x, [0, 1, 0, 1]), self.weight, self.bias, self.stride, 0, 1, self.groups)
 
 
+class DynamicSamePaddingConv(nn.Conv2d):
+    """TensorFlow's "same" padding computed from each input's size (as ``Conv2dDynamicSamePadding``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        pads = []
+        for size, k, s in zip(x.shape[-2:][::-1], self.kernel_size[::-1], self.stride[::-1]):
+            total = max((-(-size // s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, 1, self.groups)
+
+
 class StandardisedConv(nn.Conv2d):
     """Weight standardisation in forward: folding a BatchNorm into its weight is NOT exact."""
 
@@ -272,11 +283,13 @@ def assert_frozen_conv_matches_autograd(conv: nn.Conv2d, size: tuple[int, int]) 
 
 @needs_onednn
 @pytest.mark.parametrize("groups", [1, 6])
-def test_a_conv_that_pads_in_its_forward_runs_as_one_padded_convolution(groups: int) -> None:
+@pytest.mark.parametrize("layer, padding", [(SamePaddingConv, [1, 1, 1, 1]), (UnevenSamePaddingConv, [0, 1, 0, 1])])
+def test_a_conv_that_pads_in_its_forward_runs_packed(layer, padding, groups: int) -> None:
     torch.manual_seed(2)
-    conv = SamePaddingConv(6, 6, 3, groups=groups).requires_grad_(False)
-    assert FrozenConv2d.padding_of(conv) == [1, 1]
-    assert_frozen_conv_matches_autograd(conv, (14, 9))
+    for stride in (1, 2):
+        conv = layer(6, 6, 3, stride=stride, groups=groups).requires_grad_(False)
+        assert FrozenConv2d.padding_of(conv) == padding
+        assert_frozen_conv_matches_autograd(conv, (14, 9))
 
 
 @needs_onednn
@@ -305,11 +318,12 @@ def test_frozen_conv_finds_the_padding_of_plain_convolutions_and_leaves_out_the_
     assert padding_of(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")) is None
     assert padding_of(nn.Conv2d(4, 4, 3, padding=3)) is None  # wider than the kernel
     assert padding_of(StandardisedConv(4, 4, 3)) is None
-    assert padding_of(UnevenSamePaddingConv(4, 4, 3, stride=2)) is None  # pads right/bottom only
-    assert padding_of(nn.Conv2d(4, 4, 3, padding=1)) == [1, 1]
-    assert padding_of(nn.Conv2d(4, 4, 3, groups=4)) == [0, 0]
-    # A subclass that pads in its forward runs as the convolution with that padding.
-    assert padding_of(SamePaddingConv(4, 4, 3)) == [1, 1]
+    assert padding_of(DynamicSamePaddingConv(4, 4, 3, stride=2)) is None  # pads by the input's size
+    assert padding_of(nn.Conv2d(4, 4, (3, 5), padding=(1, 2))) == [2, 2, 1, 1]
+    assert padding_of(nn.Conv2d(4, 4, 3, groups=4)) == [0, 0, 0, 0]
+    # A subclass that pads in its forward runs as the convolution of the padded input.
+    assert padding_of(SamePaddingConv(4, 4, 3)) == [1, 1, 1, 1]
+    assert padding_of(UnevenSamePaddingConv(4, 4, 3, stride=2)) == [0, 1, 0, 1]
     assert padding_of(SamePaddingConv(4, 4, (3, 1), padding=(0, 0))) is None  # pads 1 where the kernel is 1 wide
 
 
@@ -603,9 +617,9 @@ def test_efficientnet_lite0_convolutions_are_packed_and_gradients_kept() -> None
     images = torch.rand(2, 3, 96, 96)
     fast = FastClassifier(FastPath())
     copy = fast.get(model, images)
-    # Packed: the 32 pointwise convs and the 12 stride-1 depthwise ones (their "same" padding is symmetric);
-    # not the stem and the 4 strided depthwise convs, which pad one more row and column at the end.
-    assert fast.folded == 49 and fast.packed == 44
+    # All 49 convolutions: 32 pointwise, 16 depthwise and the stem. The stem and the 4 strided depthwise convs
+    # pad one more row and column at the end (uneven), the others symmetrically.
+    assert fast.folded == 49 and fast.packed == 49
     grad, reference = input_gradient(copy, images), input_gradient(model, images)
     assert (grad - reference).abs().mean() < 1e-3 * reference.abs().mean()
 
