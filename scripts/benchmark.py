@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None, help="JSON file")
+    parser.add_argument(
+        "--target-ms", type=float, default=None, help="say whether the default or fast mask step meets this ms/image/step"
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -221,6 +224,13 @@ def main(argv: list[str] | None = None) -> dict:
         "cuda_peak_bytes_per_image": peak,
         "rows": rows,
     }
+    if args.target_ms is not None:
+        best = min((row for row in rows if row["variant"] in ("default", "fast")), key=lambda r: r["ms_per_image_step"])
+        result["target"] = {
+            "ms_per_image_step": args.target_ms,
+            "met": best["ms_per_image_step"] <= args.target_ms,
+            "by": best["variant"],
+        }
     print(f"\n{args.model} {args.size}x{args.size}, batch {args.batch}, {args.precision}, preset {args.preset}, "
           f"{result['device']}, {args.rounds} rounds x {args.steps} steps\n")  # fmt: skip
     print("| variant | ms / image / step | ratio to floor (median [min, max]) | images/s at "
@@ -232,6 +242,10 @@ def main(argv: list[str] | None = None) -> dict:
           + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in memory.items()))  # fmt: skip
     if peak:
         print("CUDA peak per image: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in peak.items()))
+    if "target" in result:
+        target, best = result["target"], next(r for r in rows if r["variant"] == result["target"]["by"])
+        print(f"target <= {args.target_ms} ms per image and step: {'MET' if target['met'] else 'MISSED'} "
+              f"(best: {target['by']}, {best['ms_per_image_step']:.4f} ms)")  # fmt: skip
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
