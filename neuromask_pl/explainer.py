@@ -40,7 +40,7 @@ class NeuroMask(pl.LightningModule):
         l_pred, l_sparse, l_smooth, temperature, weight_limit, laplacian, laplacian_padding, smooth_penalty,
             smooth_on, jitter, sparsity_on,
             baseline, optimizer, lr, mask_scale, mask_size, area_target, temperature_start, tie_break, mask_coarse,
-            l_detail, upsample_weights: override
+            l_detail, l_delete, upsample_weights: override
             single settings of the preset (see :class:`neuromask_pl.objective.MaskSettings`);
             ``stop_patience`` and ``stop_tolerance`` turn on per-sample early stopping.
         fold_batchnorm, channels_last, compile, pack_convolutions: how the frozen classifier runs during the
@@ -80,6 +80,7 @@ class NeuroMask(pl.LightningModule):
         tie_break: float | None = None,
         mask_coarse: int | None = None,
         l_detail: float | None = None,
+        l_delete: float | None = None,
         upsample_weights: bool | None = None,
         stop_patience: int | None = None,
         stop_tolerance: float | None = None,
@@ -118,6 +119,7 @@ class NeuroMask(pl.LightningModule):
             tie_break=tie_break,
             mask_coarse=mask_coarse,
             l_detail=l_detail,
+            l_delete=l_delete,
             upsample_weights=upsample_weights,
         )
         self.fast_path = FastPath(

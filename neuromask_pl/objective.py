@@ -65,6 +65,15 @@ class MaskSettings:
             (as variables leave a lasso path). A saturated pixel stays on its side of 0.5, so the mask
             thresholded at 0.5 is unchanged; a small ``d`` (1e-3) leaves every value within ``d`` of the
             mask. 0 = return the mask itself (reference).
+        mask_coarse: if > 0, a two-scale mask: a coarse grid whose shorter side has about this many cells
+            (starting at zero) is upsampled and added to the weights before the sigmoid; 0 = one grid.
+        l_detail: weight of ``mean|w_fine|``, the detail the fine grid adds to the coarse one (needs
+            ``mask_coarse``), so detail appears only where the coarse grid cannot draw it.
+        l_delete: weight of the deletion game, ``-log(1 - p_target)`` of the image with the mask's region
+            hidden: the mask must also hold what the class needs (as TorchRay's "dual" extremal
+            perturbation). It runs the classifier on twice the images; 0 = off (reference).
+        upsample_weights: upsample the weights, not the mask, to the image before the sigmoid (a binary
+            mask at every pixel, with smooth contours, at a low temperature).
     """
 
     steps: int = 1000
@@ -91,6 +100,7 @@ class MaskSettings:
     tie_break: float = 0.0
     mask_coarse: int = 0
     l_detail: float = 0.0
+    l_delete: float = 0.0
     upsample_weights: bool = False
 
     def __post_init__(self) -> None:
@@ -111,6 +121,7 @@ class MaskSettings:
             (0 <= self.tie_break < 0.5, f"tie_break must be in [0, 0.5), got {self.tie_break}"),
             (self.mask_coarse >= 0, f"mask_coarse must be >= 0 cells (0 = one grid), got {self.mask_coarse}"),
             (self.l_detail >= 0, f"l_detail must be >= 0, got {self.l_detail}"),
+            (self.l_delete >= 0, f"l_delete must be >= 0 (0 = off), got {self.l_delete}"),
             (
                 self.l_detail == 0 or self.mask_coarse > 0,
                 f"l_detail={self.l_detail} penalises the fine grid of a two-scale mask: set mask_coarse > 0 too",
@@ -342,11 +353,14 @@ def loss_terms(
     kernel: Tensor,
     settings: MaskSettings,
     fine: Tensor | None = None,
+    logits_deleted: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """The weighted NeuroMask loss, term by term, each of shape (B,); ``total`` is their weighted sum.
 
     ``weights`` are the mask's logits (for a two-scale mask, the coarse grid upsampled plus the fine one);
-    ``fine`` are the fine weights of a two-scale mask, whose ``l_detail * mean|fine|`` is added to ``total``.
+    ``fine`` are the fine weights of a two-scale mask, whose ``l_detail * mean|fine|`` is added to ``total``;
+    ``logits_deleted`` are the logits of the images with the mask's region hidden (the deletion game), whose
+    ``l_delete * deletion_loss`` is added to ``total``.
     """
     terms = {
         "pred": prediction_loss(logits, targets),
@@ -358,4 +372,14 @@ def loss_terms(
     )
     if fine is not None and settings.l_detail:
         terms["total"] = terms["total"] + settings.l_detail * detail_penalty(fine)
+    if logits_deleted is not None:
+        terms["delete"] = deletion_loss(logits_deleted, targets)
+        terms["total"] = terms["total"] + settings.l_delete * terms["delete"]
     return terms
+
+
+def deletion_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """``-log(1 - p_target)`` per sample, computed stably from the logits: near 0 once the class is gone."""
+    logits = logits.float()
+    others = logits.scatter(1, targets.view(-1, 1), float("-inf"))
+    return torch.logsumexp(logits, 1) - torch.logsumexp(others, 1)

@@ -212,10 +212,14 @@ class MaskOptimisation:
         else:
             mask = upsample_mask(weights_to_mask(weights, current.temperature), height, width)
         masked = apply_mask(images, mask, baseline)
+        deleting = current.l_delete > 0
+        if deleting:  # the deletion game, in the same forward pass: the images with the mask's region hidden
+            masked = torch.cat([masked, apply_mask(images, 1 - mask, baseline)])
         if shift != (0, 0):
             masked = torch.roll(masked, shifts=shift, dims=(-2, -1))
         logits = self.classifier(masked)
-        return mask, logits, loss_terms(logits, targets, weights, mask, self.kernel, current, fine)
+        logits, logits_deleted = logits.chunk(2) if deleting else (logits, None)
+        return mask, logits, loss_terms(logits, targets, weights, mask, self.kernel, current, fine, logits_deleted)
 
     def step(self) -> None:
         """One optimisation step of every sample still running."""

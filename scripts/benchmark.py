@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None, help="JSON file")
     parser.add_argument(
-        "--target-ms", type=float, default=None, help="say whether the default or fast mask step meets this ms/image/step"
+        "--target-ms", type=float, default=None, help="say if the default or fast step meets this ms/image/step"
     )
     args = parser.parse_args(argv)
 
