@@ -235,8 +235,11 @@ class MaskOptimisation:
             self.loss_scale = SampleLossScale(len(self.images), self.images.device)
         mask, _, terms = self.evaluate(rows, jitter_shift(self.seed, self._step, settings.jitter), self._step)
         if self.path is not None:  # the masks summed over each sample's (active) steps, for the tie-free map
-            running = self.active if rows is None else self.active[rows]
-            self.path[rows if rows is not None else slice(None)] += mask.detach().float() * running.view(-1, 1, 1, 1)
+            contribution = mask.detach().float()
+            if not self._all_active:  # rows topped up with stopped samples: their paths stay as they are
+                running = self.active if rows is None else self.active[rows]
+                contribution = contribution * running.view(-1, 1, 1, 1)
+            self.path[rows if rows is not None else slice(None)] += contribution
         total = terms["total"]
         if self.loss_scale is not None:
             scale = self.loss_scale.scale if rows is None else self.loss_scale.scale[rows]
