@@ -154,13 +154,11 @@ class MaskSettings:
 
     def scale_for(self, height: int, width: int) -> int:
         """The down-scaling factor of the mask for an image of ``height`` x ``width``."""
-        if self.mask_size:
-            return max(1, round(min(height, width) / self.mask_size))
-        return self.mask_scale
+        return _scale_for_cells(height, width, self.mask_size) if self.mask_size else self.mask_scale
 
     def coarse_scale_for(self, height: int, width: int) -> int:
         """The down-scaling factor of the coarse grid of a two-scale mask (``mask_coarse > 0``)."""
-        return max(1, round(min(height, width) / self.mask_coarse)) if self.mask_coarse else 1
+        return _scale_for_cells(height, width, self.mask_coarse) if self.mask_coarse else 1
 
     def as_dict(self) -> dict[str, Any]:
         """Plain dict of the settings (for run records and logs)."""
@@ -276,6 +274,11 @@ def laplacian_size(setting: int, height: int, width: int) -> int:
 def prediction_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """Cross-entropy of the target class per sample, computed in float32."""
     return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def _scale_for_cells(height: int, width: int, cells: int) -> int:
+    """The down-scaling factor that leaves about ``cells`` cells along the image's shorter side."""
+    return max(1, round(min(height, width) / cells))
 
 
 def temperature_at(settings: MaskSettings, step: int | None) -> float:

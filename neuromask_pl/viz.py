@@ -1,7 +1,7 @@
 """Drawing masks: colour map, overlays and explanation panels (pure torch functions).
 
 Everything here takes and returns float images in [0, 1], channels first. The only side
-effects are in :func:`save_png` and :func:`atomic_write`, which write files atomically.
+effect is in :func:`save_png`, which writes files atomically (:func:`neuromask_pl.store.atomic_write`).
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -69,6 +71,15 @@ def make_tiny_cnn(seed: int = 0, num_classes: int = len(CLASS_NAMES)) -> TinyCNN
         optimizer.step()
     model.zero_grad(set_to_none=True)
     return model.eval()
+
+
+def load_script(name: str) -> ModuleType:
+    """A file of ``scripts/`` (not a package) imported as a module, for tests of its functions."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / name
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def assert_masks_independent_of_the_batch(net: nn.Module, images: torch.Tensor, **options: Any) -> None:

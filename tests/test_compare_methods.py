@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 pytest.importorskip("captum")
 pytest.importorskip("torchray")
@@ -16,15 +15,10 @@ pytest.importorskip("torchray")
 from neuromask_pl.benchmark import load_benchmark_classifier, make_localisation_set  # noqa: E402
 from neuromask_pl.metrics import energy_pointing, pointing_game  # noqa: E402
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "compare_methods.py"
-
 
 @pytest.fixture(scope="module")
 def compare():
-    spec = importlib.util.spec_from_file_location("compare_methods", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("compare_methods.py")
 
 
 def test_parse_overrides_types(compare):
