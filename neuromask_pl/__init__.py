@@ -10,10 +10,10 @@ __version__ = "0.1.0"
 # Public names and the module that defines each; imported on first use so that
 # `import neuromask_pl` stays light.
 _EXPORTS = {
-    "NeuroMask": "neuromask_pl.explainer",
-    "Explanation": "neuromask_pl.result",
-    "MaskSettings": "neuromask_pl.objective",
-    "PRESETS": "neuromask_pl.objective",
+    "NeuroMask": "neuromask_pl.module",
+    "Explanation": "neuromask_pl.explanation",
+    "MaskSettings": "neuromask_pl.settings",
+    "PRESETS": "neuromask_pl.settings",
     "DemoDataModule": "neuromask_pl.data",
     "ImageFolderDataModule": "neuromask_pl.data",
     "TensorDataModule": "neuromask_pl.data",
@@ -26,8 +26,8 @@ _EXPORTS = {
     "ExplanationLogger": "neuromask_pl.callbacks",
     "ExplainDuringTraining": "neuromask_pl.callbacks",
     "load_results": "neuromask_pl.store",
-    "LocalisationDataModule": "neuromask_pl.benchmark",
-    "load_benchmark_classifier": "neuromask_pl.benchmark",
+    "LocalisationDataModule": "neuromask_pl.data.localisation",
+    "load_benchmark_classifier": "neuromask_pl.data.localisation",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -25,9 +25,11 @@ from pytorch_lightning.callbacks import BasePredictionWriter, Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torchvision.utils import make_grid
 
-from neuromask_pl.explainer import NeuroMask, check_images, unpack_batch
-from neuromask_pl.objective import resolve_settings
-from neuromask_pl.result import LOSS_TERMS, SUMMARY_KEYS, Explanation
+from neuromask_pl.data import check_images, unpack_batch
+from neuromask_pl.explanation import LOSS_TERMS, SUMMARY_KEYS, Explanation
+from neuromask_pl.maths.fastpath import FastPath
+from neuromask_pl.module import NeuroMask
+from neuromask_pl.settings import SettingsOverrides, resolve_settings
 from neuromask_pl.store import (
     ShardWriter,
     StoreLock,
@@ -520,7 +522,7 @@ class ExplainDuringTraining(Callback):
     """Explain a fixed set of validation images with the current weights while a model trains.
 
     At the end of validation, every ``every_n_epochs`` epochs, the images are explained with
-    :class:`~neuromask_pl.explainer.NeuroMask` (on the module's device) and, on global rank 0,
+    :class:`~neuromask_pl.module.NeuroMask` (on the module's device) and, on global rank 0,
     logged at ``trainer.global_step`` to every logger of the Trainer:
 
     * scalars ``<log_prefix>/<name>`` for each entry of :meth:`Explanation.summary` (loss terms,
@@ -544,16 +546,14 @@ class ExplainDuringTraining(Callback):
     Args:
         num_images: how many validation images to collect (ignored when ``images`` is given).
         every_n_epochs: explain at the end of validation in epochs ``n-1, 2n-1, ...`` (0-based).
-        preset: NeuroMask preset (see ``neuromask_pl.objective.PRESETS``).
-        steps: mask optimisation steps per call.
-        seed: masks start from noise derived from ``(seed, image position)``.
+        preset, steps, settings, seed, target_class, fast_path: as for :class:`~neuromask_pl.NeuroMask`
+            (``steps`` defaults to 100 here, a quick look each epoch).
         model_attribute: dotted attribute of the LightningModule to explain (e.g. ``"model"`` or
             ``"net.backbone"``); by default the LightningModule itself. Either way its forward must
             map [0, 1] images B x C x H x W to logits B x K.
         output_dir: also write each call's panels as ``<output_dir>/overlays_epoch<k>.png``.
         images: explain these images (B x C x H x W in [0, 1]) instead of collecting validation images.
         log_prefix: prefix of the logged names.
-        **overrides: NeuroMask settings (``lr``, ``l_sparse``, ``target_class``, ...).
     """
 
     def __init__(
@@ -562,22 +562,29 @@ class ExplainDuringTraining(Callback):
         every_n_epochs: int = 1,
         preset: str = "default",
         steps: int = 100,
+        settings: SettingsOverrides | None = None,
         seed: int = 0,
+        target_class: int | None = None,
+        fast_path: FastPath | None = None,
         model_attribute: str | None = None,
         output_dir: str | Path | None = None,
         images: torch.Tensor | None = None,
         log_prefix: str = "explain_train",
-        **overrides: Any,
     ) -> None:
         if num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}")
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
-        target_class = overrides.get("target_class")
         if target_class is not None and (not isinstance(target_class, int) or target_class < 0):
             raise ValueError(f"target_class must be a class index >= 0, got {target_class!r}")
         # Fail now, not after the first epoch, on a bad preset or setting.
-        resolve_settings(preset, steps=steps, **{k: v for k, v in overrides.items() if k != "target_class"})
+        self.explainer_args = {
+            "preset": preset,
+            "settings": resolve_settings(preset, steps, settings),
+            "seed": seed,
+            "target_class": target_class,
+            "fast_path": FastPath.of(fast_path),
+        }
         if images is not None:
             try:
                 images = check_images(images).detach().to("cpu", copy=True)
@@ -585,13 +592,9 @@ class ExplainDuringTraining(Callback):
                 raise type(error)(f"ExplainDuringTraining(images=...): {error}") from error
         self.num_images = num_images
         self.every_n_epochs = every_n_epochs
-        self.preset = preset
-        self.steps = steps
-        self.seed = seed
         self.model_attribute = model_attribute
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.log_prefix = log_prefix
-        self.overrides = overrides
         self.images: torch.Tensor | None = images  # the fixed set, on the CPU, once known
         self.last_explanation: Explanation | None = None  # on the CPU, global rank 0 only
         self.last_seconds: float | None = None
@@ -658,7 +661,7 @@ class ExplainDuringTraining(Callback):
         start = time.perf_counter()
         with preserved_rng_state(), gradients_enabled():
             images = self.images.clone()  # never an inference tensor
-            explainer = NeuroMask(classifier, preset=self.preset, steps=self.steps, seed=self.seed, **self.overrides)
+            explainer = NeuroMask(classifier, **self.explainer_args)
             explanation = explainer.explain(images).cpu()
         self.last_seconds = time.perf_counter() - start
         self.last_explanation = explanation

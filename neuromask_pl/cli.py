@@ -11,7 +11,7 @@ import torch
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from neuromask_pl.callbacks import ExplanationLogger, MaskWriter
-from neuromask_pl.explainer import NeuroMask
+from neuromask_pl.module import NeuroMask
 
 PREDICT_DEFAULTS = Path(__file__).with_name("predict_defaults.yaml")
 

@@ -13,10 +13,10 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 nvidia-smi -L | tee "$OUT/device.txt"
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/device.txt"
-timeout 200 $PY scripts/benchmark.py --model resnet50 --num-classes 1000 --size 224 --batch 64 \
+timeout 200 $PY benchmarks/speed.py --model resnet50 --num-classes 1000 --size 224 --batch 64 \
     --precision bf16-mixed --rounds 5 --steps 10 --target-ms 0.14 --out "$OUT/resnet50_224_b64_bf16.json" \
     2>&1 | tee "$OUT/resnet50.log"
-timeout 150 $PY scripts/benchmark.py --model cifar_resnet18 --size 32 --batch 512 \
+timeout 150 $PY benchmarks/speed.py --model cifar_resnet18 --size 32 --batch 512 \
     --precision bf16-mixed --rounds 5 --steps 10 --target-ms 0.009 --out "$OUT/cifar_resnet18_32_b512_bf16.json" \
     2>&1 | tee "$OUT/cifar.log"
 timeout 230 $PY -m pytest -q -p no:cacheprovider tests/test_fastpath.py 2>&1 | tail -n 15 | tee "$OUT/tests.log"

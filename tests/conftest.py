@@ -21,6 +21,18 @@ torch.set_num_threads(1)
 
 CLASS_NAMES = ["cat", "dog", "owl"]
 
+# Former presets, as settings over `paper` (docs/results/SUMMARY.md lists them as --set lines with their results).
+# BLUR_AREA keeps a fixed temperature, so float rounding is not amplified as at the default's final 0.01.
+BLUR_AREA = dict(
+    steps=300, l_pred=1.0, l_sparse=10.0, l_smooth=0.2, temperature=0.3, weight_limit=0.01, laplacian=3,
+    laplacian_padding="replicate", sparsity_on="area", area_target=0.15, baseline="blur", optimizer="adam", lr=0.1,
+    mask_scale=8,
+)  # fmt: skip
+SHARP = dict(
+    steps=300, l_pred=1.0, l_sparse=2.0, l_smooth=0.05, temperature=0.05, weight_limit=0.01, laplacian=3,
+    laplacian_padding="replicate", sparsity_on="mask", baseline="black", optimizer="adam", lr=0.1, mask_size=32,
+)  # fmt: skip
+
 
 class TinyCNN(nn.Module):
     """conv -> BatchNorm -> ReLU -> conv -> global average pool -> linear; takes B x 3 x H x W."""
@@ -74,8 +86,8 @@ def make_tiny_cnn(seed: int = 0, num_classes: int = len(CLASS_NAMES)) -> TinyCNN
 
 
 def load_script(name: str) -> ModuleType:
-    """A file of ``scripts/`` (not a package) imported as a module, for tests of its functions."""
-    path = Path(__file__).resolve().parents[1] / "scripts" / name
+    """A file of the repository (``benchmarks/speed.py``; not a package) imported as a module, for its tests."""
+    path = Path(__file__).resolve().parents[1] / name
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

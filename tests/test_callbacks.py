@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from neuromask_pl.callbacks import MANIFEST_COLUMNS, ExplanationLogger, MaskWriter
 from neuromask_pl.data import ImageFolderDataModule, TensorDataModule
-from neuromask_pl.result import LOSS_TERMS, Explanation
+from neuromask_pl.explanation import LOSS_TERMS, Explanation
 from neuromask_pl.store import load_results
 
 N, H, W, GAP = 10, 12, 14, 4

@@ -65,7 +65,7 @@ def test_cli_writes_outputs_and_tensorboard(tmp_path: Path, stage: str, capsys: 
     record = json.loads((out / "run.json").read_text())
     assert record["counts"] == {"explained": 5, "skipped": 1}
     assert record["hparams"]["steps"] == 5 and record["hparams"]["preset"] == "default"
-    assert record["hparams"]["mask_size"] == 32  # resolved from the preset, not None
+    assert record["hparams"]["settings"]["mask_size"] == 32  # resolved from the preset, not None
     assert "FactoryClassifier" in record["classifier"]["class"] and "torchvision" in record["versions"]
     assert str(out) in capsys.readouterr().out
 

@@ -1,4 +1,4 @@
-"""scripts/compare_methods.py: a smoke run on 4 benchmark images plus its helpers, checked independently."""
+"""benchmarks/compare_methods.py: a smoke run on 4 benchmark images plus its helpers, checked independently."""
 
 from __future__ import annotations
 
@@ -12,21 +12,13 @@ from conftest import load_script
 pytest.importorskip("captum")
 pytest.importorskip("torchray")
 
-from neuromask_pl.benchmark import load_benchmark_classifier, make_localisation_set  # noqa: E402
+from neuromask_pl.data.localisation import load_benchmark_classifier, make_localisation_set  # noqa: E402
 from neuromask_pl.metrics import energy_pointing, pointing_game  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def compare():
-    return load_script("compare_methods.py")
-
-
-def test_parse_overrides_types(compare):
-    got = compare.parse_overrides(["steps=5", "lr=0.05", "baseline=blur", "flag=true", "x=none", "tv=1e-3"])
-    assert got == {"steps": 5, "lr": 0.05, "baseline": "blur", "flag": True, "x": None, "tv": 1e-3}
-    assert isinstance(got["steps"], int) and isinstance(got["lr"], float)
-    with pytest.raises(ValueError, match="key=value"):
-        compare.parse_overrides(["steps"])
+    return load_script("benchmarks/compare_methods.py")
 
 
 def test_minmax_per_image(compare):
@@ -34,15 +26,6 @@ def test_minmax_per_image(compare):
     out = compare.minmax(maps)
     assert torch.allclose(out[0, 0], torch.tensor([[0.0, 0.5], [0.25, 1.0]]))
     assert torch.equal(out[1], torch.zeros(1, 2, 2))  # constant map: nothing selected
-
-
-def test_make_neuromask_overrides_reach_settings(compare):
-    classifier = load_benchmark_classifier("clean")
-    explainer = compare.make_neuromask(classifier, "blur_area", 7, {"lr": 0.02, "l_smooth": 0.5}, seed=0)
-    assert (explainer.settings.steps, explainer.settings.lr, explainer.settings.l_smooth) == (7, 0.02, 0.5)
-    assert explainer.settings.baseline == "blur"  # the rest of the preset is kept
-    with pytest.raises(ValueError, match="unknown"):
-        compare.make_neuromask(classifier, "default", None, {"no_such_setting": 1}, seed=0)
 
 
 def test_smoke_spurious_four_images(compare, tmp_path):

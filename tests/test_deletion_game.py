@@ -10,10 +10,11 @@ from conftest import assert_masks_independent_of_the_batch, make_images
 from torch import Tensor, nn
 
 from neuromask_pl import NeuroMask
-from neuromask_pl.benchmark import load_benchmark_classifier, make_localisation_set
+from neuromask_pl.data.localisation import load_benchmark_classifier, make_localisation_set
+from neuromask_pl.maths.losses import deletion_loss, laplacian_kernel, loss_terms
+from neuromask_pl.maths.optimize import MaskOptimisation
 from neuromask_pl.metrics import deletion_auc
-from neuromask_pl.objective import MaskSettings, deletion_loss, laplacian_kernel, loss_terms, resolve_settings
-from neuromask_pl.optimize import MaskOptimisation
+from neuromask_pl.settings import MaskSettings, resolve_settings
 
 
 def test_deletion_loss_is_minus_log_of_one_minus_the_target_probability() -> None:
@@ -42,7 +43,7 @@ def test_loss_terms_add_the_weighted_deletion_term() -> None:
 
 def test_l_delete_is_validated() -> None:
     with pytest.raises(ValueError, match="l_delete must be >= 0"):
-        resolve_settings("default", l_delete=-1)
+        resolve_settings("default", None, {"l_delete": -1})
 
 
 class CountsImages(nn.Module):
@@ -58,13 +59,13 @@ class CountsImages(nn.Module):
 def test_one_forward_pass_holds_the_masked_and_the_deleted_images(tiny_cnn) -> None:
     model = CountsImages(tiny_cnn.eval().requires_grad_(False))
     images = make_images(3, 16)
-    settings = resolve_settings("default", steps=2, l_delete=1.0)
+    settings = resolve_settings("default", 2, {"l_delete": 1.0})
     problem = MaskOptimisation(model, images, torch.tensor([0, 1, 2]), torch.arange(3), settings, seed=0)
     mask, logits, terms = problem.evaluate()
     assert model.batches == [6] and logits.shape == (3, 3)
     hidden = images * (1 - mask) + mask * problem.baseline  # the mask's region replaced by the baseline
     torch.testing.assert_close(terms["delete"], deletion_loss(tiny_cnn(hidden), torch.tensor([0, 1, 2])))
-    result = NeuroMask(tiny_cnn, steps=3, l_delete=1.0).explain(images)
+    result = NeuroMask(tiny_cnn, steps=3, settings={"l_delete": 1.0}).explain(images)
     assert "delete" in result.loss and result.loss["delete"].shape == (3,)
 
 
@@ -80,7 +81,9 @@ def test_the_deletion_game_makes_hiding_the_mask_remove_the_class() -> None:
     data = make_localisation_set("test", 12, seed=0)
     images = data["image"]
     targets = classifier(images).argmax(1)
-    results = {ld: NeuroMask(classifier, steps=150, l_delete=ld).explain(images, targets) for ld in (0.0, 10.0)}
+    results = {
+        ld: NeuroMask(classifier, steps=150, settings={"l_delete": ld}).explain(images, targets) for ld in (0.0, 10.0)
+    }
     aucs = {ld: deletion_auc(classifier, images, r.masks, targets).mean() for ld, r in results.items()}
     assert aucs[10.0] < aucs[0.0]
     assert bool(results[10.0].preserved.all())

@@ -11,19 +11,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from neuromask_pl.data import TensorDataModule
-from neuromask_pl.explainer import NeuroMask
-from neuromask_pl.mask import init_weights, mask_shape, upsample_mask
-from neuromask_pl.objective import MaskSettings
-from neuromask_pl.result import LOSS_TERMS, Explanation
+from neuromask_pl.explanation import LOSS_TERMS, Explanation
+from neuromask_pl.maths.mask import init_weights, mask_shape, upsample_mask
+from neuromask_pl.module import NeuroMask
+from neuromask_pl.settings import MaskSettings
 
 # Settings under which the masks of the tiny CNN move well away from their random start in few steps.
 BATCH_CONFIGS = {
     "paper": dict(preset="paper", steps=40),
-    "paper_unsaturated": dict(preset="paper", steps=60, weight_limit=1.0, lr=0.1),
+    "paper_unsaturated": dict(preset="paper", steps=60, settings=dict(weight_limit=1.0, lr=0.1)),
     # The default ends at temperature 0.01, which amplifies float32 rounding differences between batched and
     # single-image convolutions 100x; here it ends at 0.05, and tests/test_objective_options_v2.py checks the
     # exact default preset in float64.
-    "default": dict(preset="default", steps=40, temperature=0.05),
+    "default": dict(preset="default", steps=40, settings=dict(temperature=0.05)),
 }
 
 
@@ -241,7 +241,19 @@ def with_value(value: float) -> Tensor:
         ([[0.5]], TypeError, "must be a torch.Tensor"),
     ],
     ids=[
-        "rank3", "rank5", "channels", "nan", "inf", "-inf", "B=0", "H=0", "uint8", "int64", "above1", "below0", "list",
+        "rank3",
+        "rank5",
+        "channels",
+        "nan",
+        "inf",
+        "-inf",
+        "B=0",
+        "H=0",
+        "uint8",
+        "int64",
+        "above1",
+        "below0",
+        "list",
     ],
 )
 def test_bad_images_are_clear_errors(images, error: type, message: str, tiny_cnn) -> None:
@@ -282,7 +294,7 @@ def test_constructor_errors(tiny_cnn) -> None:
 
 
 def test_hparams_hold_the_resolved_settings(tiny_cnn) -> None:
-    module = NeuroMask(tiny_cnn, preset="paper", steps=7, baseline="mean", seed=3, target_class=1)
+    module = NeuroMask(tiny_cnn, preset="paper", steps=7, seed=3, target_class=1, settings={"baseline": "mean"})
     assert module.hparams["steps"] == 7 and module.hparams["baseline"] == "mean"
     assert module.hparams["lr"] == 0.03 and module.hparams["temperature"] == 0.3  # from the preset
     assert module.hparams["seed"] == 3 and module.hparams["target_class"] == 1 and module.hparams["preset"] == "paper"
@@ -309,7 +321,7 @@ def test_images_smaller_than_the_laplacian_restore_the_classifier(tiny_cnn) -> N
     with pytest.raises(ValueError, match="2x2 pixels are smaller than the 3x3 Laplacian"):
         NeuroMask(tiny_cnn, preset="paper", steps=2).explain(good_images(size=2))
     with pytest.raises(ValueError, match="4x4 pixels are smaller than the 5x5 Laplacian"):
-        NeuroMask(tiny_cnn, preset="default", steps=2, laplacian=5).explain(good_images(size=4))
+        NeuroMask(tiny_cnn, preset="default", steps=2, settings={"laplacian": 5}).explain(good_images(size=4))
     assert_untouched(tiny_cnn, before, "a failed explain")
 
 
@@ -371,7 +383,10 @@ def test_labels_of_the_batch_and_target_class_through_a_trainer(tiny_cnn, image_
 def test_predict_step_on_an_all_skipped_batch(tiny_cnn) -> None:
     skipped = [{"index": 3, "path": "a.png", "error": "truncated"}, {"index": 4, "path": "b.png", "error": "empty"}]
     batch = {
-        "image": torch.empty(0, 3, 10, 12), "index": torch.empty(0, dtype=torch.long), "path": [], "skipped": skipped,
+        "image": torch.empty(0, 3, 10, 12),
+        "index": torch.empty(0, dtype=torch.long),
+        "path": [],
+        "skipped": skipped,
     }
     result = NeuroMask(tiny_cnn, preset="paper", steps=2).predict_step(batch, 0)
     assert isinstance(result, Explanation)
@@ -390,7 +405,9 @@ def test_predict_step_on_an_all_skipped_batch(tiny_cnn) -> None:
 def test_explanation_fields_match_independent_computations(tiny_cnn, image_factory) -> None:
     images = image_factory(3, 16)
     ids = torch.tensor([4, 0, 2])
-    result = NeuroMask(tiny_cnn, preset="paper", steps=60, weight_limit=1.0, lr=0.1).explain(images, ids=ids)
+    result = NeuroMask(tiny_cnn, preset="paper", steps=60, settings={"weight_limit": 1.0, "lr": 0.1}).explain(
+        images, ids=ids
+    )
     assert result.masks.shape == (3, 1, 16, 16)
     assert result.masks.min() >= 0 and result.masks.max() <= 1
     assert torch.equal(result.ids, ids)
@@ -454,7 +471,7 @@ def test_tuple_batches_get_distinct_ids_in_arrival_order(tiny_cnn, image_factory
 
 
 def test_new_objective_options_keep_batches_independent(tiny_cnn, image_factory) -> None:
-    options = dict(preset="default", steps=20, jitter=2, smooth_penalty="tv", smooth_on="mask")
+    options = dict(preset="default", steps=20, settings=dict(jitter=2, smooth_penalty="tv", smooth_on="mask"))
     images = image_factory(4)
     batched = NeuroMask(tiny_cnn, **options).explain(images, ids=[5, 6, 7, 8])
     alone = NeuroMask(tiny_cnn, **options).explain(images[2:3], ids=[7])

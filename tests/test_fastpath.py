@@ -10,20 +10,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import make_images
+from conftest import BLUR_AREA, SHARP, make_images
 from torch import Tensor, nn
 
 from neuromask_pl import NeuroMask
 from neuromask_pl.data import TensorDataModule
-from neuromask_pl.fastpath import FastClassifier, FastPath, FrozenConv2d, fold_batchnorm
-from neuromask_pl.objective import resolve_settings, temperature_at
-from neuromask_pl.optimize import (
+from neuromask_pl.maths.fastpath import FastClassifier, FastPath, FrozenConv2d, fold_batchnorm
+from neuromask_pl.maths.losses import temperature_at
+from neuromask_pl.maths.optimize import (
     MaskOptimisation,
     SampleLossScale,
     learn_masks,
     running_rows,
     update_patience,
 )
+from neuromask_pl.settings import resolve_settings
 
 # ----------------------------------------------------------------------------- models
 
@@ -196,7 +197,7 @@ def test_conv_subclasses_with_their_own_forward_are_folded() -> None:
 def test_a_conv_that_folding_breaks_is_caught_and_the_classifier_used(caplog) -> None:
     net = conv_bn_net(StandardisedConv)
     fast = FastClassifier(FastPath())
-    with caplog.at_level(logging.WARNING, logger="neuromask_pl.fastpath"):
+    with caplog.at_level(logging.WARNING, logger="neuromask_pl.maths.fastpath"):
         assert fast.get(net, torch.rand(2, 3, 8, 8)) is net
     assert "changes its logits" in caplog.text
 
@@ -228,9 +229,9 @@ def test_a_copy_that_changes_the_logits_falls_back_to_the_classifier(
         copy.forward = lambda x: module(x) + 1.0  # type: ignore[method-assign]
         return copy, 1
 
-    monkeypatch.setattr("neuromask_pl.fastpath.fold_batchnorm", broken_fold)
+    monkeypatch.setattr("neuromask_pl.maths.fastpath.fold_batchnorm", broken_fold)
     fast = FastClassifier(FastPath())
-    with caplog.at_level(logging.WARNING, logger="neuromask_pl.fastpath"):
+    with caplog.at_level(logging.WARNING, logger="neuromask_pl.maths.fastpath"):
         assert fast.get(tiny_cnn, image_factory(2, 16)) is tiny_cnn
     assert "changes its logits" in caplog.text and fast.folded == 0
 
@@ -343,12 +344,13 @@ def test_an_explainer_with_a_cached_copy_pickles_and_deep_copies(tiny_cnn, image
 FAST_TOLERANCE = 1e-3  # the fast path's masks equal the plain path's within this (max abs, mask in [0, 1])
 
 
-@pytest.mark.parametrize("preset", ["blur_area", "paper", "sharp"])
-def test_fast_path_masks_equal_plain_path_masks(preset: str, image_factory) -> None:
+@pytest.mark.parametrize("settings", [BLUR_AREA, {}, SHARP], ids=["blur_area", "paper", "sharp"])
+def test_fast_path_masks_equal_plain_path_masks(settings: dict, image_factory) -> None:
     model = resnet18()
     images = image_factory(3, 32)
-    plain = NeuroMask(model, preset=preset, steps=25, fold_batchnorm=False, pack_convolutions=False).explain(images)
-    fast = NeuroMask(model, preset=preset, steps=25).explain(images)
+    plain_path = {"fold_batchnorm": False, "pack_convolutions": False}
+    plain = NeuroMask(model, "paper", 25, settings, fast_path=plain_path).explain(images)
+    fast = NeuroMask(model, "paper", 25, settings).explain(images)
     assert fast.masks.shape == plain.masks.shape
     assert (fast.masks - plain.masks).abs().max() < FAST_TOLERANCE
     torch.testing.assert_close(fast.prob_original, plain.prob_original, rtol=0, atol=1e-6)  # original model
@@ -359,27 +361,31 @@ def test_fast_path_with_the_annealed_default(image_factory) -> None:
     0.5 may land on the other side; in float64 (folding only: packed convolutions are float32) it is exact."""
     model = resnet18()
     images = image_factory(3, 32)
-    plain = NeuroMask(model, steps=25, fold_batchnorm=False, pack_convolutions=False).explain(images)
+    plain = NeuroMask(model, steps=25, fast_path={"fold_batchnorm": False, "pack_convolutions": False}).explain(images)
     fast = NeuroMask(model, steps=25).explain(images)
     assert (fast.masks - plain.masks).abs().mean() < 5e-3
     assert ((fast.masks > 0.5) == (plain.masks > 0.5)).float().mean() > 0.995
     model64, images64 = model.double(), images.double()
-    plain64 = NeuroMask(model64, steps=25, fold_batchnorm=False).explain(images64)
+    plain64 = NeuroMask(model64, steps=25, fast_path={"fold_batchnorm": False}).explain(images64)
     fast64 = NeuroMask(model64, steps=25).explain(images64)
     torch.testing.assert_close(fast64.masks, plain64.masks, rtol=0, atol=1e-6)
 
 
 def test_channels_last_on_cpu_gives_the_same_masks(tiny_cnn, image_factory) -> None:
     images = image_factory(3, 16)
-    plain = NeuroMask(tiny_cnn, steps=20, fold_batchnorm=False, pack_convolutions=False).explain(images)
-    fast = NeuroMask(tiny_cnn, steps=20, channels_last=True).explain(images)
+    plain = NeuroMask(tiny_cnn, steps=20, fast_path={"fold_batchnorm": False, "pack_convolutions": False}).explain(
+        images
+    )
+    fast = NeuroMask(tiny_cnn, steps=20, fast_path={"channels_last": True}).explain(images)
     assert (fast.masks - plain.masks).abs().max() < FAST_TOLERANCE
 
 
 def test_compiled_fast_path_gives_the_same_masks(tiny_cnn, image_factory) -> None:
     images = image_factory(3, 16)
-    plain = NeuroMask(tiny_cnn, steps=15, fold_batchnorm=False, pack_convolutions=False).explain(images)
-    module = NeuroMask(tiny_cnn, steps=15, compile=True)
+    plain = NeuroMask(tiny_cnn, steps=15, fast_path={"fold_batchnorm": False, "pack_convolutions": False}).explain(
+        images
+    )
+    module = NeuroMask(tiny_cnn, steps=15, fast_path={"compile": True})
     compiled = module.explain(images)
     assert (compiled.masks - plain.masks).abs().max() < FAST_TOLERANCE
     assert module.hparams["compile"] is True and module.hparams["fold_batchnorm"] is True
@@ -411,13 +417,15 @@ def test_early_stopping_per_sample(tiny_cnn, image_factory) -> None:
     images = image_factory(4, 16)
     ids = torch.tensor([4, 9, 2, 6])
     # A fixed temperature (blur_area): with an annealed one the schedule spans `steps`, so a shorter run differs.
-    settings = dict(preset="blur_area", steps=120, stop_patience=5, stop_tolerance=1e-2)
+    settings = dict(preset="paper", steps=120, settings={**BLUR_AREA, "stop_patience": 5, "stop_tolerance": 1e-2})
     stopped = NeuroMask(tiny_cnn, **settings).explain(images, ids=ids)
     steps = stopped.steps.tolist()
     assert min(steps) < 120 and len(set(steps)) > 1  # images stop at different steps
     # A stopped mask is exactly the mask of a run that was given that many steps and no early stopping.
     for i, n in enumerate(steps):
-        alone = NeuroMask(tiny_cnn, preset="blur_area", steps=n).explain(images[i : i + 1], ids=ids[i : i + 1])
+        alone = NeuroMask(tiny_cnn, preset="paper", steps=n, settings=BLUR_AREA).explain(
+            images[i : i + 1], ids=ids[i : i + 1]
+        )
         torch.testing.assert_close(stopped.masks[i], alone.masks[0], rtol=0, atol=1e-4)
     # And batching does not change when (or where) an image stops.
     singles = [NeuroMask(tiny_cnn, **settings).explain(images[i : i + 1], ids=ids[i : i + 1]) for i in range(4)]
@@ -460,7 +468,7 @@ class FP16Underflow(nn.Module):
 def first_step_gradient(float16: bool) -> Tensor:
     model = FP16Underflow().eval().requires_grad_(False)
     settings = resolve_settings(
-        "default", steps=1, l_sparse=0.0, l_smooth=0.0, l_detail=0.0, mask_scale=1, baseline="black"
+        "default", 1, {"l_sparse": 0.0, "l_smooth": 0.0, "l_detail": 0.0, "mask_scale": 1, "baseline": "black"}
     )
     problem = MaskOptimisation(model, make_images(2, 8), torch.tensor([0, 1]), torch.arange(2), settings, seed=0)
     with torch.autocast("cpu", dtype=torch.float16, enabled=float16):
@@ -473,7 +481,7 @@ def test_float16_autocast_scales_the_loss_so_mask_gradients_survive(monkeypatch)
     half = first_step_gradient(float16=True)
     assert full.abs().max() > 0
     torch.testing.assert_close(half, full, rtol=0, atol=0.02 * float(full.abs().max()))
-    monkeypatch.setattr("neuromask_pl.optimize.autocast_float16", lambda device: False)
+    monkeypatch.setattr("neuromask_pl.maths.optimize.autocast_float16", lambda device: False)
     assert first_step_gradient(float16=True).abs().max() == 0  # what happens without the scale
 
 
@@ -514,7 +522,7 @@ def test_out_of_memory_splits_the_batch_and_gives_the_same_masks(tiny_cnn, image
     reference = NeuroMask(tiny_cnn, steps=15).explain(images)
     wrapped = RunsOutOfMemory(tiny_cnn, limit=2)
     module = NeuroMask(wrapped, steps=15)
-    with caplog.at_level(logging.WARNING, logger="neuromask_pl.explainer"):
+    with caplog.at_level(logging.WARNING, logger="neuromask_pl.module"):
         result = module.explain(images)
     assert module.max_chunk == 2 and max(RunsOutOfMemory.sizes) == 2
     assert "out of memory with 5 images" in caplog.text
@@ -530,9 +538,9 @@ def test_out_of_memory_with_one_image_is_a_clear_error(tiny_cnn, image_factory) 
 
 def test_settings_errors() -> None:
     with pytest.raises(ValueError, match="stop_patience"):
-        resolve_settings("default", stop_patience=-1)
+        resolve_settings("default", None, {"stop_patience": -1})
     with pytest.raises(ValueError, match="stop_tolerance"):
-        resolve_settings("default", stop_tolerance=-0.1)
+        resolve_settings("default", None, {"stop_tolerance": -0.1})
 
 
 def test_loss_terms_shape_under_autocast_are_float32(tiny_cnn, image_factory) -> None:
@@ -542,7 +550,7 @@ def test_loss_terms_shape_under_autocast_are_float32(tiny_cnn, image_factory) ->
             image_factory(2, 16),
             torch.tensor([0, 1]),
             torch.arange(2),
-            resolve_settings("default", steps=3),
+            resolve_settings("default", 3),
             seed=0,
         )
     assert fit.masks.dtype == torch.float32 and fit.loss["total"].dtype == torch.float32
@@ -559,7 +567,9 @@ def test_cuda_fast_path_and_compile_give_the_plain_masks(precision: str, image_f
     for name, options in {"plain": dict(fold_batchnorm=False), "default": {}, "compiled": dict(compile=True)}.items():
         with torch.autocast("cuda", dtype=dtype, enabled=precision != "32"):
             # blur_area: a fixed temperature, so float rounding is not amplified (see the annealed-default test)
-            results[name] = NeuroMask(model, preset="blur_area", steps=25, **options).explain(images).masks
+            results[name] = (
+                NeuroMask(model, preset="paper", steps=25, settings=BLUR_AREA, **options).explain(images).masks
+            )
     tolerance = FAST_TOLERANCE if precision == "32" else 0.05  # bf16 rounds differently after folding
     for name in ("default", "compiled"):
         assert (results[name] - results["plain"]).abs().mean() < tolerance / 10, name
@@ -572,9 +582,9 @@ def test_cuda_graphs_with_early_stopping_record_few_sizes_and_give_the_eager_mas
     powers of two, and no output of an earlier graph replay is read after it was overwritten."""
     model = resnet18().cuda()
     images = image_factory(12, 32).cuda()
-    options = dict(preset="blur_area", steps=80, stop_patience=4, stop_tolerance=1e-2)
+    options = dict(preset="paper", steps=80, settings={**BLUR_AREA, "stop_patience": 4, "stop_tolerance": 1e-2})
     eager = NeuroMask(model, **options).explain(images)
-    compiled = NeuroMask(model, compile=True, **options).explain(images)
+    compiled = NeuroMask(model, fast_path={"compile": True}, **options).explain(images)
     assert len(set(eager.steps.tolist())) > 2, "samples should stop at different steps"
     assert torch.isfinite(compiled.masks).all()
     assert (compiled.steps - eager.steps).abs().float().mean() <= 2  # TF32 rounding may shift a stop by a step
@@ -584,7 +594,7 @@ def test_cuda_graphs_with_early_stopping_record_few_sizes_and_give_the_eager_mas
 def test_early_stopping_under_annealing_keeps_each_samples_last_temperature(tiny_cnn, image_factory) -> None:
     images = image_factory(3, 16)
     ids = torch.tensor([1, 5, 9])
-    options = dict(steps=60, tie_break=0.0, stop_patience=4, stop_tolerance=2e-2)
+    options = dict(steps=60, settings=dict(tie_break=0.0, stop_patience=4, stop_tolerance=2e-2))
     result = NeuroMask(tiny_cnn, **options).explain(images, ids=ids)
     steps = result.steps.tolist()
     assert min(steps) < 60
@@ -605,7 +615,7 @@ def test_early_stopping_under_annealing_keeps_each_samples_last_temperature(tiny
 
 def test_blur_baseline_on_images_too_small_to_blur_is_a_clear_error(tiny_cnn, image_factory) -> None:
     with pytest.raises(ValueError, match="too small for the blur baseline"):
-        NeuroMask(tiny_cnn, preset="blur_area", steps=2).explain(image_factory(2, 8))
+        NeuroMask(tiny_cnn, preset="paper", steps=2, settings=BLUR_AREA).explain(image_factory(2, 8))
 
 
 @needs_onednn
@@ -629,14 +639,14 @@ def test_fused_adam_of_cuda_gives_the_same_masks_with_early_stopping(float16, ti
     """The fused Adam that CUDA runs, exercised on the CPU (torch has it there too): same masks, same stops,
     also where early stopping and float16 overflow skips restore some samples' weights after the step."""
     images = image_factory(3, 16)
-    options = dict(steps=40, stop_patience=3, stop_tolerance=2e-2)
+    options = dict(steps=40, settings={**BLUR_AREA, "stop_patience": 3, "stop_tolerance": 2e-2})
 
     def explain():
         with torch.autocast("cpu", dtype=torch.float16, enabled=float16):
-            return NeuroMask(tiny_cnn, preset="blur_area", **options).explain(images)
+            return NeuroMask(tiny_cnn, preset="paper", **options).explain(images)
 
     reference = explain()
-    monkeypatch.setattr("neuromask_pl.optimize.fuses_adam", lambda device: True)
+    monkeypatch.setattr("neuromask_pl.maths.optimize.fuses_adam", lambda device: True)
     made = []
     original = torch.optim.Adam.__init__
 
@@ -678,7 +688,9 @@ def test_few_batch_sizes_give_the_same_masks_and_stops_as_early_stopping_alone(t
     """For a compiled classifier the rows of a step are topped up to a power of two: the classifier sees
     few batch sizes, and the topped-up (stopped) samples change nothing."""
     images, targets, ids = image_factory(7, 16), torch.tensor([0, 1, 2, 0, 1, 2, 0]), torch.arange(7)
-    settings = resolve_settings("blur_area", steps=60, stop_patience=3, stop_tolerance=2e-2, tie_break=1e-3)
+    settings = resolve_settings(
+        "paper", 60, {**BLUR_AREA, "stop_patience": 3, "stop_tolerance": 2e-2, "tie_break": 1e-3}
+    )
     fits, sizes = {}, {}
     for few in (False, True):
         model = RecordsBatchSizes(tiny_cnn.eval().requires_grad_(False))
@@ -702,7 +714,7 @@ def test_cuda_graphs_top_up_the_batch_under_early_stopping(tiny_cnn, image_facto
         seen.append(kwargs.get("few_batch_sizes"))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr("neuromask_pl.explainer.learn_masks", record)
+    monkeypatch.setattr("neuromask_pl.module.learn_masks", record)
     NeuroMask(tiny_cnn, steps=2).explain(image_factory(2, 16))
     monkeypatch.setattr(FastPath, "records_cuda_graphs", lambda self, device: True)
     NeuroMask(tiny_cnn, steps=2).explain(image_factory(2, 16))

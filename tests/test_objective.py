@@ -1,4 +1,4 @@
-"""Tests for neuromask_pl.objective and the TF1 RMSProp: every value checked against a hand computation."""
+"""Tests for neuromask_pl.settings and the TF1 RMSProp: every value checked against a hand computation."""
 
 from __future__ import annotations
 
@@ -8,16 +8,9 @@ from dataclasses import fields
 import pytest
 import torch
 
-from neuromask_pl.objective import (
-    PRESETS,
-    MaskSettings,
-    area_profile_loss,
-    laplacian_kernel,
-    laplacian_size,
-    loss_terms,
-    resolve_settings,
-)
-from neuromask_pl.optimize import TFRMSprop
+from neuromask_pl.maths.losses import area_profile_loss, laplacian_kernel, laplacian_size, loss_terms
+from neuromask_pl.maths.optimize import TFRMSprop
+from neuromask_pl.settings import PRESETS, MaskSettings, resolve_settings
 
 # Two 6x6 weight grids with known, irregular values (one per sample).
 GRID_A = [[((7 * (6 * i + j)) % 11 - 5) / 2.0 for j in range(6)] for i in range(6)]
@@ -96,8 +89,12 @@ def test_paper_loss_terms_equal_hand_computation(size: int) -> None:
     weights = as_batch(GRID_A, GRID_B)
     mask = torch.sigmoid(weights / settings.temperature)
     terms = loss_terms(
-        torch.tensor(LOGITS, dtype=torch.float64), torch.tensor(TARGETS), weights, mask,
-        laplacian_kernel(size), settings,
+        torch.tensor(LOGITS, dtype=torch.float64),
+        torch.tensor(TARGETS),
+        weights,
+        mask,
+        laplacian_kernel(size),
+        settings,
     )
     for sample, grid in enumerate((GRID_A, GRID_B)):
         pred = cross_entropy_by_hand(LOGITS[sample], TARGETS[sample])
@@ -113,12 +110,10 @@ def test_paper_loss_terms_equal_hand_computation(size: int) -> None:
 
 @pytest.mark.parametrize("size", [3, 5])
 def test_replicate_padded_smoothness_by_hand(size: int) -> None:
-    settings = resolve_settings("paper", laplacian_padding="replicate")
+    settings = resolve_settings("paper", None, {"laplacian_padding": "replicate"})
     weights = as_batch(GRID_A, GRID_B)
     mask = torch.sigmoid(weights / settings.temperature)
-    terms = loss_terms(
-        torch.tensor(LOGITS), torch.tensor(TARGETS), weights, mask, laplacian_kernel(size), settings
-    )
+    terms = loss_terms(torch.tensor(LOGITS), torch.tensor(TARGETS), weights, mask, laplacian_kernel(size), settings)
     for sample, grid in enumerate((GRID_A, GRID_B)):
         assert terms["smooth"][sample].item() == pytest.approx(replicate_laplacian_mse_by_hand(grid, size), rel=1e-5)
         assert terms["smooth"][sample].item() != pytest.approx(laplacian_mse_by_hand(grid, size), rel=1e-3)
@@ -163,7 +158,7 @@ def test_each_sample_loss_ignores_the_rest_of_the_batch() -> None:
 
 
 def test_mask_sparsity_is_the_mask_mean() -> None:
-    settings = resolve_settings("paper", sparsity_on="mask")
+    settings = resolve_settings("paper", None, {"sparsity_on": "mask"})
     weights = as_batch(GRID_A)
     mask = torch.sigmoid(weights / settings.temperature)
     logits, targets = torch.tensor(LOGITS[:1]), torch.tensor(TARGETS[:1])
@@ -266,7 +261,7 @@ def test_tf_rmsprop_skips_parameters_without_gradient() -> None:
 
 
 def test_resolve_settings_applies_overrides_and_ignores_none() -> None:
-    settings = resolve_settings("paper", steps=7, lr=None, laplacian=5, baseline="mean")
+    settings = resolve_settings("paper", 7, {"lr": None, "laplacian": 5, "baseline": "mean"})
     paper = PRESETS["paper"]
     assert (settings.steps, settings.laplacian, settings.baseline) == (7, 5, "mean")
     for f in fields(MaskSettings):
@@ -279,9 +274,9 @@ def test_resolve_settings_errors() -> None:
     with pytest.raises(ValueError, match="unknown preset 'nope'.*paper"):
         resolve_settings("nope")
     with pytest.raises(ValueError, match=r"unknown mask settings \['stpes'\]"):
-        resolve_settings("paper", stpes=3)
+        resolve_settings("paper", None, {"stpes": 3})
     with pytest.raises(ValueError, match="temperature must be > 0"):
-        resolve_settings("default", temperature=0.0)
+        resolve_settings("default", None, {"temperature": 0.0})
 
 
 @pytest.mark.parametrize(
@@ -308,13 +303,13 @@ def test_mask_settings_validation(changes: dict, message: str) -> None:
 
 
 def test_mask_settings_as_dict_round_trips() -> None:
-    settings = resolve_settings("default", steps=11)
+    settings = resolve_settings("default", 11)
     assert MaskSettings(**settings.as_dict()) == settings
     assert settings.as_dict()["steps"] == 11
 
 
 def test_total_variation_by_hand() -> None:
-    from neuromask_pl.objective import total_variation
+    from neuromask_pl.maths.losses import total_variation
 
     values = torch.tensor([[[[0.0, 1.0, 3.0], [2.0, 2.0, 2.0]]]])
     # vertical |2-0|,|2-1|,|2-3| -> mean 4/3; horizontal |1-0|,|3-1|,|2-2|,|2-2| -> mean 3/4
@@ -322,16 +317,16 @@ def test_total_variation_by_hand() -> None:
 
 
 def test_smooth_term_on_the_mask_uses_the_sigmoid() -> None:
-    from neuromask_pl.objective import laplacian_kernel, smooth_term, total_variation
+    from neuromask_pl.maths.losses import laplacian_kernel, smooth_term, total_variation
 
     weights = torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(0))
-    settings = resolve_settings("paper", smooth_penalty="tv", smooth_on="mask", temperature=0.5)
+    settings = resolve_settings("paper", None, {"smooth_penalty": "tv", "smooth_on": "mask", "temperature": 0.5})
     expected = total_variation(torch.sigmoid(weights / 0.5))
     torch.testing.assert_close(smooth_term(weights, laplacian_kernel(3), settings), expected)
 
 
 def test_jitter_shift_depends_on_seed_and_step_only() -> None:
-    from neuromask_pl.optimize import jitter_shift
+    from neuromask_pl.maths.optimize import jitter_shift
 
     shifts = [jitter_shift(0, step, 2) for step in range(50)]
     assert shifts == [jitter_shift(0, step, 2) for step in range(50)]

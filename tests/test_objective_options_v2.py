@@ -13,8 +13,9 @@ import torch
 from conftest import assert_masks_independent_of_the_batch, make_images
 
 from neuromask_pl import NeuroMask
-from neuromask_pl.mask import tie_free_map
-from neuromask_pl.objective import PRESETS, MaskSettings, resolve_settings, settings_at, temperature_at
+from neuromask_pl.maths.losses import settings_at, temperature_at
+from neuromask_pl.maths.mask import tie_free_map
+from neuromask_pl.settings import PRESETS, MaskSettings, resolve_settings
 
 # ----------------------------------------------------------------------------- validation
 
@@ -69,14 +70,18 @@ def test_temperature_schedule_fixed_without_start_and_with_one_step() -> None:
 
 def test_annealed_temperature_reaches_the_mask_smoothness_term() -> None:
     """smooth_on='mask' uses the step's temperature: at step 0 the mask is sigmoid(w / temperature_start)."""
-    from neuromask_pl.objective import laplacian_kernel, loss_terms
+    from neuromask_pl.maths.losses import laplacian_kernel, loss_terms
 
-    settings = resolve_settings("default", steps=3)
+    settings = resolve_settings("default", 3)
     weights = torch.tensor([[[[0.0, 0.5], [1.0, -1.0]]]], dtype=torch.float64)
     first = settings_at(settings, 0)
     terms = loss_terms(
-        torch.tensor([[1.0, 0.0]], dtype=torch.float64), torch.tensor([0]), weights,
-        torch.sigmoid(weights / first.temperature), laplacian_kernel(3), first,
+        torch.tensor([[1.0, 0.0]], dtype=torch.float64),
+        torch.tensor([0]),
+        weights,
+        torch.sigmoid(weights / first.temperature),
+        laplacian_kernel(3),
+        first,
     )
     m = [[1 / (1 + math.exp(-w / 2.0)) for w in row] for row in ([0.0, 0.5], [1.0, -1.0])]
     tv = (abs(m[1][0] - m[0][0]) + abs(m[1][1] - m[0][1])) / 2 + (abs(m[0][1] - m[0][0]) + abs(m[1][1] - m[1][0])) / 2
@@ -129,6 +134,6 @@ def test_masks_do_not_depend_on_the_batch(tiny_cnn: torch.nn.Module, options: di
 
 
 def test_new_options_reach_the_settings_through_the_constructor(tiny_cnn: torch.nn.Module) -> None:
-    module = NeuroMask(tiny_cnn, preset="paper", temperature_start=1.0, tie_break=0.05)
+    module = NeuroMask(tiny_cnn, preset="paper", settings={"temperature_start": 1.0, "tie_break": 0.05})
     assert (module.settings.temperature_start, module.settings.tie_break) == (1.0, 0.05)
     assert module.hparams["temperature_start"] == 1.0 and module.hparams["tie_break"] == 0.05

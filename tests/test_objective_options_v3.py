@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from conftest import assert_masks_independent_of_the_batch, make_images
 
 from neuromask_pl import NeuroMask
-from neuromask_pl.mask import pack_weights, unpack_weights
-from neuromask_pl.objective import PRESETS, MaskSettings, detail_penalty, laplacian_kernel, loss_terms, resolve_settings
-from neuromask_pl.optimize import MaskOptimisation
+from neuromask_pl.maths.losses import detail_penalty, laplacian_kernel, loss_terms
+from neuromask_pl.maths.mask import pack_weights, unpack_weights
+from neuromask_pl.maths.optimize import MaskOptimisation
+from neuromask_pl.settings import PRESETS, MaskSettings, resolve_settings
 
 # ----------------------------------------------------------------------------- validation and presets
 
@@ -50,7 +51,7 @@ def test_default_preset_is_two_scale_with_upsampled_weights() -> None:
 
 
 def test_new_options_reach_the_settings_through_the_constructor(tiny_cnn: torch.nn.Module) -> None:
-    module = NeuroMask(tiny_cnn, preset="paper", mask_coarse=4, l_detail=2.0, upsample_weights=True)
+    module = NeuroMask(tiny_cnn, preset="paper", settings={"mask_coarse": 4, "l_detail": 2.0, "upsample_weights": True})
     assert (module.settings.mask_coarse, module.settings.l_detail, module.settings.upsample_weights) == (4, 2.0, True)
     assert module.hparams["mask_coarse"] == 4 and module.hparams["upsample_weights"] is True
 
@@ -87,7 +88,7 @@ def test_detail_penalty_is_added_to_the_total_only() -> None:
 
 def test_two_scale_optimisation_learns_both_grids(tiny_cnn: torch.nn.Module) -> None:
     # 40 px: fine grid 8 x 8 (cells of 5 px), coarse grid 5 x 5 (cells of 8 px)
-    settings = resolve_settings("default", steps=3, mask_size=8, mask_coarse=5, l_detail=1.0)
+    settings = resolve_settings("default", 3, {"mask_size": 8, "mask_coarse": 5, "l_detail": 1.0})
     images = make_images(2, size=40, seed=1)
     problem = MaskOptimisation(tiny_cnn, images, torch.tensor([0, 1]), torch.arange(2), settings, seed=0)
     assert problem.weights.shape == (2, 1, 1, 8 * 8 + 5 * 5)
@@ -108,7 +109,9 @@ def test_upsampled_weights_give_a_binary_mask_with_smooth_contours(tiny_cnn: tor
 
     def first_mask(upsample_weights: bool) -> tuple[torch.Tensor, torch.Tensor]:
         settings = resolve_settings(
-            "paper", steps=1, mask_scale=4, temperature=0.001, weight_limit=1.0, upsample_weights=upsample_weights
+            "paper",
+            1,
+            {"mask_scale": 4, "temperature": 0.001, "weight_limit": 1.0, "upsample_weights": upsample_weights},
         )
         problem = MaskOptimisation(tiny_cnn, images, torch.tensor([0]), ids, settings, seed=0)
         return problem.evaluate()[0], problem.weights.detach()

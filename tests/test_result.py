@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neuromask_pl.explainer import NeuroMask
-from neuromask_pl.result import Explanation
+from neuromask_pl.explanation import Explanation
+from neuromask_pl.module import NeuroMask
 
 
 def test_save_and_load_round_trip(tmp_path, tiny_cnn, image_factory) -> None:

@@ -7,8 +7,8 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from neuromask_pl.explainer import NeuroMask
-from neuromask_pl.result import Explanation
+from neuromask_pl.explanation import Explanation
+from neuromask_pl.module import NeuroMask
 
 
 class ClassifyAndExplain(pl.LightningModule):

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from neuromask_pl import NeuroMask
 from neuromask_pl.callbacks import ExplainDuringTraining, overlay_grid
-from neuromask_pl.explainer import unpack_batch
+from neuromask_pl.module import unpack_batch
 from neuromask_pl.viz import to_uint8
 
 STEPS = 5  # mask steps per call: enough to change the masks, cheap on a CPU

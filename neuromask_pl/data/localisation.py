@@ -47,7 +47,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from neuromask_pl.data import _ExplainDataModule, collate_samples
+from neuromask_pl.data.batch import collate_samples
+from neuromask_pl.data.modules import ExplainDataModule
 
 logger = logging.getLogger(__name__)
 
@@ -363,7 +364,7 @@ def collate_localisation(samples: list[dict[str, Any]], empty_image_shape: tuple
     return batch
 
 
-class LocalisationDataModule(_ExplainDataModule):
+class LocalisationDataModule(ExplainDataModule):
     """The localisation benchmark as explanation batches (see the module docstring for the design).
 
     Batches hold ``image``, ``index``, ``label`` and ``skipped`` as usual, plus ``gt_mask`` and
@@ -459,7 +460,7 @@ def load_benchmark_classifier(variant: str = "clean") -> nn.Module:
     Loaded with ``weights_only=True`` and ``strict=True`` through
     :class:`~neuromask_pl.classifiers.FactoryClassifier`; ``class_names`` are ``"0"``..``"9"`` and
     ``source_file`` is the checkpoint. Its accuracy is in ``neuromask_pl/assets/localisation_metrics.json``
-    (written by ``scripts/train_localisation_classifier.py``).
+    (written by ``benchmarks/train_localisation_classifier.py``).
 
     Raises:
         ValueError: for an unknown variant.
@@ -468,7 +469,7 @@ def load_benchmark_classifier(variant: str = "clean") -> nn.Module:
     from neuromask_pl.classifiers import FactoryClassifier
 
     return FactoryClassifier(
-        "neuromask_pl.benchmark:SmallCNN",
+        "neuromask_pl.data.localisation:SmallCNN",
         {"num_classes": 10},
         weights=checkpoint_path(variant),
         class_names=CLASS_NAMES,

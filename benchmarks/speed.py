@@ -19,9 +19,9 @@ statistics randomised so folding is not trivial): speed does not depend on them.
 
 Examples::
 
-    python scripts/benchmark.py                                   # CPU target: ResNet-18/10 at 64 px, batch 16
-    python scripts/benchmark.py --model resnet50 --size 224 --batch 64 --precision bf16-mixed  # GPU
-    python scripts/benchmark.py --model cifar_resnet18 --size 32 --batch 512 --precision bf16-mixed
+    python benchmarks/speed.py                                   # CPU target: ResNet-18/10 at 64 px, batch 16
+    python benchmarks/speed.py --model resnet50 --size 224 --batch 64 --precision bf16-mixed  # GPU
+    python benchmarks/speed.py --model cifar_resnet18 --size 32 --batch 512 --precision bf16-mixed
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from neuromask_pl.fastpath import FastClassifier, FastPath
-from neuromask_pl.inputs import frozen
-from neuromask_pl.objective import PRESETS
-from neuromask_pl.optimize import MaskOptimisation
+from neuromask_pl.data.checks import frozen
+from neuromask_pl.maths.fastpath import FastClassifier, FastPath
+from neuromask_pl.maths.optimize import MaskOptimisation
+from neuromask_pl.settings import PRESETS
 
 PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 

@@ -2,14 +2,13 @@
 whether the soft-masked image keeps the class (``preserved``) and whether the mask thresholded at 0.5 alone,
 black elsewhere, keeps it (``selection``); writes the panels (photo | heat map | photo x mask) as one image.
 
-    python scripts/photo_check.py --ids 0,1,5,3 --steps 150 --out docs/demo_overlay.jpg
-    python scripts/photo_check.py --preset default --set mask_coarse=0 --out /tmp/single_scale.png
+    python benchmarks/photo_check.py --ids 0,1,5,3 --steps 150 --out docs/demo_overlay.jpg
+    python benchmarks/photo_check.py --preset default --set mask_coarse=0 --out /tmp/single_scale.png
 
 Photo ids: 0 chelsea (cat), 1 coffee, 2 astronaut, 3 rocket, 4 china.jpg, 5 flower.jpg.
 """
 
 import argparse
-import ast
 import time
 
 import torch
@@ -19,6 +18,7 @@ from neuromask_pl import NeuroMask
 from neuromask_pl.classifiers import EfficientNetLite0
 from neuromask_pl.data import DemoDataModule
 from neuromask_pl.metrics import selection
+from neuromask_pl.settings import parse_overrides
 from neuromask_pl.viz import explanation_panel, save_png, to_uint8
 
 p = argparse.ArgumentParser()
@@ -28,20 +28,12 @@ p.add_argument("--preset", default="default")
 p.add_argument("--set", nargs="*", default=[], help="settings overrides key=value")
 p.add_argument("--out", default="photo_check.png", help="panels; .jpg is written as JPEG (quality 90)")
 a = p.parse_args()
-kw = {}
-for item in a.set:
-    k, v = item.split("=", 1)
-    try:
-        v = ast.literal_eval(v)
-    except (ValueError, SyntaxError):
-        pass  # a plain string, e.g. baseline=blur
-    kw[k] = v
 torch.manual_seed(0)
 ds = DemoDataModule(image_size=224)._build_dataset()
 ids = [int(i) for i in a.ids.split(",")]
 imgs = torch.stack([ds[i]["image"] for i in ids])
 clf = EfficientNetLite0()
-nm = NeuroMask(clf, preset=a.preset, steps=a.steps, **kw)
+nm = NeuroMask(clf, preset=a.preset, steps=a.steps, settings=parse_overrides(a.set))
 t = time.time()
 ex = nm.explain(imgs, ids=torch.tensor(ids))
 dt = time.time() - t

@@ -24,6 +24,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms.v2 import functional as F
 
+from neuromask_pl.data.batch import collate_samples
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -57,46 +59,6 @@ def read_rgb(path: str) -> Tensor:
     with Image.open(path) as pil:
         rgb = ImageOps.exif_transpose(pil).convert("RGB")
     return F.pil_to_tensor(rgb)
-
-
-def collate_samples(samples: list[dict[str, Any]], empty_image_shape: Sequence[int] = (3, 0, 0)) -> dict[str, Any]:
-    """Stack samples into a batch; samples with an ``error`` go to ``batch["skipped"]``.
-
-    Args:
-        samples: dicts with ``index`` and ``image`` (or ``error``), optionally ``label`` and ``path``.
-        empty_image_shape: C x H x W used for the (0, C, H, W) image tensor of an all-unreadable batch.
-
-    Raises:
-        ValueError: if the readable images do not all have the same shape.
-    """
-    good = [s for s in samples if "error" not in s]
-    skipped = [
-        {"index": int(s["index"]), "path": s.get("path", ""), "error": s["error"]} for s in samples if "error" in s
-    ]
-    for item in skipped:
-        logger.warning("Skipping unreadable sample %d (%s): %s", item["index"], item["path"], item["error"])
-
-    if good:
-        shapes = sorted({tuple(s["image"].shape) for s in good})
-        if len(shapes) > 1:
-            raise ValueError(
-                f"Images in one batch have different shapes {shapes}; set image_size to crop them to one "
-                "size, or use batch_size=1."
-            )
-        image = torch.stack([s["image"] for s in good])
-    else:
-        image = torch.empty((0, *empty_image_shape), dtype=torch.float32)
-
-    batch: dict[str, Any] = {
-        "image": image,
-        "index": torch.tensor([int(s["index"]) for s in good], dtype=torch.long),
-    }
-    if samples and "label" in samples[0]:
-        batch["label"] = torch.tensor([int(s["label"]) for s in good], dtype=torch.long)
-    if samples and "path" in samples[0]:
-        batch["path"] = [s["path"] for s in good]
-    batch["skipped"] = skipped
-    return batch
 
 
 # --------------------------------------------------------------------------- datasets
@@ -159,7 +121,7 @@ class InMemoryDataset(Dataset):
 # --------------------------------------------------------------------------- data modules
 
 
-class _ExplainDataModule(pl.LightningDataModule):
+class ExplainDataModule(pl.LightningDataModule):
     """Shared loader logic: same ordered loader for predict and test, shared collate."""
 
     def __init__(self, batch_size: int, num_workers: int, pin_memory: bool | None) -> None:
@@ -243,7 +205,7 @@ class _ExplainDataModule(pl.LightningDataModule):
         return self._loader()
 
 
-class ImageFolderDataModule(_ExplainDataModule):
+class ImageFolderDataModule(ExplainDataModule):
     """Image files found recursively under a folder, sorted by relative path (ids are stable).
 
     Images of any size or mode are converted to RGB, resized so the shorter side is ``resize``
@@ -339,7 +301,7 @@ class ImageFolderDataModule(_ExplainDataModule):
         return ImageFileDataset(paths, self.targets, self.image_size, self.resize)
 
 
-class TensorDataModule(_ExplainDataModule):
+class TensorDataModule(ExplainDataModule):
     """Images already in memory.
 
     Args:
@@ -407,7 +369,7 @@ class TensorDataModule(_ExplainDataModule):
         return InMemoryDataset(self.images, self.ids, self.labels)
 
 
-class DemoDataModule(_ExplainDataModule):
+class DemoDataModule(ExplainDataModule):
     """Six real photos bundled offline with scikit-image and scikit-learn.
 
     Samples (ids 0..5, ``path`` is the name): ``skimage:chelsea`` (cat, CC0, Stefan van der Walt),

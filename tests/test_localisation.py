@@ -17,7 +17,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from neuromask_pl import NeuroMask
-from neuromask_pl.benchmark import (
+from neuromask_pl.data.localisation import (
     CLEAR_MARGIN,
     CUE_COLOURS,
     INK_THRESHOLD,

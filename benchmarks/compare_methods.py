@@ -33,17 +33,15 @@ energy on the cue square is above 0.5, the mean cue energy and the pointing game
 
 Example::
 
-    python scripts/compare_methods.py --variant clean --n 100 --steps-list 100,300,1000 \\
+    python benchmarks/compare_methods.py --variant clean --n 100 --steps-list 100,300,1000 \\
         --out docs/results/compare_clean.json --markdown docs/results/compare_clean.md
-    python scripts/compare_methods.py --methods neuromask --presets default --set l_smooth=0.5 --label smooth0.5
+    python benchmarks/compare_methods.py --methods neuromask --presets default --set l_smooth=0.5 --label smooth0.5
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -59,8 +57,8 @@ import torch
 from torch import Tensor, nn
 
 from neuromask_pl import NeuroMask
-from neuromask_pl.benchmark import checkpoint_path, load_benchmark_classifier, make_localisation_set
-from neuromask_pl.inputs import frozen
+from neuromask_pl.data.checks import frozen
+from neuromask_pl.data.localisation import checkpoint_path, load_benchmark_classifier, make_localisation_set
 from neuromask_pl.metrics import (
     deletion_auc,
     energy_pointing,
@@ -70,6 +68,7 @@ from neuromask_pl.metrics import (
     preservation,
     selection,
 )
+from neuromask_pl.settings import parse_overrides, resolve_settings
 
 log = logging.getLogger("compare_methods")
 
@@ -101,35 +100,6 @@ CUE_COLUMNS = [
 
 
 # ----------------------------------------------------------------------------------------- arguments
-
-
-def parse_value(text: str) -> Any:
-    """``'3'`` -> 3, ``'0.5'`` -> 0.5, ``'true'``/``'false'`` -> bool, ``'none'`` -> None, else the string."""
-    low = text.strip().lower()
-    if low in ("true", "yes", "on"):
-        return True
-    if low in ("false", "no", "off"):
-        return False
-    if low in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """``["lr=0.05", "baseline=blur"]`` -> ``{"lr": 0.05, "baseline": "blur"}``."""
-    overrides: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"--set expects key=value (e.g. --set l_smooth=0.5), got {item!r}")
-        overrides[key] = parse_value(value)
-    return overrides
 
 
 def _int_list(text: str) -> list[int]:
@@ -266,27 +236,6 @@ def rise_maps(model: nn.Module, images: Tensor, targets: Tensor, args: argparse.
         t = targets[i : i + args.batch_size]
         maps.append(sal[torch.arange(len(t)), t][:, None])
     return torch.cat(maps)
-
-
-def make_neuromask(
-    classifier: nn.Module, preset: str, steps: int | None, overrides: dict[str, Any], seed: int
-) -> NeuroMask:
-    """NeuroMask with any setting overridden: constructor arguments where it takes them, else on its settings."""
-    overrides = dict(overrides)
-    if steps is not None:
-        overrides["steps"] = steps
-    params = inspect.signature(NeuroMask.__init__).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    direct = {k: v for k, v in overrides.items() if takes_any or (k in params and k not in ("self", "classifier"))}
-    rest = {k: v for k, v in overrides.items() if k not in direct}
-    explainer = NeuroMask(classifier, preset=preset, seed=seed, **direct)
-    if rest:
-        known = {f.name for f in dataclasses.fields(explainer.settings)}
-        unknown = sorted(set(rest) - known)
-        if unknown:
-            raise ValueError(f"unknown NeuroMask settings {unknown}; known: {sorted(known | set(params) - {'self'})}")
-        explainer.settings = dataclasses.replace(explainer.settings, **rest)
-    return explainer
 
 
 def neuromask_maps(
@@ -492,7 +441,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for k, preset in enumerate(presets):
             step_counts: list[int | None] = list(args.steps_list) if (k == 0 and args.steps_list) else [None]
             for steps in step_counts:
-                explainer = make_neuromask(classifier, preset, steps, overrides, args.seed)
+                explainer = NeuroMask(classifier, preset, steps, overrides, seed=args.seed)
                 name = f"neuromask:{preset}@{explainer.settings.steps}{suffix}"
                 runs.append(
                     (
@@ -579,7 +528,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     reference = args.reference
     if reference is None and presets and "neuromask" in methods:
-        ref_steps = make_neuromask(classifier, presets[0], None, overrides, args.seed).settings.steps
+        ref_steps = resolve_settings(presets[0], None, overrides).steps
         reference = f"neuromask:{presets[0]}@{ref_steps}{suffix}"
     targets = check_targets(rows, reference, spurious)
     table = markdown_table(rows, spurious)

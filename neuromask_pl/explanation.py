@@ -57,6 +57,23 @@ class Explanation:
     paths: list[str] | None = None
     skipped: list[dict[str, Any]] = field(default_factory=list)
 
+    @classmethod
+    def empty(cls, images: Tensor) -> Explanation:
+        """An Explanation with zero samples (a batch whose every file was unreadable)."""
+        empty = torch.empty(0)
+        return cls(
+            ids=empty.long(),
+            masks=torch.empty(0, 1, *images.shape[-2:]),
+            targets=empty.long(),
+            prob_original=empty,
+            prob_masked=empty,
+            loss={k: empty for k in LOSS_TERMS},
+            mask_area=empty,
+            preserved=empty.bool(),
+            steps=empty.long(),
+            images=images,
+        )
+
     def __len__(self) -> int:
         return int(self.ids.shape[0])
 

@@ -6,7 +6,7 @@ with three packing rules, in interleaved rounds (the numbers in docs/results/PER
 - ``even``: also grouped ones and those that pad evenly in their forward (44);
 - ``all``: also those that pad unevenly, as F.pad + an unpadded convolution (49, the current rule).
 
-    python scripts/ab_packing.py --rounds 8 --steps 3
+    python benchmarks/ab_packing.py --rounds 8 --steps 3
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import time
 import torch
 
 from neuromask_pl.classifiers import EfficientNetLite0
-from neuromask_pl.fastpath import FastClassifier, FastPath, FrozenConv2d
-from neuromask_pl.objective import resolve_settings
-from neuromask_pl.optimize import MaskOptimisation
+from neuromask_pl.maths.fastpath import FastClassifier, FastPath, FrozenConv2d
+from neuromask_pl.maths.optimize import MaskOptimisation
+from neuromask_pl.settings import resolve_settings
 
 CURRENT = FrozenConv2d.padding_of
 
@@ -56,7 +56,7 @@ def main() -> None:
             FrozenConv2d.padding_of = staticmethod(CURRENT)
         print(f"{name}: {fast.packed} convolutions packed")
         targets, ids = torch.zeros(args.batch, dtype=torch.long), torch.arange(args.batch)
-        problems[name] = MaskOptimisation(model, images, targets, ids, resolve_settings("default", steps=10**6), 0)
+        problems[name] = MaskOptimisation(model, images, targets, ids, resolve_settings("default", 10**6), 0)
     for problem in problems.values():  # warm-up: weight packing on the first call
         problem.step()
         problem.step()

@@ -1,4 +1,4 @@
-"""scripts/benchmark.py runs end to end (its GPU runs are prepared in scripts/gpu_checks.sh, so it must not
+"""benchmarks/speed.py runs end to end (its GPU runs are prepared in scripts/gpu_checks.sh, so it must not
 break unnoticed on the CPU)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from conftest import load_script
 
 @pytest.fixture(scope="module")
 def benchmark():
-    return load_script("benchmark.py")
+    return load_script("benchmarks/speed.py")
 
 
 @pytest.mark.parametrize("target_ms, met", [(1e9, True), (1e-9, False)])

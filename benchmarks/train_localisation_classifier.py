@@ -1,10 +1,10 @@
-"""Train the SmallCNN classifiers of the localisation benchmark (neuromask_pl.benchmark) on a CPU.
+"""Train the SmallCNN classifiers of the localisation benchmark (neuromask_pl.data.localisation) on a CPU.
 
 Writes ``neuromask_pl/assets/localisation_<variant>.pt`` (a fp32 state_dict) and records the test
 accuracy, the data and the command in ``neuromask_pl/assets/localisation_metrics.json``.
 
-    python scripts/train_localisation_classifier.py                      # both variants, a few minutes
-    python scripts/train_localisation_classifier.py --variant clean --epochs 6
+    python benchmarks/train_localisation_classifier.py                      # both variants, a few minutes
+    python benchmarks/train_localisation_classifier.py --variant clean --epochs 6
 
 Seeded and augmentation-free: the training images are a fixed generated set, shuffled by a seeded
 generator. Metrics (all on the test split, whose digits are never seen in training):
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from neuromask_pl.benchmark import SmallCNN, checkpoint_path, make_localisation_set
+from neuromask_pl.data.localisation import SmallCNN, checkpoint_path, make_localisation_set
 
 logger = logging.getLogger("train_localisation_classifier")
 
@@ -164,8 +164,8 @@ def main(argv: list[str] | None = None) -> None:
             metrics = json.load(f)
     metrics["dataset"] = {
         "source": "sklearn.datasets.load_digits (1797 real 8x8 handwritten digits, BSD-3-Clause)",
-        "generator": "neuromask_pl.benchmark.make_localisation_set(split, n, canvas=64, digit_size=24, seed)",
-        "model": "neuromask_pl.benchmark.SmallCNN(num_classes=10), inputs 3 x 64 x 64 in [0, 1]",
+        "generator": "neuromask_pl.data.localisation.make_localisation_set(split, n, canvas=64, digit_size=24, seed)",
+        "model": "neuromask_pl.data.localisation.SmallCNN(num_classes=10), inputs 3 x 64 x 64 in [0, 1]",
     }
     for variant in variants:
         model, record = train(variant, args.epochs, args.n_train, args.batch_size, args.lr, args.seed)
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
             sha256=digest,
             num_parameters=sum(p.numel() for p in model.parameters()),
             command=shlex.join(
-                ["python", "scripts/train_localisation_classifier.py", *(sys.argv[1:] if argv is None else argv)]
+                ["python", "benchmarks/train_localisation_classifier.py", *(sys.argv[1:] if argv is None else argv)]
             ),
             torch_version=torch.__version__,
         )

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -42,6 +43,18 @@ class FastPath:
     channels_last: bool | None = None
     compile: bool = False
     pack_convolutions: bool | None = None
+
+    @classmethod
+    def of(cls, value: FastPath | Mapping[str, Any] | None) -> FastPath:
+        """A FastPath from itself, a dict of its fields, or None (the defaults)."""
+        if value is None or isinstance(value, cls):
+            return value or cls()
+        if not isinstance(value, Mapping):
+            raise TypeError(f"fast_path must be a FastPath or a dict of its fields, got {type(value).__name__}")
+        unknown = sorted(set(value) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown fast_path fields {unknown}; known: {[f.name for f in fields(cls)]}")
+        return cls(**value)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,17 +1,12 @@
-"""NeuroMask loss terms and presets, as pure functions reduced per sample.
-
-Every term returns one value per image (shape ``(B,)``), so an image's loss, and
-hence its mask, never depends on the other images of its batch.
-"""
+"""MaskSettings, the one home of every setting of the mask optimisation, and its named presets."""
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
-
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from typing import Any, Optional
 
 OPTIMIZERS = ("rmsprop_tf", "adam")
 BASELINES = ("black", "mean", "blur")
@@ -170,32 +165,13 @@ PRESETS: dict[str, MaskSettings] = {
     "paper": MaskSettings(),
     # The paper's CIFAR-10 settings: 3x3 Laplacian, T = 1, 2000 iterations.
     "paper_cifar": MaskSettings(steps=2000, l_smooth=0.15, temperature=1.0, laplacian=3),
-    # The reference code's class defaults: coefficients (50, 16, 3).
-    "reference_default": MaskSettings(l_pred=50.0, l_sparse=16.0, l_smooth=3.0),
-    # Tuned on the localisation benchmark (docs/results): a sharp (T = 0.05), adaptive-area mask at about
-    # 32 x 32, L1 on the mask, black baseline. Best pointing and cue localisation there; on real photos
-    # at 150 steps its masks are speckled, so it is not the default yet.
-    "sharp": MaskSettings(
-        steps=300,
-        l_pred=1.0,
-        l_sparse=2.0,
-        l_smooth=0.05,
-        temperature=0.05,
-        weight_limit=0.01,
-        laplacian=3,
-        laplacian_padding="replicate",
-        sparsity_on="mask",
-        baseline="black",
-        optimizer="adam",
-        lr=0.1,
-        mask_size=32,
-    ),
-    # The default, chosen on the localisation benchmark and the demo photos (docs/results/SUMMARY.md): `sharp`
-    # with the temperature annealed from 2 (a soft mask that can still move) to 0.01 (nearly binary, so what
-    # the classifier sees is what a 0.5 threshold keeps), total variation of the mask instead of the
-    # Laplacian of the weights, ties broken by the optimisation path, a two-scale mask (a 16-cell grid plus
-    # the 32-cell one, whose detail costs l_detail: regions rather than dots on photos), the weights, not
-    # the mask, upsampled (a binary mask with smooth contours at every pixel), and half the L1 weight.
+    # The default, chosen on the localisation benchmark and the demo photos (docs/results/SUMMARY.md): a sharp,
+    # adaptive-area mask at about 32 x 32 cells with the temperature annealed from 2 (a soft mask that can
+    # still move) to 0.01 (nearly binary, so what the classifier sees is what a 0.5 threshold keeps), total
+    # variation of the mask, ties broken by the optimisation path, a two-scale mask (a 16-cell grid plus the
+    # 32-cell one, whose detail costs l_detail: regions rather than dots on photos), and the weights, not the
+    # mask, upsampled (a binary mask with smooth contours at every pixel). Former presets live on as
+    # settings in docs/results/SUMMARY.md.
     "default": MaskSettings(
         steps=300,
         l_pred=1.0,
@@ -218,171 +194,79 @@ PRESETS: dict[str, MaskSettings] = {
         l_detail=10.0,
         upsample_weights=True,
     ),
-    # The previous provisional default, kept for comparison: a smooth mask at 1/8 resolution pushed
-    # towards a binary mask keeping 15% of the pixels, hidden pixels blurred instead of blacked out.
-    # Blob-like on photos but poor on the localisation benchmark (pointing 0.14).
-    "blur_area": MaskSettings(
-        steps=300,
-        l_pred=1.0,
-        l_sparse=10.0,
-        l_smooth=0.2,
-        temperature=0.3,
-        weight_limit=0.01,
-        laplacian=3,
-        laplacian_padding="replicate",
-        sparsity_on="area",
-        area_target=0.15,
-        baseline="blur",
-        optimizer="adam",
-        lr=0.1,
-        mask_scale=8,
-    ),
 }
 
 
-def resolve_settings(preset: str, **overrides: Any) -> MaskSettings:
-    """Settings of ``preset`` with every override that is not None applied."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    known = {f.name for f in fields(MaskSettings)}
-    unknown = set(overrides) - known
-    if unknown:
-        raise ValueError(f"unknown mask settings {sorted(unknown)}; known: {sorted(known)}")
-    return replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+SettingsOverrides = dataclasses.make_dataclass(
+    "SettingsOverrides",
+    [(f.name, Optional[hint], dataclasses.field(default=None))  # noqa: UP045 (a runtime type for jsonargparse)
+     for f, hint in zip(fields(MaskSettings), typing.get_type_hints(MaskSettings).values())],
+    frozen=True,
+)
+SettingsOverrides.__module__ = __name__
+SettingsOverrides.__doc__ = """Fields of :class:`MaskSettings` that override a preset; None keeps the preset's value.
+
+Built from MaskSettings, so every setting has one home; configs and the CLI type each field through it
+(``--model.settings.lr 0.1``).
+"""
 
 
-def laplacian_kernel(size: int) -> Tensor:
-    """The reference's Laplacian: centre ``size**2 - 1``, every other tap -1; shape (1, 1, k, k)."""
-    if size not in (3, 5):
-        raise ValueError(f"Laplacian size must be 3 or 5, got {size}")
-    kernel = -torch.ones(size, size)
-    kernel[size // 2, size // 2] = size * size - 1
-    return kernel.view(1, 1, size, size)
-
-
-def laplacian_size(setting: int, height: int, width: int) -> int:
-    """Kernel size for an image: the setting, or 5 for images >= 64 px a side, else 3."""
-    size = setting or (5 if min(height, width) >= 64 else 3)
-    if min(height, width) < size:
-        raise ValueError(
-            f"masks of {height}x{width} pixels are smaller than the {size}x{size} Laplacian; "
-            "use larger images, a smaller mask_scale or laplacian=3"
+def overrides_of(settings: Mapping[str, Any] | SettingsOverrides | None) -> dict[str, Any]:
+    """The fields set in ``settings`` (a mapping of MaskSettings fields or a SettingsOverrides), None dropped."""
+    if settings is None:
+        return {}
+    if isinstance(settings, SettingsOverrides):
+        settings = asdict(settings)
+    if not isinstance(settings, Mapping):
+        raise TypeError(
+            f"settings must be a dict of MaskSettings fields, a SettingsOverrides or a MaskSettings, "
+            f"got {type(settings).__name__}"
         )
-    return size
+    known = {f.name for f in fields(MaskSettings)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"unknown mask settings {unknown}; known: {sorted(known)}")
+    return {k: v for k, v in settings.items() if v is not None}
 
 
-def prediction_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Cross-entropy of the target class per sample, computed in float32."""
-    return F.cross_entropy(logits.float(), targets, reduction="none")
+def resolve_settings(
+    preset: str = "default",
+    steps: int | None = None,
+    settings: Mapping[str, Any] | SettingsOverrides | MaskSettings | None = None,
+) -> MaskSettings:
+    """The settings that run: ``preset`` with the fields of ``settings``, then ``steps`` (when not None), replaced.
+
+    A complete :class:`MaskSettings` as ``settings`` is used as it is, in place of the preset.
+    """
+    if isinstance(settings, MaskSettings):
+        base, overrides = settings, {}
+    else:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        base, overrides = PRESETS[preset], overrides_of(settings)
+    if steps is not None:
+        overrides["steps"] = steps
+    return replace(base, **overrides)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``key=value`` strings (a script's ``--set``) as MaskSettings fields, each value of its field's type."""
+    hints = typing.get_type_hints(MaskSettings)
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in hints:
+            raise ValueError(f"expected key=value with a MaskSettings field as key (e.g. l_smooth=0.5), got {item!r}")
+        kind = hints[key]
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"{key} takes true or false, got {text!r}")
+            parsed[key] = text.lower() in ("true", "1")
+        else:
+            parsed[key] = kind(text)
+    return overrides_of(parsed)
 
 
 def _scale_for_cells(height: int, width: int, cells: int) -> int:
     """The down-scaling factor that leaves about ``cells`` cells along the image's shorter side."""
     return max(1, round(min(height, width) / cells))
-
-
-def temperature_at(settings: MaskSettings, step: int | None) -> float:
-    """The temperature of optimisation step ``step`` (0-based; None = after the last step).
-
-    Fixed, or with ``temperature_start > 0`` geometric from ``temperature_start`` at step 0 to
-    ``temperature`` at the last step (and after it).
-    """
-    if not settings.temperature_start or step is None or settings.steps == 1:
-        return settings.temperature
-    frac = min(max(step / (settings.steps - 1), 0.0), 1.0)
-    return settings.temperature_start * (settings.temperature / settings.temperature_start) ** frac
-
-
-def settings_at(settings: MaskSettings, step: int | None) -> MaskSettings:
-    """The settings in force at step ``step``: the annealed temperature replaces ``temperature``."""
-    temperature = temperature_at(settings, step)
-    return settings if temperature == settings.temperature else replace(settings, temperature=temperature)
-
-
-def area_profile_loss(mask: Tensor, area: float) -> Tensor:
-    """Mean squared gap between the sorted mask values and a binary mask keeping ``area`` of the pixels."""
-    values = mask.flatten(1).sort(dim=1).values
-    kept = round(area * values.shape[1])
-    reference = torch.zeros_like(values)
-    reference[:, values.shape[1] - kept :] = 1.0
-    return (values - reference).pow(2).mean(1)
-
-
-def sparsity(weights: Tensor, mask: Tensor, settings: MaskSettings) -> Tensor:
-    """Reference ``mean|w + W|`` (on the weights), the mask's mean, or the area-profile gap, per sample."""
-    if settings.sparsity_on == "weights":
-        return (weights + settings.weight_limit).abs().flatten(1).mean(1)
-    if settings.sparsity_on == "area":
-        return area_profile_loss(mask, settings.area_target)
-    return mask.flatten(1).mean(1)
-
-
-def smoothness(weights: Tensor, kernel: Tensor, padding: str = "none") -> Tensor:
-    """Mean squared Laplacian of the weights per sample, without padding (reference) or replicate-padded."""
-    weights = weights.float()
-    if padding == "replicate":
-        weights = F.pad(weights, [kernel.shape[-1] // 2] * 4, mode="replicate")
-    with torch.autocast(weights.device.type, enabled=False):  # float32 even under mixed precision
-        response = F.conv2d(weights, kernel.to(weights.device, torch.float32))
-    return response.pow(2).flatten(1).mean(1)
-
-
-def smooth_term(weights: Tensor, kernel: Tensor, settings: MaskSettings) -> Tensor:
-    """The smoothness penalty the settings ask for, on the weights or on the (coarse) mask, per sample."""
-    values = weights if settings.smooth_on == "weights" else torch.sigmoid(weights / settings.temperature)
-    if settings.smooth_penalty == "tv":
-        return total_variation(values)
-    return smoothness(values, kernel, settings.laplacian_padding)
-
-
-def total_variation(values: Tensor) -> Tensor:
-    """Mean absolute difference between vertically and horizontally neighbouring pixels, per sample."""
-    values = values.float()
-    vertical = (values[..., 1:, :] - values[..., :-1, :]).abs().flatten(1).mean(1)
-    horizontal = (values[..., :, 1:] - values[..., :, :-1]).abs().flatten(1).mean(1)
-    return vertical + horizontal
-
-
-def detail_penalty(fine: Tensor) -> Tensor:
-    """``mean|w_fine|`` per sample: the detail a two-scale mask adds to its coarse grid."""
-    return fine.float().abs().flatten(1).mean(1)
-
-
-def loss_terms(
-    logits: Tensor,
-    targets: Tensor,
-    weights: Tensor,
-    mask: Tensor,
-    kernel: Tensor,
-    settings: MaskSettings,
-    fine: Tensor | None = None,
-    logits_deleted: Tensor | None = None,
-) -> dict[str, Tensor]:
-    """The weighted NeuroMask loss, term by term, each of shape (B,); ``total`` is their weighted sum.
-
-    ``weights`` are the mask's logits (for a two-scale mask, the coarse grid upsampled plus the fine one);
-    ``fine`` are the fine weights of a two-scale mask, whose ``l_detail * mean|fine|`` is added to ``total``;
-    ``logits_deleted`` are the logits of the images with the mask's region hidden (the deletion game), whose
-    ``l_delete * deletion_loss`` is added to ``total``.
-    """
-    terms = {
-        "pred": prediction_loss(logits, targets),
-        "sparse": sparsity(weights, mask, settings),
-        "smooth": smooth_term(weights, kernel, settings),
-    }
-    terms["total"] = (
-        settings.l_pred * terms["pred"] + settings.l_sparse * terms["sparse"] + settings.l_smooth * terms["smooth"]
-    )
-    if fine is not None and settings.l_detail:
-        terms["total"] = terms["total"] + settings.l_detail * detail_penalty(fine)
-    if logits_deleted is not None:
-        terms["delete"] = deletion_loss(logits_deleted, targets)
-        terms["total"] = terms["total"] + settings.l_delete * terms["delete"]
-    return terms
-
-
-def deletion_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """``-log(1 - p_target)`` per sample, computed stably from the logits: near 0 once the class is gone."""
-    logits = logits.float()
-    others = logits.scatter(1, targets.view(-1, 1), float("-inf"))
-    return torch.logsumexp(logits, 1) - torch.logsumexp(others, 1)

@@ -9,12 +9,13 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from neuromask_pl.fastpath import FastClassifier, FastPath
-from neuromask_pl.inputs import check_images, frozen
+from neuromask_pl.data.batch import unpack_batch
+from neuromask_pl.data.checks import check_images, frozen
+from neuromask_pl.explanation import Explanation
+from neuromask_pl.maths.fastpath import FastClassifier, FastPath
+from neuromask_pl.maths.optimize import MaskFit, learn_masks
 from neuromask_pl.metrics import explanation_metrics, update_explanation_metrics
-from neuromask_pl.objective import MaskSettings, resolve_settings
-from neuromask_pl.optimize import MaskFit, learn_masks
-from neuromask_pl.result import LOSS_TERMS, Explanation
+from neuromask_pl.settings import MaskSettings, SettingsOverrides, resolve_settings
 
 log = logging.getLogger(__name__)
 
@@ -31,22 +32,18 @@ class NeuroMask(pl.LightningModule):
     Args:
         classifier: the model to explain; takes [0, 1] images B x C x H x W, returns logits B x K.
             It is frozen while explaining and restored exactly afterwards.
-        preset: named settings, one of ``neuromask_pl.objective.PRESETS``
-            (``paper`` reproduces the reference implementation).
-        steps: optimisation steps per image (overrides the preset).
+        preset: named settings, one of ``neuromask_pl.PRESETS``: ``default``, ``paper`` (the reference
+            implementation) or ``paper_cifar``.
+        steps: optimisation steps per image (overrides the preset's and ``settings``').
+        settings: fields of :class:`~neuromask_pl.settings.MaskSettings` that override the preset
+            (a dict such as ``{"lr": 0.05}`` or a ``SettingsOverrides``), or a complete ``MaskSettings``
+            used as it is; ``stop_patience`` turns on per-sample early stopping.
         seed: masks start from noise derived from ``(seed, sample id)``.
         target_class: explain this class for every image; by default the batch's labels
             when present, else the classifier's predicted class.
-        l_pred, l_sparse, l_smooth, temperature, weight_limit, laplacian, laplacian_padding, smooth_penalty,
-            smooth_on, jitter, sparsity_on,
-            baseline, optimizer, lr, mask_scale, mask_size, area_target, temperature_start, tie_break, mask_coarse,
-            l_detail, l_delete, upsample_weights: override
-            single settings of the preset (see :class:`neuromask_pl.objective.MaskSettings`);
-            ``stop_patience`` and ``stop_tolerance`` turn on per-sample early stopping.
-        fold_batchnorm, channels_last, compile, pack_convolutions: how the frozen classifier runs during the
-            mask steps (a fast copy; the classifier itself is untouched), see
-            :class:`neuromask_pl.fastpath.FastPath`. Folding is on by default, and on the CPU packed
-            convolutions; ``compile=True`` adds ``torch.compile`` (with CUDA graphs on GPU).
+        fast_path: how the frozen classifier runs during the mask steps (a fast copy; the classifier
+            itself is untouched): a :class:`~neuromask_pl.maths.fastpath.FastPath` or a dict of its fields.
+            By default BatchNorm is folded and, on the CPU, convolutions packed.
 
     Batches that run out of GPU memory are split in halves (results do not depend on the batch) and
     later batches are learned in chunks of the size that fitted.
@@ -57,77 +54,17 @@ class NeuroMask(pl.LightningModule):
         classifier: nn.Module,
         preset: str = "default",
         steps: int | None = None,
+        settings: SettingsOverrides | None = None,
         seed: int = 0,
         target_class: int | None = None,
-        l_pred: float | None = None,
-        l_sparse: float | None = None,
-        l_smooth: float | None = None,
-        temperature: float | None = None,
-        weight_limit: float | None = None,
-        laplacian: int | None = None,
-        laplacian_padding: str | None = None,
-        smooth_penalty: str | None = None,
-        smooth_on: str | None = None,
-        jitter: int | None = None,
-        sparsity_on: str | None = None,
-        baseline: str | None = None,
-        optimizer: str | None = None,
-        lr: float | None = None,
-        mask_scale: int | None = None,
-        mask_size: int | None = None,
-        area_target: float | None = None,
-        temperature_start: float | None = None,
-        tie_break: float | None = None,
-        mask_coarse: int | None = None,
-        l_detail: float | None = None,
-        l_delete: float | None = None,
-        upsample_weights: bool | None = None,
-        stop_patience: int | None = None,
-        stop_tolerance: float | None = None,
-        fold_batchnorm: bool = True,
-        channels_last: bool | None = None,
-        compile: bool = False,
-        pack_convolutions: bool | None = None,
+        fast_path: FastPath | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(classifier, nn.Module):
             raise TypeError(f"classifier must be a torch.nn.Module, got {type(classifier).__name__}")
         self.classifier = classifier
-        self.settings: MaskSettings = resolve_settings(
-            preset,
-            steps=steps,
-            l_pred=l_pred,
-            l_sparse=l_sparse,
-            l_smooth=l_smooth,
-            temperature=temperature,
-            weight_limit=weight_limit,
-            laplacian=laplacian,
-            laplacian_padding=laplacian_padding,
-            smooth_penalty=smooth_penalty,
-            smooth_on=smooth_on,
-            jitter=jitter,
-            sparsity_on=sparsity_on,
-            baseline=baseline,
-            optimizer=optimizer,
-            lr=lr,
-            mask_scale=mask_scale,
-            mask_size=mask_size,
-            area_target=area_target,
-            stop_patience=stop_patience,
-            stop_tolerance=stop_tolerance,
-            temperature_start=temperature_start,
-            tie_break=tie_break,
-            mask_coarse=mask_coarse,
-            l_detail=l_detail,
-            l_delete=l_delete,
-            upsample_weights=upsample_weights,
-        )
-        self.fast_path = FastPath(
-            fold_batchnorm=fold_batchnorm,
-            channels_last=channels_last,
-            compile=compile,
-            pack_convolutions=pack_convolutions,
-        )
+        self.settings: MaskSettings = resolve_settings(preset, steps, settings)
+        self.fast_path = FastPath.of(fast_path)
         self._fast_classifier = FastClassifier(self.fast_path)
         self.max_chunk: int | None = None  # set when a batch ran out of memory
         if target_class is not None and target_class < 0:
@@ -136,14 +73,15 @@ class NeuroMask(pl.LightningModule):
         self.target_class = target_class
         self._next_id = 0  # ids for batches that carry none (reset at each predict/test start)
         self.test_metrics = explanation_metrics(classifier, localisation=True, prefix="test/")
-        # Saved resolved, so logs and run records show the values actually used.
+        # Saved resolved, so logs and run records show the values actually used, in the constructor's shape.
         self.save_hyperparameters(
             {
                 "preset": preset,
+                "steps": self.settings.steps,
+                "settings": self.settings.as_dict(),
                 "seed": seed,
                 "target_class": target_class,
-                **self.settings.as_dict(),
-                **self.fast_path.as_dict(),
+                "fast_path": self.fast_path.as_dict(),
             }
         )
 
@@ -277,7 +215,7 @@ class NeuroMask(pl.LightningModule):
         self._next_id = int(ids.max()) + 1 if len(ids) else self._next_id
         targets = labels if self.target_class is None else None
         if images.shape[0] == 0:
-            result = empty_explanation(images)
+            result = Explanation.empty(images)
         else:
             result = self.explain(images, targets=targets, ids=ids)
         result.paths, result.skipped = paths, skipped
@@ -307,40 +245,3 @@ class NeuroMask(pl.LightningModule):
             updated = {name: metric for name, metric in self.test_metrics.items() if metric.update_called}
             self.log_dict(updated, batch_size=len(result))
         return result
-
-
-def unpack_batch(batch: Any) -> tuple[Tensor, Tensor | None, Tensor | None, list[str] | None, list]:
-    """(images, labels, ids, paths, skipped) from a dict batch, an (images, labels) pair or a tensor.
-
-    Dict batches from this package's DataModules carry sample ids; the other forms carry none
-    (ids None): NeuroMask then numbers samples in arrival order, which is stable only
-    without shuffling or sharding.
-    """
-    if isinstance(batch, dict):
-        if "image" not in batch:
-            raise ValueError(f"a dict batch needs an 'image' entry, got keys {sorted(batch)}")
-        return batch["image"], batch.get("label"), batch.get("index"), batch.get("path"), list(batch.get("skipped", []))
-    if isinstance(batch, (list, tuple)):
-        images, labels = batch[0], (batch[1] if len(batch) > 1 else None)
-    else:
-        images, labels = batch, None
-    if not isinstance(images, Tensor):
-        raise TypeError(f"batches must be dicts, (images, labels) pairs or image tensors, got {type(images).__name__}")
-    return images, labels, None, None, []
-
-
-def empty_explanation(images: Tensor) -> Explanation:
-    """An Explanation with zero samples (a batch whose every file was unreadable)."""
-    empty = torch.empty(0)
-    return Explanation(
-        ids=empty.long(),
-        masks=torch.empty(0, 1, *images.shape[-2:]),
-        targets=empty.long(),
-        prob_original=empty,
-        prob_masked=empty,
-        loss={k: empty for k in LOSS_TERMS},
-        mask_area=empty,
-        preserved=empty.bool(),
-        steps=empty.long(),
-        images=images,
-    )

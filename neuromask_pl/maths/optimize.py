@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from neuromask_pl.mask import (
+from neuromask_pl.maths.losses import laplacian_kernel, laplacian_size, loss_terms, settings_at, temperature_at
+from neuromask_pl.maths.mask import (
     apply_mask,
     blur_kernel_size,
     init_weights,
@@ -21,14 +22,7 @@ from neuromask_pl.mask import (
     upsample_mask,
     weights_to_mask,
 )
-from neuromask_pl.objective import (
-    MaskSettings,
-    laplacian_kernel,
-    laplacian_size,
-    loss_terms,
-    settings_at,
-    temperature_at,
-)
+from neuromask_pl.settings import MaskSettings
 
 
 class TFRMSprop(torch.optim.Optimizer):
@@ -145,7 +139,7 @@ class MaskOptimisation:
     leave the forward passes and keep their weights; with ``few_batch_sizes`` (for CUDA graphs) the rows
     that run are topped up to a power of two, see :func:`running_rows`. The classifier must already
     be frozen (eval mode, no parameter gradients) by the caller; it may be a fast copy (see
-    :mod:`neuromask_pl.fastpath`).
+    :mod:`neuromask_pl.maths.fastpath`).
     """
 
     def __init__(

@@ -1,7 +1,7 @@
 """Train a small CNN on scikit-learn's digits and watch its explanations change, epoch by epoch.
 
-    python scripts/train_with_explanations.py                 # 5 epochs, about half a minute on a 2-core CPU
-    python scripts/train_with_explanations.py --epochs 3 --steps 50 --output /tmp/overlays
+    python examples/train_with_explanations.py                 # 5 epochs, about half a minute on a 2-core CPU
+    python examples/train_with_explanations.py --epochs 3 --steps 50 --output /tmp/overlays
     tensorboard --logdir lightning_logs                       # explain_train/* scalars, explain_train/overlays
 
 The 8 x 8 digits (values 0..16) are scaled to [0, 1] and upsampled to 32 x 32, one grey channel.

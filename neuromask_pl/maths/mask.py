@@ -1,0 +1,96 @@
+"""Mask parameterisation: per-sample initialisation, temperature sigmoid, baselines."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.transforms.v2.functional import gaussian_blur
+
+
+def sample_seed(seed: int, sample_id: int) -> int:
+    """A 63-bit seed derived from ``(seed, sample_id)`` alone, never from batch position."""
+    digest = hashlib.blake2b(f"neuromask:{int(seed)}:{int(sample_id)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def init_weights(ids: Tensor, height: int, width: int, weight_limit: float, seed: int) -> Tensor:
+    """Mask weights uniform in (-W, W), shape (B, 1, H, W) on the CPU, one generator per sample id."""
+    out = torch.empty(len(ids), 1, height, width)
+    generator = torch.Generator()
+    for row, sample_id in enumerate(ids.tolist()):
+        generator.manual_seed(sample_seed(seed, sample_id))
+        out[row].uniform_(-weight_limit, weight_limit, generator=generator)
+    return out
+
+
+def pack_weights(fine: Tensor, coarse: Tensor) -> Tensor:
+    """Fine (B, 1, h, w) and coarse (B, 1, hc, wc) weights of a two-scale mask as one (B, 1, 1, n) tensor."""
+    return torch.cat([fine.flatten(1), coarse.flatten(1)], dim=1).view(fine.shape[0], 1, 1, -1)
+
+
+def unpack_weights(packed: Tensor, fine_shape: tuple[int, int], coarse_shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Undo :func:`pack_weights`: ``(logits, fine)`` where ``logits = up(coarse) + fine`` (bilinear), per sample."""
+    flat = packed.flatten(1)
+    cut = fine_shape[0] * fine_shape[1]
+    fine = flat[:, :cut].view(-1, 1, *fine_shape)
+    coarse = flat[:, cut:].view(-1, 1, *coarse_shape)
+    return fine + upsample_mask(coarse, *fine_shape), fine
+
+
+def weights_to_mask(weights: Tensor, temperature: float) -> Tensor:
+    """``sigmoid(w / T)``: 1 keeps a pixel, 0 hides it."""
+    return torch.sigmoid(weights / temperature)
+
+
+def tie_free_map(mask: Tensor, path_mean: Tensor, weight: float) -> Tensor:
+    """``(1 - weight) * mask + weight * path_mean``: the mask with ties broken by the optimisation path.
+
+    ``path_mean`` is the mask averaged over the optimisation steps (image resolution): a pixel the
+    shrinking mask dropped late ranks above one it dropped early, as variables leave a lasso path.
+    With ``weight < 0.5`` a saturated pixel (exactly 0 or 1) stays on its side of 0.5, so the
+    thresholded mask is unchanged; ``weight == 0`` returns the mask itself.
+    """
+    if weight <= 0:
+        return mask
+    return (1.0 - weight) * mask + weight * path_mean
+
+
+def mask_shape(height: int, width: int, scale: int, minimum: int = 5) -> tuple[int, int]:
+    """Size of the learned weights: the image's size divided by ``scale`` (rounded up),
+    but at least ``minimum`` pixels a side (or the image's own size) so small images still get a mask."""
+    return tuple(max(-(-side // scale), min(side, minimum)) for side in (height, width))  # type: ignore[return-value]
+
+
+def upsample_mask(mask: Tensor, height: int, width: int) -> Tensor:
+    """Bring a low-resolution mask to the image's size (bilinear); a no-op at full size."""
+    if mask.shape[-2:] == (height, width):
+        return mask
+    return F.interpolate(mask, size=(height, width), mode="bilinear", align_corners=False)
+
+
+def blur_kernel_size(height: int, width: int) -> int:
+    """Side of the blur baseline's Gaussian kernel: odd, about 4 sigma (sigma = longer side / 20), no wider
+    than reflection padding allows; 1 (no blur at all) for images under 10 pixels a side."""
+    sigma = max(height, width) / 20.0
+    return max(1, min(2 * int(2 * sigma) + 1, 2 * (min(height, width) // 2) - 1))
+
+
+def make_baseline(images: Tensor, kind: str) -> Tensor:
+    """What hidden pixels become: black (zeros), each image's mean colour, or a blurred copy."""
+    if kind == "black":
+        return torch.zeros_like(images)
+    if kind == "mean":
+        return images.mean(dim=(2, 3), keepdim=True).expand_as(images)
+    if kind == "blur":
+        sigma = max(images.shape[-2:]) / 20.0
+        size = blur_kernel_size(*images.shape[-2:])
+        return gaussian_blur(images, kernel_size=[size, size], sigma=[sigma, sigma])
+    raise ValueError(f"unknown baseline {kind!r}; choose black, mean or blur")
+
+
+def apply_mask(images: Tensor, mask: Tensor, baseline: Tensor) -> Tensor:
+    """``x * m + (1 - m) * baseline``; the one-channel mask broadcasts over the image's channels."""
+    return images * mask + (1.0 - mask) * baseline
