@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
+from torchvision.utils import make_grid
 
 from neuromask_pl.store import atomic_write
 
@@ -134,3 +135,9 @@ def save_png(img: Tensor, path: str | os.PathLike[str]) -> Path:
     with atomic_write(path) as f:
         Image.fromarray(array).save(f, format="PNG")
     return Path(path)
+
+
+def panel_grid(images: Tensor, masks: Tensor) -> Tensor:
+    """One :func:`explanation_panel` per image (original | heat-map overlay | image * mask), stacked vertically."""
+    panels = [explanation_panel(image.cpu(), mask.cpu()) for image, mask in zip(images, masks)]
+    return make_grid(panels, nrow=1, padding=2, pad_value=1.0)

@@ -26,7 +26,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from neuromask_pl.callbacks import MANIFEST_COLUMNS, ExplanationLogger, MaskWriter
+from neuromask_pl.callbacks import ExplanationLogger, MaskWriter
+from neuromask_pl.callbacks.writer import MANIFEST_COLUMNS
 from neuromask_pl.data import ImageFolderDataModule, TensorDataModule
 from neuromask_pl.explanation import LOSS_TERMS, Explanation
 from neuromask_pl.store import load_results
@@ -580,7 +581,8 @@ def test_damaged_shards_are_detected_and_redone(tmp_path, caplog):
     assert module.seen == [3, 4, 5]
     assert not shards[1].exists() and not Path(f"{shards[1]}.sha256").exists()
     assert any(
-        r.name == "neuromask_pl.callbacks" and "1 damaged shard(s) ignored" in r.getMessage() for r in caplog.records
+        r.name == "neuromask_pl.callbacks.writer" and "1 damaged shard(s) ignored" in r.getMessage()
+        for r in caplog.records
     )
     partial = stored(out)
     assert sorted(partial) == [0, 1, 2, 3, 4, 5, 9]
@@ -679,14 +681,13 @@ def test_unwritable_output_dir_fails_before_any_step(tmp_path):
     assert blocker.read_text() == "not a folder"
 
 
-def test_run_record_classifier_fallback_and_cli_config(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "neuromask_pl.classifiers", None)  # import fails
+def test_run_record_describes_the_classifier_and_keeps_the_cli_config(tmp_path):
     trainer = make_trainer(tmp_path, [MaskWriter()])
     Path(trainer.log_dir).mkdir(parents=True)
     (Path(trainer.log_dir) / "config.yaml").write_text("model:\n  preset: paper\n")
     trainer.predict(FakeExplainer(), loader([0]), return_predictions=False)
     record = json.loads((Path(trainer.log_dir) / "explanations" / "run.json").read_text())
-    assert record["classifier"] == {"class": f"{TinyClassifier.__module__}.TinyClassifier"}
+    assert record["classifier"]["class"] == f"{TinyClassifier.__module__}.TinyClassifier"
     assert record["cli_config"] == "model:\n  preset: paper\n"
 
 

@@ -20,9 +20,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from neuromask_pl import NeuroMask
-from neuromask_pl.callbacks import ExplainDuringTraining, overlay_grid
-from neuromask_pl.module import unpack_batch
-from neuromask_pl.viz import to_uint8
+from neuromask_pl.callbacks import ExplainDuringTraining
+from neuromask_pl.data import unpack_batch
+from neuromask_pl.viz import panel_grid, to_uint8
 
 STEPS = 5  # mask steps per call: enough to change the masks, cheap on a CPU
 BATCH = 8
@@ -176,7 +176,7 @@ def test_training_is_unchanged_and_tensorboard_gets_images_and_scalars(tmp_path,
     for name, value in reference.summary().items():
         assert events.Scalars(f"explain_train/{name}")[-1].value == pytest.approx(value, rel=1e-6, abs=1e-7), name
     logged = np.asarray(Image.open(io.BytesIO(images[-1].encoded_image_string)).convert("RGB")).astype(int)
-    expected = to_uint8(overlay_grid(VAL_IMAGES[:6], reference.masks)).astype(int)
+    expected = to_uint8(panel_grid(VAL_IMAGES[:6], reference.masks)).astype(int)
     assert logged.shape == expected.shape == (6 * (16 + 2) + 2, 3 * 16 + 2 * 4 + 4, 3)
     assert np.abs(logged - expected).max() <= 1  # TensorBoard truncates to uint8, to_uint8 rounds
 
@@ -237,7 +237,7 @@ def test_every_n_epochs_and_a_logger_with_log_image(baseline):
     assert torch.equal(callback.images, VAL_IMAGES[:5])  # from dict batches
     reference = independent_explanation(module.state_dict(), VAL_IMAGES[:5])
     (array,) = logger.images[-1][1]
-    assert array.dtype == np.uint8 and np.array_equal(array, to_uint8(overlay_grid(VAL_IMAGES[:5], reference.masks)))
+    assert array.dtype == np.uint8 and np.array_equal(array, to_uint8(panel_grid(VAL_IMAGES[:5], reference.masks)))
     last_metrics = [metrics for _, metrics in logger.metrics if "xt/mask_area" in metrics][-1]
     assert {k: v for k, v in last_metrics.items() if k != "xt/seconds"} == {
         f"xt/{k}": v for k, v in reference.summary().items()
@@ -256,7 +256,7 @@ def test_given_images_model_attribute_and_output_dir(tmp_path):
     assert torch.equal(callback.last_explanation.masks, reference.masks)
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["overlays_epoch0.png", "overlays_epoch1.png"]
     written = np.asarray(Image.open(tmp_path / "png" / "overlays_epoch1.png"))
-    assert np.array_equal(written, to_uint8(overlay_grid(images, reference.masks)))
+    assert np.array_equal(written, to_uint8(panel_grid(images, reference.masks)))
 
 
 class NoisyForward(nn.Module):
@@ -343,7 +343,7 @@ def test_invalid_arguments():
     with pytest.raises(ValueError, match="unknown preset"):
         ExplainDuringTraining(preset="nope")
     with pytest.raises(ValueError, match="unknown mask settings"):
-        ExplainDuringTraining(learning_rate=0.1)
+        ExplainDuringTraining(settings={"learning_rate": 0.1})
     with pytest.raises(ValueError, match="steps must be >= 1"):
         ExplainDuringTraining(steps=0)
     with pytest.raises(ValueError, match="target_class"):

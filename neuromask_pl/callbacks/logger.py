@@ -1,0 +1,123 @@
+"""ExplanationLogger: batch summaries and explanation panels to the Trainer's loggers (TensorBoard)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_only
+
+from neuromask_pl.explanation import SUMMARY_KEYS, Explanation
+from neuromask_pl.viz import panel_grid
+
+
+class ExplanationLogger(Callback):
+    """Log batch summaries (scalars ``explain/<name>``) and a grid of explanation panels to the logger.
+
+    Works in the predict and test stages and does nothing without a logger. Per batch, global
+    rank 0 logs its own batch's scalars and images (``explain/overlays``, when the logger's
+    experiment has ``add_image``, e.g. TensorBoard); the step is the running count of batches it
+    has seen. At the end of the stage, the run's totals over every rank (sample-weighted means,
+    all-reduced) are logged once as ``explain/run/<name>`` plus ``explain/run/samples``.
+
+    Args:
+        max_images: at most this many panels per logged batch (0 disables images).
+        log_every_n_batches: log one batch in this many.
+    """
+
+    def __init__(self, max_images: int = 8, log_every_n_batches: int = 1) -> None:
+        if max_images < 0:
+            raise ValueError(f"max_images must be >= 0, got {max_images}")
+        if log_every_n_batches < 1:
+            raise ValueError(f"log_every_n_batches must be >= 1, got {log_every_n_batches}")
+        self.max_images = max_images
+        self.log_every_n_batches = log_every_n_batches
+        self._batches = 0
+        self._totals: dict[str, float] = {}  # sample-weighted sums of the summaries, this rank
+        self._samples = 0
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(trainer, pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(trainer, pl_module)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_totals(trainer)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_totals(trainer)
+
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._totals, self._samples = {}, 0
+        self._log_hparams(trainer, pl_module)
+
+    def _log_totals(self, trainer: pl.Trainer) -> None:
+        """All-reduce the sample-weighted sums over the ranks (every rank must call) and log the means."""
+        names = SUMMARY_KEYS  # the same fixed order on every rank, even one that saw no sample
+        local = torch.tensor([self._totals.get(n, 0.0) for n in names] + [self._samples], dtype=torch.float64)
+        total = trainer.strategy.reduce(local.to(trainer.strategy.root_device), reduce_op="sum").cpu()
+        samples = float(total[-1])
+        if not trainer.is_global_zero or not trainer.loggers or samples == 0:
+            return
+        metrics = {f"explain/run/{n}": float(v) / samples for n, v in zip(names, total[:-1].tolist())}
+        metrics["explain/run/samples"] = samples
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=self._batches)
+
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._log_batch(trainer, outputs, batch)
+
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._log_batch(trainer, outputs, batch)
+
+    @rank_zero_only
+    def _log_hparams(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        autologged = trainer.enable_autolog_hparams and getattr(pl_module, "_log_hyperparams", True)
+        if trainer.loggers and pl_module.hparams and not autologged:
+            for logger in trainer.loggers:
+                logger.log_hyperparams(pl_module.hparams)
+
+    def _log_batch(self, trainer: pl.Trainer, outputs: Any, batch: Any) -> None:
+        step = self._batches
+        self._batches += 1
+        if not isinstance(outputs, Explanation) or len(outputs) == 0:  # e.g. every sample unreadable
+            return
+        summary = outputs.summary()
+        for name, value in summary.items():
+            self._totals[name] = self._totals.get(name, 0.0) + value * len(outputs)
+        self._samples += len(outputs)
+        if not trainer.is_global_zero or not trainer.loggers or step % self.log_every_n_batches:
+            return
+        metrics = {f"explain/{name}": value for name, value in summary.items()}
+        grid = self._grid(outputs, batch)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+            if grid is not None and hasattr(logger.experiment, "add_image"):
+                logger.experiment.add_image("explain/overlays", grid, global_step=step)
+
+    def _grid(self, exp: Explanation, batch: Any) -> torch.Tensor | None:
+        """Up to ``max_images`` explanation panels stacked vertically, or None without images."""
+        images = exp.images if exp.images is not None else (batch.get("image") if isinstance(batch, dict) else None)
+        n = min(self.max_images, len(exp))
+        if images is None or n == 0:
+            return None
+        return panel_grid(images[:n], exp.masks[:n])

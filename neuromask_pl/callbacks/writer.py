@@ -1,0 +1,352 @@
+"""MaskWriter: every explained sample into the sharded, resumable store, with overlays, manifest and run record."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import json
+import logging
+import platform
+import secrets
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import BasePredictionWriter
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+
+from neuromask_pl.classifiers import describe_classifier
+from neuromask_pl.explanation import LOSS_TERMS, Explanation
+from neuromask_pl.store import (
+    ShardWriter,
+    StoreLock,
+    atomic_write,
+    config_hash,
+    load_results,
+    merge_index,
+    open_store,
+    scan_shards,
+)
+from neuromask_pl.viz import explanation_panel, save_png
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = (
+    "sample_id",
+    "status",
+    "path",
+    "target",
+    "target_name",
+    "prob_original",
+    "prob_masked",
+    "preserved",
+    "mask_area",
+    "steps",
+    *(f"loss_{term}" for term in LOSS_TERMS),
+    "overlay_file",
+    "error",
+)
+_STAGES = ("predict", "test")
+_VERSIONED = ("torch", "torchvision", "pytorch_lightning", "torchmetrics", "numpy", "neuromask_pl")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            versions[name] = getattr(importlib.import_module(name), "__version__", None) or importlib.metadata.version(
+                name
+            )
+        except (ImportError, importlib.metadata.PackageNotFoundError):
+            versions[name] = None
+    return versions
+
+
+# DataModule settings that change how samples are loaded but never a mask (left out of the config hash).
+_LOADING_ONLY = {"batch_size", "num_workers", "pin_memory"}
+
+
+def explanation_config(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+    """What determines every mask of a run: NeuroMask settings, classifier file, data settings, precision."""
+    datamodule = getattr(trainer, "datamodule", None)
+    data = dict(datamodule.hparams) if datamodule is not None else {}
+    fingerprint = getattr(datamodule, "fingerprint", None)
+    module = getattr(pl_module, "classifier", None)
+    classifier = describe_classifier(module) if module is not None else {}
+    if classifier.get("sha256") is None and isinstance(module, torch.nn.Module):
+        classifier["sha256"] = _state_sha256(module)  # no model file: hash the weights themselves
+    return {
+        "hparams": dict(pl_module.hparams),
+        "classifier": {k: classifier.get(k) for k in ("class", "sha256", "num_parameters", "num_classes")},
+        "data": {"class": type(datamodule).__qualname__ if datamodule is not None else None}
+        | {k: v for k, v in data.items() if k not in _LOADING_ONLY}
+        | {"fingerprint": fingerprint() if callable(fingerprint) else None},
+        "precision": str(trainer.precision),
+    }
+
+
+def _state_sha256(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's parameters and buffers (names, dtypes, shapes and values)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class MaskWriter(BasePredictionWriter):
+    """Write every explained sample to a sharded, resumable store, plus overlays and a manifest.
+
+    Works in the predict and test stages, on one process or many (DDP: each rank writes its own
+    shards). Layout of ``output_dir``::
+
+        store.json                      format version and the hash of the run's configuration
+        shards/r<rank>-<seq>-<session>.npz (+ .sha256)   masks (float16) and manifest rows,
+                                        ``chunk_size`` samples each, written atomically with a checksum
+        index.npz, manifest.csv         merged when the job completes (one row per sample id)
+        overlays/<sample_id:08d>.png    original | heat-map overlay | image * mask
+        run.json                        configuration, trainer, versions, classifier, times, counts
+
+    Read results with :func:`neuromask_pl.store.load_results`. Rerunning the same command on the same
+    directory explains only the samples that are missing (matched by sample id; the configuration
+    and model must be the same, else the run is refused unless ``overwrite=True``). Damaged or
+    incomplete shards (a killed job, a full disk) are detected by checksum and redone. Two jobs on
+    one directory at once are refused (``.lock``).
+
+    Args:
+        output_dir: where to write; None means ``<trainer.log_dir>/explanations``.
+        write_overlays: also write the overlay PNGs (needs the images in the Explanation or batch).
+        chunk_size: samples per shard file.
+        overwrite: replace the results of another configuration in ``output_dir``.
+    """
+
+    def __init__(
+        self, output_dir: str | None = None, write_overlays: bool = True, chunk_size: int = 256, overwrite: bool = False
+    ) -> None:
+        super().__init__(write_interval="batch")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.output_dir = output_dir
+        self.write_overlays = write_overlays
+        self.chunk_size = chunk_size
+        self.overwrite = overwrite
+        self.out: Path | None = None  # resolved at setup
+        self._writer: ShardWriter | None = None
+        self._lock: StoreLock | None = None
+        self._log_dir: str | None = None
+        self._stage = ""
+        self._started = ""
+        self.resumed_ids: set[int] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check the folder, lock and open the store, find what is already done, start this rank's shards."""
+        super().setup(trainer, pl_module, stage)
+        if stage not in _STAGES:
+            return
+        self._log_dir = trainer.log_dir if trainer.loggers else None  # log_dir must be read on every rank
+        default = Path(self._log_dir or Path(trainer.default_root_dir) / "lightning_logs") / "explanations"
+        self.out = Path(self.output_dir) if self.output_dir is not None else default
+        self._stage, self._started = stage, _now()
+        error, done, session = None, [], ""
+        if trainer.is_global_zero:
+            try:
+                done, session = self._open_store(trainer, pl_module)
+            except (OSError, ValueError, RuntimeError) as err:
+                error = f"{type(err).__name__}: {err}"
+        # Every rank learns the outcome, so that no rank waits forever for one that failed.
+        error, done, session = trainer.strategy.broadcast((error, done, session), src=0)
+        if error is not None:
+            raise _rebuild_error(error)
+        self.resumed_ids = set(done)
+        self._skip_done(trainer, self.resumed_ids)  # also when empty: a reused DataModule may hold older ids
+        self._writer = ShardWriter(self.out, trainer.global_rank, self.chunk_size, session=session)
+
+    def _open_store(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[list[int], str]:
+        self._check_writable(self.out)
+        self._lock = StoreLock(self.out)
+        self._lock.acquire()
+        try:
+            open_store(self.out, config_hash(explanation_config(trainer, pl_module)), overwrite=self.overwrite)
+            scan = scan_shards(self.out, verify=True, clean=True)
+            scan.delete_bad()
+            if self.write_overlays:
+                (self.out / "overlays").mkdir(exist_ok=True)
+            self._write_run_record(trainer, pl_module, counts=None)
+        except BaseException:
+            self._release_lock()
+            raise
+        session = f"{time.time_ns():020d}{secrets.token_hex(4)}"  # later runs sort later (store: later wins)
+        return [int(i) for i in scan.mask_ids], session
+
+    def _skip_done(self, trainer: pl.Trainer, done: set[int]) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "exclude_ids"):
+            datamodule.exclude_ids = _exclusions(datamodule, done, trainer.world_size)
+            if done:
+                rank_zero_info(f"MaskWriter: resuming in {self.out}: {len(done)} samples already explained are skipped")
+        elif done:
+            rank_zero_warn(
+                f"MaskWriter: {len(done)} samples in {self.out} are already explained, but this data has no "
+                "`exclude_ids`; they are explained again (results are the same)."
+            )
+
+    def _check_writable(self, out: Path) -> None:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=out):
+                pass
+        except OSError as err:
+            raise ValueError(
+                f"MaskWriter cannot write to the output directory '{out}': {err.strerror or err}. "
+                "Pass MaskWriter(output_dir=...) a directory you can create and write to, "
+                "or fix the permissions of that path."
+            ) from err
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish(trainer, pl_module)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish(trainer, pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Keep what is finished: write the buffered samples as a last shard (redone if damaged)."""
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception as err:  # noqa: BLE001 - the original exception matters more
+                log.warning("MaskWriter: could not write the last buffered samples: %s", err)
+                self._writer.abort()
+            self._writer = None
+        self._release_lock()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._writer is not None and stage in _STAGES:
+            # Ended normally without on_predict_end/on_test_end: Lightning skips the loop when no sample is
+            # left to explain. Merge and record as usual.
+            self._finish(trainer, pl_module)
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._writer = None
+        trainer.strategy.barrier("MaskWriter.finish")
+        if trainer.is_global_zero:
+            report = merge_index(self.out, columns=MANIFEST_COLUMNS)
+            with load_results(self.out) as results:
+                statuses = [row.get("status") for row in results.rows]
+            counts = {"explained": statuses.count("ok"), "skipped": statuses.count("skipped")}
+            self._write_run_record(trainer, pl_module, counts=counts)
+            self._release_lock()
+            if report.bad:
+                log.warning("MaskWriter: %d damaged shard(s) ignored; rerun to redo their samples", len(report.bad))
+            log.info("MaskWriter: %d explained, %d skipped, written to %s", *counts.values(), self.out)
+        trainer.strategy.barrier("MaskWriter.merged")  # no rank leaves while rank 0 still merges
+
+    # -- writing ---------------------------------------------------------------------------------
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: Any,
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Store the masks and manifest rows of one batch and write its overlays."""
+        if self._writer is None:
+            return
+        batch = batch if isinstance(batch, dict) else {}
+        if isinstance(prediction, Explanation) and len(prediction):
+            exp = prediction.cpu()
+            images = exp.images if exp.images is not None else batch.get("image")
+            for i, record in enumerate(exp.records(getattr(pl_module, "class_names", None))):
+                sample_id = record["sample_id"]
+                overlay = ""
+                if self.write_overlays and images is not None:
+                    overlay = f"overlays/{sample_id:08d}.png"
+                    save_png(explanation_panel(images[i].cpu(), exp.masks[i]), self.out / overlay)
+                row = {**record, "status": "ok", "overlay_file": overlay}
+                self._writer.add(sample_id, exp.masks[i, 0].to(torch.float16).numpy(), row)
+        skipped = prediction.skipped if isinstance(prediction, Explanation) else batch.get("skipped", [])
+        for s in skipped:
+            path, error = s.get("path", ""), s.get("error", "")
+            log.warning("Skipped sample %s (%s): %s", s["index"], path, error)
+            self._writer.add(int(s["index"]), None, {"status": "skipped", "path": path, "error": error})
+
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self.write_on_batch_end(trainer, pl_module, outputs, None, batch, batch_idx, dataloader_idx)
+
+    def _write_run_record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, counts: dict | None) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        config = Path(self._log_dir) / "config.yaml" if self._log_dir else None
+        record = {
+            "stage": self._stage,
+            "output_dir": str(self.out),
+            "started": self._started,
+            "finished": _now() if counts is not None else None,
+            "counts": counts,
+            "hparams": dict(pl_module.hparams),
+            "datamodule_hparams": dict(datamodule.hparams) if datamodule is not None else None,
+            "cli_config": config.read_text(encoding="utf-8") if config is not None and config.is_file() else None,
+            "trainer": {
+                "precision": str(trainer.precision),
+                "accelerator": type(trainer.accelerator).__name__,
+                "strategy": type(trainer.strategy).__name__,
+                "devices": trainer.num_devices,
+                "num_nodes": trainer.num_nodes,
+                "world_size": trainer.world_size,
+            },
+            "versions": _versions(),
+            "classifier": describe_classifier(pl_module.classifier) if hasattr(pl_module, "classifier") else None,
+        }
+        with atomic_write(self.out / "run.json", "w", fsync=True) as f:
+            json.dump(record, f, indent=2, default=str)
+
+
+def _exclusions(datamodule: Any, done: set[int], world_size: int) -> set[int]:
+    """The done ids to skip, leaving every rank at least one sample: Lightning's DDP predict sampler
+    cannot give a rank nothing, so with fewer missing samples than ranks a few done ones are redone."""
+    if world_size == 1 or not done or not hasattr(datamodule, "sample_ids"):
+        return set(done)
+    ids = datamodule.sample_ids()
+    missing = sum(1 for i in ids if i not in done)
+    if missing >= world_size:
+        return set(done)
+    redo = set(sorted(i for i in ids if i in done)[: world_size - missing])
+    return set(done) - redo
+
+
+def _rebuild_error(message: str) -> Exception:
+    """The exception a rank reported (``"Type: message"``), raised again on every rank."""
+    name, _, text = message.partition(": ")
+    kinds = {"ValueError": ValueError, "RuntimeError": RuntimeError, "FileNotFoundError": FileNotFoundError}
+    return kinds.get(name, OSError)(text)
