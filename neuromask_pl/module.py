@@ -63,6 +63,10 @@ class NeuroMask(pl.LightningModule):
         if not isinstance(classifier, nn.Module):
             raise TypeError(f"classifier must be a torch.nn.Module, got {type(classifier).__name__}")
         self.classifier = classifier
+        # The classifier is the user's (a reference): never part of this module's state_dict, so a host module
+        # holding a NeuroMask saves and strictly loads the same checkpoints as without it.
+        self._register_state_dict_hook(_drop_classifier_state)
+        self.register_load_state_dict_post_hook(_ignore_missing_classifier_state)
         self.settings: MaskSettings = resolve_settings(preset, steps, settings)
         self.fast_path = FastPath.of(fast_path)
         self._fast_classifier = FastClassifier(self.fast_path)
@@ -245,3 +249,15 @@ class NeuroMask(pl.LightningModule):
             updated = {name: metric for name, metric in self.test_metrics.items() if metric.update_called}
             self.log_dict(updated, batch_size=len(result))
         return result
+
+
+def _drop_classifier_state(module: NeuroMask, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """state_dict hook: leave the classifier's entries out (they belong to the classifier's owner)."""
+    for key in [k for k in state if k.startswith(f"{prefix}classifier.")]:
+        del state[key]
+
+
+def _ignore_missing_classifier_state(module: NeuroMask, incompatible_keys: Any) -> None:
+    """load_state_dict hook: the classifier's entries are never saved, so they are never missing."""
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if ".classifier." not in f".{k}" and not k.startswith("classifier.")]

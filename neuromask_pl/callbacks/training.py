@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
@@ -15,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
+from neuromask_pl.classifiers import Normalize
 from neuromask_pl.data import check_images, unpack_batch
 from neuromask_pl.explanation import Explanation
 from neuromask_pl.maths.fastpath import FastPath
@@ -23,6 +25,14 @@ from neuromask_pl.settings import SettingsOverrides, resolve_settings
 from neuromask_pl.viz import panel_grid, save_png, to_uint8
 
 log = logging.getLogger(__name__)
+
+PLAIN_PATH = {"fold_batchnorm": False, "pack_convolutions": False}  # the classifier itself, never a copy
+
+
+def _close_to_unit(pixels: torch.Tensor) -> bool:
+    """Whether un-normalised images are [0, 1] pixels up to float rounding, so clamping changes nothing real:
+    ``x * std + mean`` rounds twice, each within 2**-24 of values below 10 in size (about 1.2e-6 in all)."""
+    return bool(pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5)
 
 
 @contextmanager
@@ -73,7 +83,13 @@ class ExplainDuringTraining(Callback):
     The images are the first ``num_images`` of the first validation dataloader, taken as the
     batches pass during the first validation after the sanity check (so a shuffled validation
     loader gives a different set per run), and kept on the CPU; or the ``images`` given.
-    Each image is explained for its predicted class.
+    Each image is explained for its predicted class. Validation data normalised by the DataModule
+    (``(x - mean) / std``) is un-normalised with ``mean`` and ``std``, and the normalisation is put inside
+    the classifier that is explained, so masks act on [0, 1] pixels.
+
+    The module (or ``model_attribute``) is explained in place, never copied: by default without the fast
+    path, whose BatchNorm folding works on a copy (``fast_path`` turns it on, e.g. for a plain network
+    named by ``model_attribute``).
 
     Training is left exactly as it would be without the callback: weights, BatchNorm statistics,
     optimizer state, parameter gradients, ``training`` and ``requires_grad`` flags, and the Python,
@@ -84,8 +100,11 @@ class ExplainDuringTraining(Callback):
     Args:
         num_images: how many validation images to collect (ignored when ``images`` is given).
         every_n_epochs: explain at the end of validation in epochs ``n-1, 2n-1, ...`` (0-based).
-        preset, steps, settings, seed, target_class, fast_path: as for :class:`~neuromask_pl.NeuroMask`
+        preset, steps, settings, seed, target_class: as for :class:`~neuromask_pl.NeuroMask`
             (``steps`` defaults to 100 here, a quick look each epoch).
+        fast_path: as for NeuroMask; default here: off (no copy of the module).
+        mean, std: the normalisation the validation images carry (one number, or one per channel, e.g.
+            MNIST's ``0.1307`` and ``0.3081``); None when they are [0, 1] pixels.
         model_attribute: dotted attribute of the LightningModule to explain (e.g. ``"model"`` or
             ``"net.backbone"``); by default the LightningModule itself. Either way its forward must
             map [0, 1] images B x C x H x W to logits B x K.
@@ -108,6 +127,8 @@ class ExplainDuringTraining(Callback):
         output_dir: str | Path | None = None,
         images: torch.Tensor | None = None,
         log_prefix: str = "explain_train",
+        mean: float | list[float] | None = None,
+        std: float | list[float] | None = None,
     ) -> None:
         if num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}")
@@ -121,8 +142,9 @@ class ExplainDuringTraining(Callback):
             "settings": resolve_settings(preset, steps, settings),
             "seed": seed,
             "target_class": target_class,
-            "fast_path": FastPath.of(fast_path),
+            "fast_path": FastPath.of(PLAIN_PATH if fast_path is None else fast_path),
         }
+        self.normalize = Normalize(mean, std)
         if images is not None:
             try:
                 images = check_images(images).detach().to("cpu", copy=True)
@@ -151,7 +173,7 @@ class ExplainDuringTraining(Callback):
     ) -> None:
         if self.images is not None or dataloader_idx != 0 or not trainer.is_global_zero:
             return
-        images = unpack_batch(batch)[0]
+        images = self._pixels(unpack_batch(batch)[0])
         if trainer.sanity_checking:  # not collected, but checked, so bad images stop the run before training
             if batch_idx == 0:
                 self._check_validation_images(images)
@@ -160,15 +182,25 @@ class ExplainDuringTraining(Callback):
         if missing > 0 and len(images):
             self._collected.append(self._check_validation_images(images[:missing]).detach().to("cpu", copy=True))
 
-    @staticmethod
-    def _check_validation_images(images: Any) -> torch.Tensor:
+    def _pixels(self, images: Any) -> Any:
+        """Validation images back in [0, 1] pixel space (un-normalised with ``mean`` and ``std``)."""
+        if not self.normalize.enabled or not isinstance(images, torch.Tensor) or not images.is_floating_point():
+            return images
+        norm = self.normalize.to(images.device)
+        pixels = images * norm.std + norm.mean
+        return pixels.clamp(0.0, 1.0) if _close_to_unit(pixels) else pixels
+
+    def _check_validation_images(self, images: Any) -> torch.Tensor:
         try:
             return check_images(images)
         except (TypeError, ValueError) as error:
-            raise type(error)(
-                f"ExplainDuringTraining cannot use the validation images: {error}. "
-                "Pass ExplainDuringTraining(images=...) with B x C x H x W images in [0, 1] instead."
-            ) from error
+            hint = (
+                "Check that mean and std are the normalisation of the validation data"
+                if self.normalize.enabled
+                else "Pass ExplainDuringTraining(mean=..., std=...) with the normalisation of the validation data "
+                "(e.g. mean=0.1307, std=0.3081 for MNIST), or images=... with B x C x H x W images in [0, 1]"
+            )
+            raise type(error)(f"ExplainDuringTraining cannot use the validation images: {error}. {hint}.") from error
 
     # -- explaining and logging ----------------------------------------------------------------------
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -196,6 +228,9 @@ class ExplainDuringTraining(Callback):
                 "or pass ExplainDuringTraining(images=...)"
             )
         classifier = self._classifier(pl_module)
+        if self.normalize.enabled:  # a wrapper holding a reference to the module, not a copy
+            device = next(itertools.chain(classifier.parameters(), classifier.buffers()), self.images).device
+            classifier = torch.nn.Sequential(self.normalize.to(device), classifier)
         start = time.perf_counter()
         with preserved_rng_state(), gradients_enabled():
             images = self.images.clone()  # never an inference tensor
