@@ -324,6 +324,26 @@ def test_metric_classes_equal_the_mean_of_the_functional(tiny_cnn, image_factory
     assert 0 < float(expected["pointing_game"]) < 1 and 0 < float(expected["preservation_rate"]) < 1
 
 
+def test_each_metric_class_holds_exactly_its_functional_twin(tiny_cnn, image_factory):
+    """Non-default settings reach the functional: one update's states are its values' float32 sum and count."""
+    ((images, masks, targets, boxes),) = random_batches(image_factory, sizes=(8,))
+    x, m, t = images, masks, targets
+    twins = [
+        (DeletionAUC(tiny_cnn, steps=3, baseline="mean"), (x, m, t), deletion_auc(tiny_cnn, x, m, t, 3, "mean")),
+        (InsertionAUC(tiny_cnn, steps=3, baseline="black"), (x, m, t), insertion_auc(tiny_cnn, x, m, t, 3, "black")),
+        (MaskArea(), (m,), mask_area(m)),
+        (PreservationRate(tiny_cnn, baseline="mean"), (x, m, t), preservation(tiny_cnn, x, m, t, "mean")),
+        (SelectionRate(tiny_cnn, 0.7, baseline="mean"), (x, m, t), selection(tiny_cnn, x, m, t, 0.7, "mean")),
+        (PointingGame(tolerance=2, ties="any"), (m, boxes), pointing_game(m, boxes, 2, "any")),
+        (EnergyPointing(energy="clamp"), (m, boxes), energy_pointing(m, boxes, "clamp")),
+    ]
+    for metric, args, values in twins:
+        metric.update(*args)
+        # total starts at 0.0 and adds values.float().sum(): the same operation, so equal to the bit.
+        assert torch.equal(metric.total, values.float().sum()), type(metric).__name__
+        assert int(metric.count) == values.numel() == 8
+
+
 def test_collection_update_and_sum_reduced_states(tiny_cnn, image_factory):
     batches = random_batches(image_factory)
     expected = functional_means(tiny_cnn, batches, steps=4)

@@ -1,35 +1,13 @@
-"""Faithfulness and localisation metrics for masks and saliency maps, the torchmetrics way.
+"""Functional forms of the explanation metrics: pure functions returning one value per sample.
 
-Every metric has a functional form that holds the maths and returns one value per sample, and a
-:class:`torchmetrics.Metric` that averages it over batches (and over DDP ranks: its ``total`` and
-``count`` states are sum-reduced). They work on any saliency map, not only NeuroMask's masks.
-
-Inputs, everywhere:
-
-- ``images``: float B x C x H x W in [0, 1] (the pixel space masks act on).
-- ``saliency``: B x 1 x H x W or B x H x W at the images' size, any scale and sign (higher = more
-  important). Upsample coarse maps first, e.g. with :func:`neuromask_pl.mask.upsample_mask`.
-- ``masks``: like ``saliency`` but in [0, 1] (1 keeps a pixel).
-- ``targets``: the explained class, a LongTensor (B,) or one int for all.
-- ``classifier``: any ``nn.Module`` mapping [0, 1] images to logits B x K. It is run in eval mode
-  without gradients (:func:`neuromask_pl.explainer.frozen`) and left exactly as it was.
-- ``ground_truth``: where the object is: a bool (or 0/1) mask B x 1 x H x W or B x H x W, boxes
-  B x 4 as ``(x0, y0, x1, y1)`` in pixels, or a list of B tensors of boxes K x 4 (their union). A pixel
-  ``(x, y)`` is in a box when its centre ``(x + 0.5, y + 0.5)`` is, so integer boxes act like slices
-  ``[y0:y1, x0:x1]``.
-- ``baseline``: what removed pixels become: ``"black"``, ``"mean"`` (each image's mean colour),
-  ``"blur"`` (see :func:`neuromask_pl.mask.make_baseline`) or a tensor broadcastable to the images.
-
-Example, in a LightningModule::
-
-    self.test_metrics = explanation_metrics(classifier, prefix="test/")      # in __init__
-    update_explanation_metrics(self.test_metrics, images, masks, targets)    # in test_step
-    self.log_dict(self.test_metrics)
+Deletion and insertion curves and their areas, the pointing game, energy pointing, mask area,
+preservation and selection. The inputs (``images``, ``saliency``, ``masks``, ``targets``,
+``classifier``, ``ground_truth``, ``baseline``) are described in :mod:`neuromask_pl.metrics`;
+:mod:`neuromask_pl.metrics.classes` averages these values over batches and DDP ranks.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -37,12 +15,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import Metric, MetricCollection
 
 from neuromask_pl.inputs import check_images, frozen
 from neuromask_pl.mask import apply_mask, make_baseline
-
-log = logging.getLogger(__name__)
 
 TIE_RULES = ("first", "any", "all")
 ENERGY_MODES = ("shift", "clamp")
@@ -52,19 +27,16 @@ INSERTION_BASELINE = "blur"
 MASK_BASELINE = "black"
 
 __all__ = [
-    "DeletionAUC",
-    "EnergyPointing",
-    "InsertionAUC",
-    "MaskArea",
-    "PointingGame",
-    "PreservationRate",
-    "SelectionRate",
+    "DELETION_BASELINE",
+    "ENERGY_MODES",
+    "INSERTION_BASELINE",
+    "MASK_BASELINE",
+    "TIE_RULES",
     "auc",
     "boxes_to_masks",
     "deletion_auc",
     "deletion_curve",
     "energy_pointing",
-    "explanation_metrics",
     "insertion_auc",
     "insertion_curve",
     "mask_area",
@@ -72,7 +44,6 @@ __all__ = [
     "preservation",
     "saliency_ranks",
     "selection",
-    "update_explanation_metrics",
 ]
 
 
@@ -113,6 +84,16 @@ def _masks(masks: Any, batch: int | None = None, size: tuple[int, int] | None = 
             "rescale the map, or use the saliency metrics (deletion, insertion, pointing) that take any scale"
         )
     return masks
+
+
+def _check_steps(steps: Any) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+
+
+def _check_choice(value: Any, choices: tuple[str, ...], what: str) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
 
 
 def _targets(targets: Any, batch: int, device: torch.device) -> Tensor:
@@ -160,21 +141,27 @@ def _logits(classifier: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
     return logits.float()
 
 
-def _prepare(classifier: Any, images: Any, maps: Tensor, targets: Any) -> tuple[nn.Module, Tensor, Tensor, Tensor]:
-    """Classifier, images, maps (B x H x W) and targets, all on the classifier's device."""
-    classifier = _check_classifier(classifier)
+def _prepare(
+    classifier: Any, images: Any, maps: Any, targets: Any, *, masks: bool
+) -> tuple[nn.Module, Tensor, Tensor, Tensor]:
+    """Checked classifier, images, maps (B x H x W) and targets, all on the classifier's device.
+
+    ``maps`` are saliency maps of any scale, or masks in [0, 1] when ``masks`` is true.
+    """
     images = check_images(images)
+    batch, size = images.shape[0], tuple(images.shape[-2:])
+    maps = _masks(maps, batch, size) if masks else _maps(maps, "saliency", batch, size)
+    classifier = _check_classifier(classifier)
     device = _device_of(classifier, images.device)
     images = images.to(device)
-    return classifier, images, maps.to(device), _targets(targets, images.shape[0], device)
+    return classifier, images, maps.to(device), _targets(targets, batch, device)
 
 
 def _ground_truth(ground_truth: Any, batch: int, size: tuple[int, int], device: torch.device) -> Tensor:
     """Ground truth as a bool mask B x H x W; every sample must contain some object."""
     height, width = size
-    if isinstance(ground_truth, Tensor) and ground_truth.ndim == 2 and ground_truth.shape[-1] == 4:
-        gt = boxes_to_masks(ground_truth, height, width)
-    elif isinstance(ground_truth, (list, tuple)):
+    boxes = isinstance(ground_truth, Tensor) and ground_truth.ndim == 2 and ground_truth.shape[-1] == 4
+    if boxes or isinstance(ground_truth, (list, tuple)):
         gt = boxes_to_masks(ground_truth, height, width)
     elif isinstance(ground_truth, Tensor):
         if ground_truth.ndim == 4 and ground_truth.shape[1] == 1:
@@ -223,11 +210,8 @@ def _curve(
     baseline: str | Tensor,
     insert: bool,
 ) -> Tensor:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    images = check_images(images)
-    maps = _maps(saliency, "saliency", images.shape[0], tuple(images.shape[-2:]))
-    classifier, images, maps, targets = _prepare(classifier, images, maps, targets)
+    _check_steps(steps)
+    classifier, images, maps, targets = _prepare(classifier, images, saliency, targets, masks=False)
     base = _baseline(images, baseline)
     ranks = saliency_ranks(maps).view(maps.shape)[:, None]  # B x 1 x H x W
     pixels = maps[0].numel()
@@ -369,8 +353,7 @@ def pointing_game(
     Returns:
         bool (B,).
     """
-    if ties not in TIE_RULES:
-        raise ValueError(f"unknown tie rule {ties!r}; choose one of {', '.join(TIE_RULES)}")
+    _check_choice(ties, TIE_RULES, "tie rule")
     if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not tolerance >= 0:
         raise ValueError(f"tolerance must be a number of pixels >= 0, got {tolerance!r}")
     maps = _maps(saliency, "saliency")
@@ -404,8 +387,7 @@ def energy_pointing(saliency: Tensor, ground_truth: Tensor | Sequence[Tensor], e
     Returns:
         float (B,) in [0, 1].
     """
-    if energy not in ENERGY_MODES:
-        raise ValueError(f"unknown energy {energy!r}; choose one of {', '.join(ENERGY_MODES)}")
+    _check_choice(energy, ENERGY_MODES, "energy")
     maps = _maps(saliency, "saliency")
     gt = _ground_truth(ground_truth, maps.shape[0], tuple(maps.shape[-2:]), maps.device).flatten(1)
     flat = maps.flatten(1).float()
@@ -435,9 +417,7 @@ def _kept(
     baseline: str | Tensor,
     threshold: float | None,
 ) -> Tensor:
-    images = check_images(images)
-    maps = _masks(masks, images.shape[0], tuple(images.shape[-2:]))
-    classifier, images, maps, targets = _prepare(classifier, images, maps, targets)
+    classifier, images, maps, targets = _prepare(classifier, images, masks, targets, masks=True)
     if threshold is not None:
         maps = (maps > threshold).to(images.dtype)
     masked = apply_mask(images, maps[:, None].to(images.dtype), _baseline(images, baseline))
@@ -464,278 +444,3 @@ def selection(
     """Does the image keep the target class (top-1) with only the pixels where ``mask > threshold``,
     the rest replaced by the baseline? bool (B,)."""
     return _kept(classifier, images, masks, targets, baseline, float(threshold))
-
-
-# ------------------------------------------------------------------------------------------ Metric classes
-
-
-class _SharedClassifier:
-    """Holds a classifier without registering it as a sub-module of the metric.
-
-    So the classifier is not in the metric's ``state_dict``, is not moved by ``metric.to()``, and
-    ``deepcopy`` of the metric alone (``MetricCollection.clone``) shares it instead of copying its
-    weights. A deepcopy of a module that holds both the classifier (registered before the metrics)
-    and the metrics points the copied metrics at the copied classifier.
-    """
-
-    __slots__ = ("module",)
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
-    def __deepcopy__(self, memo: dict) -> _SharedClassifier:
-        copied = memo.get(id(self.module))
-        return self if copied is None else _SharedClassifier(copied)
-
-
-class _MeanMetric(Metric):
-    """Mean of a per-sample value: ``total`` and ``count`` states, summed over DDP ranks."""
-
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better: bool | None = True
-
-    total: Tensor
-    count: Tensor
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0), dist_reduce_fx="sum")
-
-    def _accumulate(self, values: Tensor) -> None:
-        values = values.detach().to(self.total.device)
-        self.total += values.to(self.total.dtype).sum()
-        self.count += values.numel()
-
-    def compute(self) -> Tensor:
-        """The mean over every sample seen (NaN before any)."""
-        return self.total / self.count
-
-    def _update_explanation(self, images: Tensor, masks: Tensor, targets: Tensor, ground_truth: Any) -> None:
-        raise NotImplementedError
-
-
-class _ClassifierMetric(_MeanMetric):
-    def __init__(self, classifier: nn.Module, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._classifier = _SharedClassifier(_check_classifier(classifier))
-
-    @property
-    def classifier(self) -> nn.Module:
-        """The classifier (shared, not a sub-module)."""
-        return self._classifier.module
-
-
-class _AUCMetric(_ClassifierMetric):
-    _insert = False
-
-    def __init__(self, classifier: nn.Module, steps: int = 20, baseline: str | Tensor | None = None, **kwargs: Any):
-        super().__init__(classifier, **kwargs)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-        self.steps = steps
-        self.baseline = (
-            baseline if baseline is not None else (INSERTION_BASELINE if self._insert else DELETION_BASELINE)
-        )
-
-    def update(self, images: Tensor, saliency: Tensor, targets: Tensor | int) -> None:  # type: ignore[override]
-        """Add a batch: images B x C x H x W, saliency maps, target classes."""
-        curve = _curve(self.classifier, images, saliency, targets, self.steps, self.baseline, self._insert)
-        self._accumulate(auc(curve))
-
-    def _update_explanation(self, images: Tensor, masks: Tensor, targets: Tensor, ground_truth: Any) -> None:
-        self.update(images, masks, targets)
-
-
-class DeletionAUC(_AUCMetric):
-    """Mean area under the deletion curve (:func:`deletion_curve`); lower is better.
-
-    Args:
-        classifier: the model, used frozen and restored; not registered as a sub-module.
-        steps: number of deletion steps (the curve has ``steps + 1`` points).
-        baseline: what removed pixels become; default ``"black"`` (Petsiuk et al.).
-    """
-
-    higher_is_better = False
-
-
-class InsertionAUC(_AUCMetric):
-    """Mean area under the insertion curve (:func:`insertion_curve`); higher is better.
-
-    Args:
-        classifier: the model, used frozen and restored; not registered as a sub-module.
-        steps: number of insertion steps (the curve has ``steps + 1`` points).
-        baseline: the starting image; default ``"blur"`` (Petsiuk et al.).
-    """
-
-    _insert = True
-
-
-class PointingGame(_MeanMetric):
-    """Share of samples whose saliency maximum hits the object (:func:`pointing_game`).
-
-    Args:
-        tolerance: margin in pixels around the ground truth (15, as Zhang et al.).
-        ties: ``"first"``, ``"any"`` or ``"all"`` maxima.
-    """
-
-    def __init__(self, tolerance: float = 15, ties: str = "first", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if ties not in TIE_RULES:
-            raise ValueError(f"unknown tie rule {ties!r}; choose one of {', '.join(TIE_RULES)}")
-        self.tolerance = tolerance
-        self.ties = ties
-
-    def update(self, saliency: Tensor, ground_truth: Tensor | Sequence[Tensor]) -> None:  # type: ignore[override]
-        """Add a batch of saliency maps and their ground truth (masks or boxes)."""
-        self._accumulate(pointing_game(saliency, ground_truth, self.tolerance, self.ties))
-
-    def _update_explanation(self, images: Tensor, masks: Tensor, targets: Tensor, ground_truth: Any) -> None:
-        if ground_truth is not None:
-            self.update(masks, ground_truth)
-
-
-class EnergyPointing(_MeanMetric):
-    """Mean share of saliency inside the object (:func:`energy_pointing`).
-
-    Args:
-        energy: ``"shift"`` (minus each map's minimum) or ``"clamp"`` (positive part).
-    """
-
-    def __init__(self, energy: str = "shift", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if energy not in ENERGY_MODES:
-            raise ValueError(f"unknown energy {energy!r}; choose one of {', '.join(ENERGY_MODES)}")
-        self.energy = energy
-
-    def update(self, saliency: Tensor, ground_truth: Tensor | Sequence[Tensor]) -> None:  # type: ignore[override]
-        """Add a batch of saliency maps and their ground truth (masks or boxes)."""
-        self._accumulate(energy_pointing(saliency, ground_truth, self.energy))
-
-    def _update_explanation(self, images: Tensor, masks: Tensor, targets: Tensor, ground_truth: Any) -> None:
-        if ground_truth is not None:
-            self.update(masks, ground_truth)
-
-
-class MaskArea(_MeanMetric):
-    """Mean mask area (:func:`mask_area`): the kept share of the image."""
-
-    higher_is_better = None
-
-    def update(self, masks: Tensor) -> None:  # type: ignore[override]
-        """Add a batch of masks in [0, 1]."""
-        self._accumulate(mask_area(masks))
-
-    def _update_explanation(self, images: Tensor, masks: Tensor, targets: Tensor, ground_truth: Any) -> None:
-        self.update(masks)
-
-
-class PreservationRate(_ClassifierMetric):
-    """Share of samples whose soft-masked image keeps the target class (:func:`preservation`).
-
-    Args:
-        classifier: the model, used frozen and restored; not registered as a sub-module.
-        baseline: what hidden pixels become (default ``"black"``).
-    """
-
-    def __init__(self, classifier: nn.Module, baseline: str | Tensor = MASK_BASELINE, **kwargs: Any) -> None:
-        super().__init__(classifier, **kwargs)
-        self.baseline = baseline
-
-    def update(self, images: Tensor, masks: Tensor, targets: Tensor | int) -> None:  # type: ignore[override]
-        """Add a batch: images, masks in [0, 1], target classes."""
-        self._accumulate(preservation(self.classifier, images, masks, targets, self.baseline))
-
-    def _update_explanation(self, images: Tensor, masks: Tensor, targets: Tensor, ground_truth: Any) -> None:
-        self.update(images, masks, targets)
-
-
-class SelectionRate(_ClassifierMetric):
-    """Share of samples that keep the target class with only the pixels where ``mask > threshold``
-    (:func:`selection`).
-
-    Args:
-        classifier: the model, used frozen and restored; not registered as a sub-module.
-        threshold: pixels with a mask value above it are kept.
-        baseline: what the other pixels become (default ``"black"``).
-    """
-
-    def __init__(
-        self, classifier: nn.Module, threshold: float = 0.5, baseline: str | Tensor = MASK_BASELINE, **kwargs: Any
-    ) -> None:
-        super().__init__(classifier, **kwargs)
-        self.threshold = float(threshold)
-        self.baseline = baseline
-
-    def update(self, images: Tensor, masks: Tensor, targets: Tensor | int) -> None:  # type: ignore[override]
-        """Add a batch: images, masks in [0, 1], target classes."""
-        self._accumulate(selection(self.classifier, images, masks, targets, self.threshold, self.baseline))
-
-    def _update_explanation(self, images: Tensor, masks: Tensor, targets: Tensor, ground_truth: Any) -> None:
-        self.update(images, masks, targets)
-
-
-# ------------------------------------------------------------------------------------------ collection
-
-
-def explanation_metrics(
-    classifier: nn.Module,
-    steps: int = 20,
-    baseline: str | Tensor | None = None,
-    threshold: float = 0.5,
-    tolerance: float = 15,
-    localisation: bool = False,
-    prefix: str | None = None,
-) -> MetricCollection:
-    """The metrics of explanations by masks, as one :class:`~torchmetrics.MetricCollection`.
-
-    Keys: ``deletion_auc``, ``insertion_auc``, ``mask_area``, ``preservation_rate``, ``selection_rate``,
-    plus ``pointing_game`` and ``energy_pointing`` with ``localisation=True`` (for data with ground
-    truth). Update it with :func:`update_explanation_metrics`.
-
-    Args:
-        classifier: the explained model (shared by the metrics, not copied or registered).
-        steps: deletion and insertion steps.
-        baseline: one baseline for every metric; None keeps each metric's default (deletion
-            ``black``, insertion ``blur``, preservation and selection ``black``).
-        threshold: mask threshold of the selection rate.
-        tolerance: pointing-game margin in pixels.
-        localisation: include the pointing game and energy pointing.
-        prefix: prepended to every key, e.g. ``"test/"``.
-    """
-    metrics: dict[str, Metric] = {
-        "deletion_auc": DeletionAUC(classifier, steps, DELETION_BASELINE if baseline is None else baseline),
-        "insertion_auc": InsertionAUC(classifier, steps, INSERTION_BASELINE if baseline is None else baseline),
-        "mask_area": MaskArea(),
-        "preservation_rate": PreservationRate(classifier, MASK_BASELINE if baseline is None else baseline),
-        "selection_rate": SelectionRate(classifier, threshold, MASK_BASELINE if baseline is None else baseline),
-    }
-    if localisation:
-        metrics["pointing_game"] = PointingGame(tolerance=tolerance)
-        metrics["energy_pointing"] = EnergyPointing()
-    # compute_groups=False: torchmetrics would otherwise merge metrics whose states happen to be
-    # equal after the first batch (e.g. preservation and selection rates both 1.0) and stop
-    # updating all but one of them.
-    return MetricCollection(metrics, prefix=prefix, compute_groups=False)
-
-
-def update_explanation_metrics(
-    collection: MetricCollection | Metric,
-    images: Tensor,
-    masks: Tensor,
-    targets: Tensor | int,
-    ground_truth: Tensor | Sequence[Tensor] | None = None,
-) -> None:
-    """Update every metric of this module in ``collection`` with one batch of explanations.
-
-    ``masks`` (in [0, 1]) are the saliency maps of the deletion, insertion and pointing metrics too.
-    The pointing game and energy pointing are updated only when ``ground_truth`` is given.
-    An empty batch is ignored; metrics from elsewhere in the collection are left alone.
-    """
-    if isinstance(masks, Tensor) and masks.shape[0] == 0:
-        return
-    metrics = collection.values() if isinstance(collection, MetricCollection) else [collection]
-    for metric in metrics:
-        if isinstance(metric, _MeanMetric):
-            metric._update_explanation(images, masks, targets, ground_truth)
