@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.utilities.data import dim_zero_sum
 
-from neuromask_pl.mask import make_baseline
+from neuromask_pl.maths.mask import make_baseline
 from neuromask_pl.metrics import (
     DeletionAUC,
     EnergyPointing,

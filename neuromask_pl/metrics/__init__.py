@@ -9,17 +9,17 @@ Inputs, everywhere:
 
 - ``images``: float B x C x H x W in [0, 1] (the pixel space masks act on).
 - ``saliency``: B x 1 x H x W or B x H x W at the images' size, any scale and sign (higher = more
-  important). Upsample coarse maps first, e.g. with :func:`neuromask_pl.mask.upsample_mask`.
+  important). Upsample coarse maps first, e.g. with :func:`neuromask_pl.maths.mask.upsample_mask`.
 - ``masks``: like ``saliency`` but in [0, 1] (1 keeps a pixel).
 - ``targets``: the explained class, a LongTensor (B,) or one int for all.
 - ``classifier``: any ``nn.Module`` mapping [0, 1] images to logits B x K. It is run in eval mode
-  without gradients (:func:`neuromask_pl.inputs.frozen`) and left exactly as it was.
+  without gradients (:func:`neuromask_pl.data.checks.frozen`) and left exactly as it was.
 - ``ground_truth``: where the object is: a bool (or 0/1) mask B x 1 x H x W or B x H x W, boxes
   B x 4 as ``(x0, y0, x1, y1)`` in pixels, or a list of B tensors of boxes K x 4 (their union). A pixel
   ``(x, y)`` is in a box when its centre ``(x + 0.5, y + 0.5)`` is, so integer boxes act like slices
   ``[y0:y1, x0:x1]``.
 - ``baseline``: what removed pixels become: ``"black"``, ``"mean"`` (each image's mean colour),
-  ``"blur"`` (see :func:`neuromask_pl.mask.make_baseline`) or a tensor broadcastable to the images.
+  ``"blur"`` (see :func:`neuromask_pl.maths.mask.make_baseline`) or a tensor broadcastable to the images.
 
 Example, in a LightningModule::
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from neuromask_pl.inputs import check_images, frozen
-from neuromask_pl.mask import apply_mask, make_baseline
+from neuromask_pl.data.checks import check_images, frozen
+from neuromask_pl.maths.mask import apply_mask, make_baseline
 
 TIE_RULES = ("first", "any", "all")
 ENERGY_MODES = ("shift", "clamp")
@@ -64,7 +64,7 @@ def _maps(maps: Any, name: str, batch: int | None = None, size: tuple[int, int] 
     if size is not None and tuple(maps.shape[-2:]) != tuple(size):
         raise ValueError(
             f"{name} is {tuple(maps.shape[-2:])} but the images are {tuple(size)}; upsample the maps to the "
-            "image size first, e.g. with neuromask_pl.mask.upsample_mask"
+            "image size first, e.g. with neuromask_pl.maths.mask.upsample_mask"
         )
     if maps.numel() == 0:
         raise ValueError(f"{name} are empty: shape {tuple(maps.shape)}")
