@@ -65,7 +65,9 @@ class NeuroMask(pl.LightningModule):
         self.classifier = classifier
         # The classifier is the user's (a reference): never part of this module's state_dict, so a host module
         # holding a NeuroMask saves and strictly loads the same checkpoints as without it.
+        self._state_prefix = ""  # where this module sits in the state_dict being loaded
         self._register_state_dict_hook(_drop_classifier_state)
+        self._register_load_state_dict_pre_hook(_note_state_prefix, with_module=True)
         self.register_load_state_dict_post_hook(_ignore_missing_classifier_state)
         self.settings: MaskSettings = resolve_settings(preset, steps, settings)
         self.fast_path = FastPath.of(fast_path)
@@ -257,7 +259,12 @@ def _drop_classifier_state(module: NeuroMask, state: dict[str, Any], prefix: str
         del state[key]
 
 
+def _note_state_prefix(module: NeuroMask, state: dict[str, Any], prefix: str, *args: Any) -> None:
+    """load_state_dict pre-hook: remember this module's prefix for :func:`_ignore_missing_classifier_state`."""
+    module._state_prefix = prefix
+
+
 def _ignore_missing_classifier_state(module: NeuroMask, incompatible_keys: Any) -> None:
-    """load_state_dict hook: the classifier's entries are never saved, so they are never missing."""
-    missing = incompatible_keys.missing_keys
-    missing[:] = [k for k in missing if ".classifier." not in f".{k}" and not k.startswith("classifier.")]
+    """load_state_dict post-hook: the classifier's entries are never saved, so they are never missing."""
+    own = f"{module._state_prefix}classifier."
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(own)]

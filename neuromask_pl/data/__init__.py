@@ -2,6 +2,7 @@
 
 from neuromask_pl.data.batch import collate_samples, unpack_batch
 from neuromask_pl.data.checks import check_images
+from neuromask_pl.data.images import read_image
 from neuromask_pl.data.modules import (
     IMAGE_EXTENSIONS,
     DemoDataModule,
@@ -11,7 +12,6 @@ from neuromask_pl.data.modules import (
     InMemoryDataset,
     TensorDataModule,
     prepare_image,
-    read_rgb,
 )
 
 __all__ = [
@@ -25,6 +25,6 @@ __all__ = [
     "check_images",
     "collate_samples",
     "prepare_image",
-    "read_rgb",
+    "read_image",
     "unpack_batch",
 ]

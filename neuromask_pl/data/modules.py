@@ -18,13 +18,13 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from PIL import Image, ImageOps
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms.v2 import functional as F
 
 from neuromask_pl.data.batch import collate_samples
+from neuromask_pl.data.images import read_image
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +54,6 @@ def prepare_image(image: Tensor, image_size: int | None = 224, resize: int | Non
     return F.to_dtype(image, torch.float32, scale=True)
 
 
-def read_rgb(path: str) -> Tensor:
-    """Decode an image file with PIL (EXIF orientation applied) into a uint8 3 x H x W tensor."""
-    with Image.open(path) as pil:
-        rgb = ImageOps.exif_transpose(pil).convert("RGB")
-    return F.pil_to_tensor(rgb)
-
-
 # --------------------------------------------------------------------------- datasets
 
 
@@ -73,11 +66,13 @@ class ImageFileDataset(Dataset):
         labels: Sequence[int] | None = None,
         image_size: int | None = 224,
         resize: int | None = None,
+        channels: int = 3,
     ) -> None:
         self.paths = list(paths)
         self.labels = None if labels is None else list(labels)
         self.image_size = image_size
         self.resize = resize
+        self.channels = channels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -87,7 +82,7 @@ class ImageFileDataset(Dataset):
         if self.labels is not None:
             sample["label"] = self.labels[index]
         try:
-            raw = read_rgb(self.paths[index])
+            raw = read_image(self.paths[index], self.channels)
         except Exception as err:  # any decode failure (truncated, not an image, ...) skips the sample
             sample["error"] = f"{type(err).__name__}: {err}"
             return sample
@@ -208,7 +203,8 @@ class ExplainDataModule(pl.LightningDataModule):
 class ImageFolderDataModule(ExplainDataModule):
     """Image files found recursively under a folder, sorted by relative path (ids are stable).
 
-    Images of any size or mode are converted to RGB, resized so the shorter side is ``resize``
+    Images of any size or mode (8- or 16-bit, float, palette, CMYK; see :func:`~neuromask_pl.data.images.read_image`)
+    are read as ``channels`` channels in [0, 1], resized so the shorter side is ``resize``
     (default ``image_size``) and center-cropped to ``image_size`` x ``image_size``. Hidden files and
     folders (names starting with ".") are ignored. Unreadable files are reported in
     ``batch["skipped"]`` and logged, never raised.
@@ -225,6 +221,8 @@ class ImageFolderDataModule(ExplainDataModule):
         num_workers: DataLoader worker processes.
         extensions: file name endings to include (case-insensitive).
         pin_memory: pin batches in page-locked memory; defaults to whether CUDA is available.
+        channels: 3 (RGB; grey files repeated) or 1 (grey; colour files converted to luma), as the
+            classifier expects.
 
     Raises:
         FileNotFoundError: if ``root`` is not a folder.
@@ -241,9 +239,13 @@ class ImageFolderDataModule(ExplainDataModule):
         num_workers: int = 0,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         pin_memory: bool | None = None,
+        channels: int = 3,
     ) -> None:
         super().__init__(batch_size, num_workers, pin_memory)
         self.save_hyperparameters()
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
+        self.channels = channels
         for name, value in (("image_size", image_size), ("resize", resize)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
@@ -294,11 +296,11 @@ class ImageFolderDataModule(ExplainDataModule):
 
     def _empty_image_shape(self) -> tuple[int, int, int]:
         side = self.image_size or 0
-        return (3, side, side)
+        return (self.channels, side, side)
 
     def _build_dataset(self) -> Dataset:
         paths = [os.path.join(self.root, *f.split("/")) for f in self.files]
-        return ImageFileDataset(paths, self.targets, self.image_size, self.resize)
+        return ImageFileDataset(paths, self.targets, self.image_size, self.resize, self.channels)
 
 
 class TensorDataModule(ExplainDataModule):
