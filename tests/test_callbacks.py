@@ -736,3 +736,21 @@ def test_other_data_or_weights_on_the_same_output_dir_are_refused(tmp_path, chan
     with pytest.raises(ValueError, match="another configuration"):
         make_trainer(tmp_path, [MaskWriter(str(out))]).predict(module, datamodule=data, return_predictions=False)
     assert module.calls == 0
+
+
+def test_a_run_that_fails_before_its_first_result_leaves_no_folder(tmp_path):
+    class Failing(FakeExplainer):
+        def predict_step(self, batch, batch_idx):
+            raise ValueError("bad input")
+
+    trainer = make_trainer(tmp_path, [MaskWriter()])
+    with pytest.raises(ValueError, match="bad input"):
+        trainer.predict(Failing(), loader(), return_predictions=False)
+    assert not Path(trainer.log_dir).exists() and not (tmp_path / "logs" / "explain").exists()
+    # A folder with anything else in it (here: a finished run's results) is kept.
+    done = make_trainer(tmp_path, [MaskWriter(str(tmp_path / "out"))])
+    done.predict(FakeExplainer(), loader(), return_predictions=False)
+    again = make_trainer(tmp_path, [MaskWriter(str(tmp_path / "out"), overwrite=True)])
+    with pytest.raises(ValueError, match="bad input"):
+        again.predict(Failing(), loader(), return_predictions=False)
+    assert (tmp_path / "out" / "manifest.csv").exists()

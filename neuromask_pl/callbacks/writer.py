@@ -146,6 +146,9 @@ class MaskWriter(BasePredictionWriter):
         self._stage = ""
         self._started = ""
         self.resumed_ids: set[int] = set()
+        self._created = time.time()  # files of this run are not older (a failed run removes what it made)
+        self._new_store = False  # this run created the store (no store.json before)
+        self._written = 0  # samples this process handed to the store
 
     # -- lifecycle -------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -172,6 +175,7 @@ class MaskWriter(BasePredictionWriter):
         self._writer = ShardWriter(self.out, trainer.global_rank, self.chunk_size, session=session)
 
     def _open_store(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[list[int], str]:
+        self._new_store = not (self.out / "store.json").exists()
         self._check_writable(self.out)
         self._lock = StoreLock(self.out)
         self._lock.acquire()
@@ -228,6 +232,38 @@ class MaskWriter(BasePredictionWriter):
                 self._writer.abort()
             self._writer = None
         self._release_lock()
+        if trainer.is_global_zero and trainer.world_size == 1 and self._written == 0:
+            self._discard_empty_run()
+
+    def _discard_empty_run(self) -> None:
+        """A run that failed before its first result leaves nothing behind: neither the store it created nor
+        a logger version folder that holds only what this run wrote (config, hparams, an events file)."""
+        if self.out is not None and self._new_store:
+            for name in ("store.json", "run.json", "overlays", "shards"):
+                path = self.out / name
+                if path.is_dir() and not any(path.iterdir()):
+                    path.rmdir()
+                elif path.is_file():
+                    path.unlink()
+            if self.out.is_dir() and not any(self.out.iterdir()):
+                self.out.rmdir()
+        log_dir = Path(self._log_dir) if self._log_dir else None
+        if log_dir is None or not log_dir.is_dir() or not log_dir.name.startswith("version_"):
+            return
+        entries = list(log_dir.iterdir())
+        own = all(
+            e.is_file()
+            and (e.name in ("config.yaml", "hparams.yaml") or e.name.startswith("events.out.tfevents."))
+            and e.stat().st_mtime >= self._created - 1.0
+            for e in entries
+        )
+        if own:
+            for entry in entries:
+                entry.unlink()
+            log_dir.rmdir()
+            if not any(log_dir.parent.iterdir()):  # e.g. lightning_logs/ made by this run's logger
+                log_dir.parent.rmdir()
+            log.info("MaskWriter: the run failed before its first result; removed its empty folder %s", log_dir)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._writer is not None and stage in _STAGES:
@@ -288,11 +324,13 @@ class MaskWriter(BasePredictionWriter):
                     save_png(explanation_panel(images[i].cpu(), exp.masks[i]), self.out / overlay)
                 row = {**record, "status": "ok", "overlay_file": overlay}
                 self._writer.add(sample_id, exp.masks[i, 0].to(torch.float16).numpy(), row)
+                self._written += 1
         skipped = prediction.skipped if isinstance(prediction, Explanation) else batch.get("skipped", [])
         for s in skipped:
             path, error = s.get("path", ""), s.get("error", "")
             log.warning("Skipped sample %s (%s): %s", s["index"], path, error)
             self._writer.add(int(s["index"]), None, {"status": "skipped", "path": path, "error": error})
+            self._written += 1
 
     def on_test_batch_end(
         self,
