@@ -26,6 +26,8 @@ _EXPORTS = {
     "ExplanationLogger": "neuromask_pl.callbacks",
     "ExplainDuringTraining": "neuromask_pl.callbacks",
     "load_results": "neuromask_pl.store",
+    "explain_folder": "neuromask_pl.explain",
+    "explain_checkpoint": "neuromask_pl.explain",
     "LocalisationDataModule": "neuromask_pl.data.localisation",
     "load_benchmark_classifier": "neuromask_pl.data.localisation",
 }

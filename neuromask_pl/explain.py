@@ -1,0 +1,101 @@
+"""Plain functions that explain a folder of images, for projects that launch everything from Python or Hydra.
+
+They build what the ``neuromask-pl`` CLI builds (a Trainer with ``inference_mode=False``, the MaskWriter and the
+ExplanationLogger, an ImageFolderDataModule) and return where the results are::
+
+    from neuromask_pl import explain_checkpoint, load_results
+
+    out = explain_checkpoint("logs/train/checkpoints/last.ckpt", "src.models.mnist_module.MNISTLitModule",
+                             "data/digits/", model_attribute="net", mean=0.1307, std=0.3081, image_size=28)
+    with load_results(out) as results: ...
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from torch import nn
+
+from neuromask_pl.callbacks import ExplanationLogger, MaskWriter
+from neuromask_pl.classifiers import LightningCheckpointClassifier
+from neuromask_pl.data import ImageFolderDataModule
+from neuromask_pl.module import NeuroMask
+
+
+def explain_folder(
+    classifier: nn.Module,
+    root: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str] | None = None,
+    *,
+    preset: str = "default",
+    steps: int | None = None,
+    settings: dict[str, Any] | None = None,
+    seed: int = 0,
+    image_size: int | None = 224,
+    resize: int | None = None,
+    channels: int | None = None,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    overwrite: bool = False,
+    default_root_dir: str | os.PathLike[str] = ".",
+    trainer: dict[str, Any] | None = None,
+) -> Path:
+    """Explain every image under ``root`` for ``classifier``; returns the output folder (read it with
+    :func:`~neuromask_pl.load_results`).
+
+    ``output_dir`` defaults to ``<default_root_dir>/lightning_logs/version_N/explanations``; ``channels`` to the
+    classifier's (its ``in_channels``, else 3); ``trainer`` holds more Trainer arguments (``accelerator``,
+    ``devices``, ``precision``, ``logger``, ...). Rerunning on the same ``output_dir`` resumes.
+    """
+    channels = channels or getattr(classifier, "in_channels", None) or 3
+    datamodule = ImageFolderDataModule(
+        str(root), image_size=image_size, resize=resize, batch_size=batch_size, num_workers=num_workers,
+        channels=channels,
+    )  # fmt: skip
+    writer = MaskWriter(str(output_dir) if output_dir is not None else None, overwrite=overwrite)
+    run = pl.Trainer(
+        **{
+            "inference_mode": False,
+            "default_root_dir": str(default_root_dir),
+            "enable_model_summary": False,
+            "callbacks": [writer, ExplanationLogger()],
+            **(trainer or {}),
+        }
+    )
+    explainer = NeuroMask(classifier, preset=preset, steps=steps, settings=settings, seed=seed)
+    run.predict(explainer, datamodule=datamodule, return_predictions=False)
+    return Path(writer.out)
+
+
+def explain_checkpoint(
+    checkpoint: str | os.PathLike[str],
+    module_class: str | type,
+    root: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str] | None = None,
+    *,
+    model_attribute: str | None = None,
+    mean: float | list[float] | None = None,
+    std: float | list[float] | None = None,
+    classifier: dict[str, Any] | None = None,
+    **options: Any,
+) -> Path:
+    """Explain every image under ``root`` for the LightningModule saved in ``checkpoint`` (a ``.ckpt``).
+
+    ``module_class`` is the LightningModule class (or its dotted name); ``model_attribute`` names the network
+    inside it (e.g. ``"net"``); ``mean``/``std`` the normalisation the module expects, so masks act on [0, 1]
+    pixels; ``classifier`` more arguments of :class:`~neuromask_pl.classifiers.LightningCheckpointClassifier`
+    (``trusted``, ``weights_only``, ``class_names``, ``output``). ``options`` are those of :func:`explain_folder`.
+    """
+    if isinstance(module_class, type):
+        module_class = f"{module_class.__module__}.{module_class.__qualname__}"
+    if isinstance(mean, (int, float)):
+        mean = [float(mean)]
+    if isinstance(std, (int, float)):
+        std = [float(std)]
+    model = LightningCheckpointClassifier(
+        module_class, str(checkpoint), model_attribute=model_attribute, mean=mean, std=std, **(classifier or {})
+    )
+    return explain_folder(model, root, output_dir, **options)
