@@ -140,3 +140,20 @@ def test_neuromask_runs_under_the_lightning_trainer(project, trained) -> None:
     masks = torch.cat([p.masks for p in parts])
     alone = NeuroMask(classifier, steps=10, settings={"mask_size": 14}).explain(images[-4:])
     torch.testing.assert_close(masks, alone.masks, rtol=0, atol=1e-4)
+
+
+def test_callback_explains_a_module_whose_metrics_cannot_be_deep_copied(project, trained) -> None:
+    from neuromask_pl.lightning import ExplainDuringTraining
+
+    module = project["module"](net=project["net"]())
+    module.load_state_dict(trained["with"])
+    images, labels = project["digits"](8)
+    loss = module.criterion(module((images - project["mean"]) / project["std"]), labels)
+    module.train_loss(loss)  # the metric's forward cache now holds a non-leaf tensor: deepcopy(module) fails
+    with pytest.raises(RuntimeError, match="deepcopy"):
+        __import__("copy").deepcopy(module)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    for fast_path in (None, {"fold_batchnorm": True}):  # in place by default; a failed copy falls back to it
+        callback = ExplainDuringTraining(images=images[:3], steps=5, mean=0.1307, std=0.3081, fast_path=fast_path)
+        assert torch.isfinite(callback.explain(module).masks).all()
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())

@@ -204,9 +204,17 @@ class FastClassifier:
         return self._module  # type: ignore[return-value]
 
     def _build(self, classifier: nn.Module, images: Tensor, channels_last: bool, pack: bool) -> nn.Module:
-        module, self.folded = fold_batchnorm(classifier) if self.options.fold_batchnorm else (classifier, 0)
-        if module is classifier and (pack or channels_last):
-            module = copy.deepcopy(classifier)
+        try:
+            module, self.folded = fold_batchnorm(classifier) if self.options.fold_batchnorm else (classifier, 0)
+            if module is classifier and (pack or channels_last):
+                module = copy.deepcopy(classifier)
+        except Exception as error:  # noqa: BLE001 - e.g. a module holding tensors that cannot be deep-copied
+            log.warning(
+                "the classifier cannot be copied for the fast path (%s); using it as it is "
+                "(fast_path={'fold_batchnorm': False, 'pack_convolutions': False} silences this)", error
+            )
+            self.folded = self.packed = 0
+            return classifier
         self.packed = pack_convolutions(module) if pack else 0
         if channels_last:
             module = module.to(memory_format=torch.channels_last)
@@ -234,8 +242,8 @@ def _same_logits(classifier: nn.Module, fast: nn.Module, sample: Tensor, channel
         return True
     log.warning(
         "the fast copy of the classifier (BatchNorm folded, packed convolutions) changes its logits beyond float "
-        "rounding; using the classifier as it is (set fold_batchnorm=False and pack_convolutions=False to "
-        "silence this)"
+        "rounding; using the classifier as it is (fast_path={'fold_batchnorm': False, 'pack_convolutions': False} "
+        "silences this)"
     )
     return False
 
