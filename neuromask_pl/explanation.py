@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-LOSS_TERMS = ("pred", "sparse", "smooth", "total")
+from neuromask_pl.maths.losses import LOSS_TERMS
+
 # The keys of Explanation.summary(), in order.
 SUMMARY_KEYS = (
     *(f"loss_{t}" for t in LOSS_TERMS),
@@ -33,7 +34,8 @@ class Explanation:
         targets: explained class per sample, shape (B,).
         prob_original: target-class probability on the original image, shape (B,).
         prob_masked: target-class probability on the soft-masked image, shape (B,).
-        loss: final loss terms ``pred``, ``sparse``, ``smooth`` and ``total``, each (B,).
+        loss: final loss terms ``pred``, ``sparse``, ``smooth``, ``detail``, ``delete`` (unweighted) and
+            ``total`` (weighted sum), each (B,).
         mask_area: mean mask value per sample, shape (B,).
         preserved: whether the masked image is still classified as the target, shape (B,).
         steps: optimisation steps each mask got (fewer than the setting when it stopped early), shape (B,),

@@ -14,6 +14,8 @@ from torch import Tensor
 
 from neuromask_pl.settings import MaskSettings
 
+LOSS_TERMS = ("pred", "sparse", "smooth", "detail", "delete", "total")  # what loss_terms returns, in order
+
 
 def laplacian_kernel(size: int) -> Tensor:
     """The reference's Laplacian: centre ``size**2 - 1``, every other tap -1; shape (1, 1, k, k)."""
@@ -117,26 +119,28 @@ def loss_terms(
     fine: Tensor | None = None,
     logits_deleted: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """The weighted NeuroMask loss, term by term, each of shape (B,); ``total`` is their weighted sum.
+    """The NeuroMask loss, term by term (unweighted), each of shape (B,), and ``total``, their weighted sum.
 
     ``weights`` are the mask's logits (for a two-scale mask, the coarse grid upsampled plus the fine one);
     ``fine`` are the fine weights of a two-scale mask, whose ``l_detail * mean|fine|`` is added to ``total``;
     ``logits_deleted`` are the logits of the images with the mask's region hidden (the deletion game), whose
-    ``l_delete * deletion_loss`` is added to ``total``.
+    ``l_delete * deletion_loss`` is added to ``total``. Without them, ``detail`` and ``delete`` are zero.
+    The keys are :data:`LOSS_TERMS`, in that order.
     """
+    zero = torch.zeros(len(targets), device=targets.device)
     terms = {
         "pred": prediction_loss(logits, targets),
         "sparse": sparsity(weights, mask, settings),
         "smooth": smooth_term(weights, kernel, settings),
+        "detail": detail_penalty(fine) if fine is not None else zero,
+        "delete": deletion_loss(logits_deleted, targets) if logits_deleted is not None else zero,
     }
-    terms["total"] = (
-        settings.l_pred * terms["pred"] + settings.l_sparse * terms["sparse"] + settings.l_smooth * terms["smooth"]
-    )
+    total = settings.l_pred * terms["pred"] + settings.l_sparse * terms["sparse"] + settings.l_smooth * terms["smooth"]
     if fine is not None and settings.l_detail:
-        terms["total"] = terms["total"] + settings.l_detail * detail_penalty(fine)
+        total = total + settings.l_detail * terms["detail"]
     if logits_deleted is not None:
-        terms["delete"] = deletion_loss(logits_deleted, targets)
-        terms["total"] = terms["total"] + settings.l_delete * terms["delete"]
+        total = total + settings.l_delete * terms["delete"]
+    terms["total"] = total
     return terms
 
 
