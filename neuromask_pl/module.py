@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from neuromask_pl.data.batch import unpack_batch
-from neuromask_pl.data.checks import check_images, frozen
+from neuromask_pl.data.checks import check_images, check_images_fit, check_logits, frozen, integral_ids
 from neuromask_pl.explanation import Explanation
 from neuromask_pl.maths.fastpath import FastClassifier, FastPath
 from neuromask_pl.maths.optimize import MaskFit, learn_masks
@@ -112,8 +112,9 @@ class NeuroMask(pl.LightningModule):
         if torch.is_inference_mode_enabled():
             raise RuntimeError(INFERENCE_MODE_MESSAGE)
         images = check_images(images).to(self._classifier_device())
+        check_images_fit(images, self.classifier)
         batch = images.shape[0]
-        ids = torch.arange(batch) if ids is None else torch.as_tensor(ids).long().view(-1).cpu()
+        ids = torch.arange(batch) if ids is None else integral_ids(ids, "ids")
         if ids.shape[0] != batch or ids.unique().numel() != batch:
             raise ValueError(f"ids must be {batch} distinct sample ids, one per image, got {ids.tolist()[:10]}")
         with frozen(self.classifier), torch.enable_grad():
@@ -183,19 +184,13 @@ class NeuroMask(pl.LightningModule):
     def _logits(self, images: Tensor) -> Tensor:
         try:
             logits = self.classifier(images)
-        except RuntimeError as error:
+        except (RuntimeError, ValueError, AssertionError, IndexError) as error:  # fixed-size models raise their own
             raise ValueError(
-                f"the classifier failed on images of shape {tuple(images.shape)}: {error}. "
-                "Check the channel count and size the classifier expects."
+                f"the classifier failed on images of shape {tuple(images.shape)}: {type(error).__name__}: {error}. "
+                "Check the image size the classifier expects (fixed-size models such as ViT take only their own "
+                "size: set the DataModule's image_size)."
             ) from error
-        if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != images.shape[0]:
-            got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-            raise TypeError(
-                f"the classifier must return logits of shape B x K, got {got}; "
-                "wrap it so that forward returns the class logits tensor, e.g. "
-                "neuromask_pl.classifiers.FactoryClassifier(..., output=<index or key>)"
-            )
-        return logits
+        return check_logits(logits, images.shape[0])
 
     def _targets(self, targets: Tensor | int | None, logits: Tensor) -> Tensor:
         batch, num_classes = logits.shape
@@ -203,10 +198,10 @@ class NeuroMask(pl.LightningModule):
             targets = self.target_class
         if targets is None:
             return logits.argmax(-1)
-        targets = torch.as_tensor(targets, device=logits.device).long().view(-1)
+        targets = integral_ids(targets, "targets", nonnegative=False)  # the range check below names the classes
         if targets.numel() not in (1, batch):
             raise ValueError(f"targets must be one class or {batch} classes (one per image), got {targets.numel()}")
-        targets = targets.expand(batch).clone()
+        targets = targets.to(logits.device).expand(batch).clone()
         bad = targets[(targets < 0) | (targets >= num_classes)]
         if bad.numel():
             raise ValueError(

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Optional
+
+import numpy as np
 
 OPTIMIZERS = ("rmsprop_tf", "adam")
 BASELINES = ("black", "mean", "blur")
@@ -99,6 +102,7 @@ class MaskSettings:
     upsample_weights: bool = False
 
     def __post_init__(self) -> None:
+        self._check_types()
         checks = [
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
@@ -146,6 +150,28 @@ class MaskSettings:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def _check_types(self) -> None:
+        """Each field of its declared type: integers integral (not bool, not 2.5), numbers finite, flags bool.
+        Integers given for float fields become floats."""
+        for f, kind in zip(fields(self), typing.get_type_hints(type(self)).values()):
+            value = getattr(self, f.name)
+            if kind is bool:
+                ok = isinstance(value, bool)
+            elif kind is int:
+                ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+                if ok:
+                    object.__setattr__(self, f.name, int(value))
+            elif kind is float:
+                ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+                if ok and not math.isfinite(value):
+                    raise ValueError(f"{f.name} must be a finite number, got {value}")
+                if ok:
+                    object.__setattr__(self, f.name, float(value))
+            else:
+                ok = isinstance(value, kind)
+            if not ok:
+                raise TypeError(f"{f.name} must be {kind.__name__}, got {type(value).__name__} {value!r}")
 
     def scale_for(self, height: int, width: int) -> int:
         """The down-scaling factor of the mask for an image of ``height`` x ``width``."""

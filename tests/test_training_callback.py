@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from neuromask_pl import NeuroMask
 from neuromask_pl.callbacks import ExplainDuringTraining
+from neuromask_pl.callbacks.training import PLAIN_PATH
 from neuromask_pl.data import unpack_batch
 from neuromask_pl.viz import panel_grid, to_uint8
 
@@ -35,6 +36,8 @@ SUMMARY_NAMES = [
     "loss_pred",
     "loss_sparse",
     "loss_smooth",
+    "loss_detail",
+    "loss_delete",
     "loss_total",
     "mask_area",
     "preservation_rate",
@@ -134,7 +137,7 @@ def independent_explanation(state: dict, images: torch.Tensor, **kwargs: Any):
     """NeuroMask run outside any Trainer on a fresh copy of the trained model."""
     copy = Classifier(**kwargs)
     copy.load_state_dict(state)
-    return NeuroMask(copy, steps=STEPS, seed=0).explain(images)
+    return NeuroMask(copy, steps=STEPS, seed=0, fast_path=PLAIN_PATH).explain(images)
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +254,7 @@ def test_given_images_model_attribute_and_output_dir(tmp_path):
     # 'net' is explained, not the module (whose forward doubles the logits here).
     reference_module = Classifier(scale=2.0)
     reference_module.load_state_dict(module.state_dict())
-    reference = NeuroMask(reference_module.net, steps=STEPS, seed=0).explain(images)
+    reference = NeuroMask(reference_module.net, steps=STEPS, seed=0, fast_path=PLAIN_PATH).explain(images)
     assert torch.equal(callback.images, images)
     assert torch.equal(callback.last_explanation.masks, reference.masks)
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["overlays_epoch0.png", "overlays_epoch1.png"]
@@ -307,7 +310,7 @@ def test_hooks_restore_rng_grads_flags_and_buffers(context):
     assert_equal_nested(model.state_dict(), state)
     assert [m.training for m in model.modules()] == flags
     assert [p.requires_grad for p in model.parameters()] == requires_grad
-    reference = NeuroMask(model, steps=STEPS, seed=0).explain(batch[0][:3])  # outside any no-grad context
+    reference = NeuroMask(model, steps=STEPS, seed=0, fast_path=PLAIN_PATH).explain(batch[0][:3])  # outside any no-grad context
     assert torch.equal(callback.last_explanation.masks, reference.masks)
 
 

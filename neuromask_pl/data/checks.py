@@ -45,3 +45,80 @@ def check_images(images: Any) -> Tensor:
             f"[{low:.3g}, {high:.3g}]; put input normalisation inside the classifier wrapper"
         )
     return images
+
+
+def integral_ids(values: Any, name: str, count: int | None = None, nonnegative: bool = True) -> Tensor:
+    """``values`` (ints, an int tensor, or floats that are whole numbers) as a long CPU tensor (of ids >= 0).
+
+    Raises ValueError for fractional, boolean, (with ``nonnegative``) negative or (with ``count``) a wrong number
+    of values.
+    """
+    tensor = torch.as_tensor(values).detach().cpu().view(-1)
+    if tensor.dtype == torch.bool or (tensor.is_floating_point() and not torch.equal(tensor, tensor.round())):
+        raise ValueError(f"{name} must be whole numbers, got {tensor.tolist()[:10]}")
+    if tensor.is_complex() or not (tensor.is_floating_point() or tensor.dtype in _INTEGER_DTYPES):
+        raise TypeError(f"{name} must be integers, got dtype {tensor.dtype}")
+    if count is not None and tensor.numel() != count:
+        raise ValueError(f"{name} must be {count} values, one per image, got {tensor.numel()}")
+    if nonnegative and (tensor < 0).any():
+        raise ValueError(f"{name} must be >= 0, got {tensor.tolist()[:10]}")
+    return tensor.long()
+
+
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def expected_channels(classifier: nn.Module) -> int | None:
+    """The channel count a classifier takes: its ``in_channels`` attribute, else its first convolution's."""
+    channels = getattr(classifier, "in_channels", None)
+    if isinstance(channels, int):
+        return channels
+    first = next((m for m in classifier.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    return first.in_channels if first is not None else None
+
+
+def check_images_fit(images: Tensor, classifier: nn.Module) -> None:
+    """Images of the channel count and float type the classifier takes, or a ValueError that says what to do."""
+    channels = expected_channels(classifier)
+    if channels is not None and images.shape[1] != channels:
+        kind = {1: "grey", 3: "RGB"}
+        raise ValueError(
+            f"images have {images.shape[1]} channel(s) but the classifier takes {channels} "
+            f"({kind.get(channels, 'channels')}); read them with ImageFolderDataModule(channels={channels}) "
+            f"(CLI: --data.channels {channels}) or convert them before explaining"
+        )
+    weight = next((p for p in classifier.parameters() if p.is_floating_point()), None)
+    if weight is not None and (images.dtype == torch.float64) != (weight.dtype == torch.float64):
+        raise ValueError(
+            f"images are {images.dtype} but the classifier's weights are {weight.dtype}; convert the images "
+            f"with images.to({weight.dtype}) (or the classifier with classifier.to({images.dtype}))"
+        )
+
+
+def check_logits(logits: Any, batch: int) -> Tensor:
+    """The classifier's output must be finite logits B x K with K >= 2 (not probabilities, not one column)."""
+    if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != batch:
+        got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        hint = " (a Hugging Face output? its logits are .logits)" if hasattr(logits, "logits") else ""
+        raise TypeError(
+            f"the classifier must return logits of shape B x K, got {got}{hint}; wrap it so that forward returns "
+            "the class logits tensor, e.g. neuromask_pl.classifiers.ClassifierWrapper(model, output='logits')"
+        )
+    if logits.shape[1] < 2:
+        raise ValueError(
+            f"the classifier returns {logits.shape[1]} column(s); NeuroMask needs one logit per class (K >= 2). "
+            "For a binary classifier with one logit z, return torch.cat([-z, z], dim=1) / 2"
+        )
+    if not torch.isfinite(logits).all():
+        bad = (~torch.isfinite(logits)).any(1).nonzero()[:, 0].tolist()
+        raise ValueError(
+            f"the classifier returned NaN or inf logits for image(s) {bad[:10]} of the batch; check the images "
+            "(and their normalisation) and the model's weights"
+        )
+    values = logits.detach().float()
+    if values.min() >= 0 and values.max() <= 1 and torch.allclose(values.sum(1), torch.ones(batch), atol=1e-4):
+        raise ValueError(
+            "the classifier returns probabilities (every row in [0, 1] and summing to 1), but NeuroMask needs "
+            "logits: remove its final softmax, or return the log of the probabilities"
+        )
+    return logits
