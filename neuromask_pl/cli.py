@@ -61,8 +61,9 @@ def _report(cli: NeuroMaskCLI) -> None:
             print(f"  TensorBoard: tensorboard --logdir {log_dir}")
 
 
-# Errors that mean "the input or the settings are wrong": shown as one line, not a traceback.
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError, RuntimeError)
+# Errors that mean "the input, the settings or the machine's resources are wrong": shown as one line, not a
+# traceback (a full disk or a read-only folder is an OSError). Anything else is a bug: its traceback is kept.
+USER_ERRORS = (ValueError, TypeError, ImportError, MemoryError, OSError)
 
 
 def entry() -> None:

@@ -44,6 +44,8 @@ class Explanation:
         paths: source file of each sample, or None for in-memory data.
         skipped: samples of the batch that could not be read: dicts with
             ``index``, ``path`` and ``error``.
+        errors: per sample, why its optimisation failed ("" when it did not), or None when none failed.
+            A failed sample's mask is not finite; summaries leave it out.
     """
 
     ids: Tensor
@@ -58,6 +60,7 @@ class Explanation:
     images: Tensor | None = None
     paths: list[str] | None = None
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] | None = None
 
     @classmethod
     def empty(cls, images: Tensor) -> Explanation:
@@ -126,6 +129,8 @@ class Explanation:
                 "preserved": bool(self.preserved[i]),
                 "mask_area": float(self.mask_area[i]),
                 "steps": int(self.steps[i]) if self.steps is not None else "",
+                "status": "failed" if self.errors and self.errors[i] else "ok",
+                "error": self.errors[i] if self.errors else "",
             }
             for term in LOSS_TERMS:
                 row[f"loss_{term}"] = float(self.loss[term][i])
@@ -133,9 +138,11 @@ class Explanation:
         return rows
 
     def summary(self) -> dict[str, float]:
-        """Batch means of the loss terms, mask area, preservation rate, probabilities and steps run."""
-        if len(self) == 0:
+        """Batch means of the loss terms, mask area, preservation rate, probabilities and steps run (over the
+        samples that did not fail)."""
+        ok = torch.tensor([not e for e in self.errors]) if self.errors else torch.ones(len(self), dtype=torch.bool)
+        if not ok.any():
             return {}
         values = [*(self.loss[t] for t in LOSS_TERMS), self.mask_area, self.preserved, self.prob_original,
                   self.prob_masked, self.steps]  # fmt: skip
-        return {key: float(v.float().mean()) for key, v in zip(SUMMARY_KEYS, values) if v is not None}
+        return {key: float(v[ok.to(v.device)].float().mean()) for key, v in zip(SUMMARY_KEYS, values) if v is not None}

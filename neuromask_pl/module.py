@@ -26,6 +26,12 @@ INFERENCE_MODE_MESSAGE = (
 )
 
 
+DIVERGED = (
+    "the mask optimisation diverged (NaN or inf in the mask or loss); lower the learning rate (settings lr) "
+    "or check the classifier on masked images"
+)
+
+
 class NeuroMask(pl.LightningModule):
     """Explain a classifier's predictions by learning one mask per image.
 
@@ -45,7 +51,7 @@ class NeuroMask(pl.LightningModule):
             itself is untouched): a :class:`~neuromask_pl.maths.fastpath.FastPath` or a dict of its fields.
             By default BatchNorm is folded and, on the CPU, convolutions packed.
 
-    Batches that run out of GPU memory are split in halves (results do not depend on the batch) and
+    Batches that run out of memory (GPU or CPU) are split in halves (results do not depend on the batch) and
     later batches are learned in chunks of the size that fitted.
     """
 
@@ -124,6 +130,11 @@ class NeuroMask(pl.LightningModule):
             fit = self._learn(self._fast_classifier.get(self.classifier, images), images, targets, ids)
         prob_original = logits.float().softmax(-1).gather(1, targets[:, None])[:, 0]
         prob_masked = fit.logits_masked.softmax(-1).gather(1, targets[:, None])[:, 0]
+        diverged = ~(torch.isfinite(fit.masks).flatten(1).all(1) & torch.isfinite(fit.loss["total"]))
+        errors = None
+        if diverged.any():
+            errors = [DIVERGED if bad else "" for bad in diverged.tolist()]
+            log.warning("the mask optimisation of sample(s) %s diverged (NaN or inf)", ids[diverged.cpu()].tolist())
         return Explanation(
             ids=ids.to(images.device),
             masks=fit.masks,
@@ -132,9 +143,10 @@ class NeuroMask(pl.LightningModule):
             prob_masked=prob_masked,
             loss={k: v.detach() for k, v in fit.loss.items()},
             mask_area=fit.masks.flatten(1).mean(1),
-            preserved=fit.logits_masked.argmax(-1) == targets,
+            preserved=(fit.logits_masked.argmax(-1) == targets) & ~diverged,
             steps=fit.steps,
             images=images,
+            errors=errors,
         )
 
     def _learn(self, classifier: nn.Module, images: Tensor, targets: Tensor, ids: Tensor) -> MaskFit:
@@ -153,9 +165,11 @@ class NeuroMask(pl.LightningModule):
                     )
                 )
                 start += size
-            except torch.OutOfMemoryError:
+            except (torch.OutOfMemoryError, RuntimeError) as error:
+                if not _out_of_memory(error):
+                    raise
                 if size == 1:
-                    raise RuntimeError(
+                    raise MemoryError(
                         "one image alone does not fit in memory while learning its mask; use smaller images, "
                         "a smaller model, precision='bf16-mixed', or a larger device"
                     ) from None
@@ -238,14 +252,29 @@ class NeuroMask(pl.LightningModule):
         (deletion/insertion AUC, mask area, preservation and selection rates; with a ``gt_mask``
         in the batch also the pointing game and energy pointing)."""
         result = self._explain_batch(batch)
-        if len(result):
+        ok = torch.tensor([not e for e in result.errors]) if result.errors else torch.ones(len(result), dtype=bool)
+        if ok.any():
             own = {f"test/{k}": v for k, v in result.summary().items() if k not in ("mask_area", "preservation_rate")}
-            self.log_dict(own, batch_size=len(result), sync_dist=True)
+            self.log_dict(own, batch_size=int(ok.sum()), sync_dist=True)
             ground_truth = batch.get("gt_mask") if isinstance(batch, dict) else None
-            update_explanation_metrics(self.test_metrics, result.images, result.masks, result.targets, ground_truth)
+            if isinstance(ground_truth, Tensor):
+                ground_truth = ground_truth[ok.to(ground_truth.device)]
+            elif ground_truth is not None:
+                ground_truth = [g for g, keep in zip(ground_truth, ok.tolist()) if keep]
+            update_explanation_metrics(
+                self.test_metrics, result.images[ok], result.masks[ok], result.targets[ok], ground_truth
+            )
             updated = {name: metric for name, metric in self.test_metrics.items() if metric.update_called}
             self.log_dict(updated, batch_size=len(result))
         return result
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether an error means the device ran out of memory: CUDA's OutOfMemoryError, or the CPU allocator's."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    message = str(error)
+    return "DefaultCPUAllocator" in message or "can't allocate memory" in message or "not enough memory" in message
 
 
 def _drop_classifier_state(module: NeuroMask, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:

@@ -755,3 +755,37 @@ def test_a_run_that_fails_before_its_first_result_leaves_no_folder(tmp_path):
     with pytest.raises(ValueError, match="bad input"):
         again.predict(Failing(), loader(), return_predictions=False)
     assert (tmp_path / "out" / "manifest.csv").exists()
+
+
+class DivergesWhenDark(nn.Module):
+    """Logits of a fixed linear map, but NaN for an image whose mean brightness falls below 0.3: masking an image
+    darkens it, so its optimisation hits NaN; the original images (brighter) give finite logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.conv(x).mean((2, 3))
+        dark = x.mean((1, 2, 3)) < 0.3
+        return torch.where(dark[:, None], torch.full_like(logits, float("nan")), logits)
+
+
+def test_a_sample_whose_optimisation_diverges_is_failed_and_the_rest_go_on(tmp_path):
+    from neuromask_pl import NeuroMask
+    from neuromask_pl.data import TensorDataModule
+
+    torch.manual_seed(0)
+    images = torch.rand(3, 3, 16, 16) * 0.2 + 0.4
+    images[1] = 0.95  # bright enough that its mask never darkens it below 0.3 within the run: it stays finite
+    classifier = DivergesWhenDark()
+    trainer = make_trainer(tmp_path, [MaskWriter(str(tmp_path / "out"))])
+    explainer = NeuroMask(classifier, preset="paper", steps=30, settings={"lr": 0.5})
+    trainer.predict(explainer, datamodule=TensorDataModule(images, batch_size=3), return_predictions=False)
+    rows = read_manifest(tmp_path / "out")
+    assert rows[1]["status"] == "ok" and rows[1]["error"] == ""
+    failed = [sid for sid in (0, 2) if rows[sid]["status"] == "failed"]
+    assert failed and all("diverged" in rows[sid]["error"] for sid in failed)
+    with load_results(tmp_path / "out") as results:
+        assert all(results.mask(sid) is None for sid in failed) and results.mask(1) is not None
+        assert np.isfinite(results.mask(1)).all()

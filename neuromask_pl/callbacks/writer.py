@@ -318,12 +318,12 @@ class MaskWriter(BasePredictionWriter):
             images = exp.images if exp.images is not None else batch.get("image")
             for i, record in enumerate(exp.records(getattr(pl_module, "class_names", None))):
                 sample_id = record["sample_id"]
-                overlay = ""
-                if self.write_overlays and images is not None:
+                overlay, ok = "", record["status"] == "ok"
+                if self.write_overlays and images is not None and ok:
                     overlay = f"overlays/{sample_id:08d}.png"
                     save_png(explanation_panel(images[i].cpu(), exp.masks[i]), self.out / overlay)
-                row = {**record, "status": "ok", "overlay_file": overlay}
-                self._writer.add(sample_id, exp.masks[i, 0].to(torch.float16).numpy(), row)
+                mask = exp.masks[i, 0].to(torch.float16).numpy() if ok else None
+                self._writer.add(sample_id, mask, {**record, "overlay_file": overlay})
                 self._written += 1
         skipped = prediction.skipped if isinstance(prediction, Explanation) else batch.get("skipped", [])
         for s in skipped:
