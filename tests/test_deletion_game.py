@@ -71,7 +71,7 @@ def test_one_forward_pass_holds_the_masked_and_the_deleted_images(tiny_cnn) -> N
 
 def test_masks_with_the_deletion_game_do_not_depend_on_the_batch(tiny_cnn) -> None:
     images = make_images(3, size=32, seed=5).double()
-    assert_masks_independent_of_the_batch(tiny_cnn.double(), images, steps=25, l_delete=2.0)
+    assert_masks_independent_of_the_batch(tiny_cnn.double(), images, steps=25, settings={"l_delete": 2.0})
 
 
 def test_the_deletion_game_makes_hiding_the_mask_remove_the_class() -> None:

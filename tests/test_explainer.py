@@ -295,8 +295,9 @@ def test_constructor_errors(tiny_cnn) -> None:
 
 def test_hparams_hold_the_resolved_settings(tiny_cnn) -> None:
     module = NeuroMask(tiny_cnn, preset="paper", steps=7, seed=3, target_class=1, settings={"baseline": "mean"})
-    assert module.hparams["steps"] == 7 and module.hparams["baseline"] == "mean"
-    assert module.hparams["lr"] == 0.03 and module.hparams["temperature"] == 0.3  # from the preset
+    assert module.hparams["steps"] == 7 and module.hparams["settings"]["baseline"] == "mean"
+    assert module.hparams["settings"]["steps"] == 7
+    assert module.hparams["settings"]["lr"] == 0.03 and module.hparams["settings"]["temperature"] == 0.3  # preset
     assert module.hparams["seed"] == 3 and module.hparams["target_class"] == 1 and module.hparams["preset"] == "paper"
     assert module.settings.steps == 7
 

@@ -388,7 +388,7 @@ def test_compiled_fast_path_gives_the_same_masks(tiny_cnn, image_factory) -> Non
     module = NeuroMask(tiny_cnn, steps=15, fast_path={"compile": True})
     compiled = module.explain(images)
     assert (compiled.masks - plain.masks).abs().max() < FAST_TOLERANCE
-    assert module.hparams["compile"] is True and module.hparams["fold_batchnorm"] is True
+    assert module.hparams["fast_path"]["compile"] is True and module.hparams["fast_path"]["fold_batchnorm"] is True
 
 
 def test_fast_path_through_a_trainer_leaves_the_classifier_bit_identical(tiny_cnn, image_factory, trainer_factory):

@@ -7,6 +7,7 @@ from dataclasses import fields
 
 import pytest
 import torch
+from conftest import BLUR_AREA
 
 from neuromask_pl.maths.losses import area_profile_loss, laplacian_kernel, laplacian_size, loss_terms
 from neuromask_pl.maths.optimize import TFRMSprop
@@ -75,7 +76,7 @@ def test_paper_preset_is_the_reference_configuration() -> None:
 
 
 def test_blur_area_preset_uses_low_resolution_blur_area_and_adam() -> None:
-    default = PRESETS["blur_area"]
+    default = resolve_settings("paper", None, BLUR_AREA)
     assert (default.mask_scale, default.baseline, default.sparsity_on, default.optimizer) == (8, "blur", "area", "adam")
     assert 0 < default.area_target < 1
 
@@ -120,7 +121,7 @@ def test_replicate_padded_smoothness_by_hand(size: int) -> None:
 
 
 def test_blur_area_preset_loss_terms_by_hand() -> None:
-    settings = PRESETS["blur_area"]
+    settings = resolve_settings("paper", None, BLUR_AREA)
     weights = as_batch(GRID_A)
     mask = torch.sigmoid(weights / settings.temperature)
     kernel = laplacian_kernel(settings.laplacian)
@@ -182,7 +183,7 @@ def test_area_profile_loss_by_hand() -> None:
 
 
 def test_area_sparsity_in_loss_terms_uses_the_area_target() -> None:
-    settings = resolve_settings("blur_area")
+    settings = resolve_settings("paper", None, BLUR_AREA)
     mask = torch.linspace(0, 1, 100).view(1, 1, 10, 10)
     weights = torch.zeros(1, 1, 5, 5)
     terms = loss_terms(torch.zeros(1, 3), torch.tensor([0]), weights, mask, laplacian_kernel(3), settings)

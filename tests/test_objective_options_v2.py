@@ -109,8 +109,8 @@ def _explain(net: torch.nn.Module, images: torch.Tensor, ids: list[int], **optio
 def test_tie_break_leaves_the_thresholded_mask_unchanged_and_stays_close(tiny_cnn: torch.nn.Module) -> None:
     images = make_images(2, size=16, seed=3)
     options = dict(preset="default", steps=12, seed=0)
-    plain = _explain(tiny_cnn, images, [0, 1], **options, tie_break=0.0)
-    broken = _explain(tiny_cnn, images, [0, 1], **options, tie_break=0.001)
+    plain = _explain(tiny_cnn, images, [0, 1], **options, settings={"tie_break": 0.0})
+    broken = _explain(tiny_cnn, images, [0, 1], **options, settings={"tie_break": 0.001})
     assert (broken - plain).abs().max() <= 0.001 + 1e-6
     saturated = (plain == 0) | (plain == 1)
     assert torch.equal((broken > 0.5)[saturated], (plain > 0.5)[saturated])
@@ -125,7 +125,7 @@ def test_tie_break_leaves_the_thresholded_mask_unchanged_and_stays_close(tiny_cn
     "options",
     [
         dict(preset="default", steps=15),
-        dict(preset="paper", steps=10, temperature_start=1.5, tie_break=0.2),
+        dict(preset="paper", steps=10, settings=dict(temperature_start=1.5, tie_break=0.2)),
     ],
 )
 def test_masks_do_not_depend_on_the_batch(tiny_cnn: torch.nn.Module, options: dict) -> None:
@@ -136,4 +136,4 @@ def test_masks_do_not_depend_on_the_batch(tiny_cnn: torch.nn.Module, options: di
 def test_new_options_reach_the_settings_through_the_constructor(tiny_cnn: torch.nn.Module) -> None:
     module = NeuroMask(tiny_cnn, preset="paper", settings={"temperature_start": 1.0, "tie_break": 0.05})
     assert (module.settings.temperature_start, module.settings.tie_break) == (1.0, 0.05)
-    assert module.hparams["temperature_start"] == 1.0 and module.hparams["tie_break"] == 0.05
+    assert module.hparams["settings"]["temperature_start"] == 1.0 and module.hparams["settings"]["tie_break"] == 0.05

@@ -53,7 +53,7 @@ def test_default_preset_is_two_scale_with_upsampled_weights() -> None:
 def test_new_options_reach_the_settings_through_the_constructor(tiny_cnn: torch.nn.Module) -> None:
     module = NeuroMask(tiny_cnn, preset="paper", settings={"mask_coarse": 4, "l_detail": 2.0, "upsample_weights": True})
     assert (module.settings.mask_coarse, module.settings.l_detail, module.settings.upsample_weights) == (4, 2.0, True)
-    assert module.hparams["mask_coarse"] == 4 and module.hparams["upsample_weights"] is True
+    assert module.hparams["settings"]["mask_coarse"] == 4 and module.hparams["settings"]["upsample_weights"] is True
 
 
 # ----------------------------------------------------------------------------- two-scale weights
@@ -132,8 +132,8 @@ def test_upsampled_weights_give_a_binary_mask_with_smooth_contours(tiny_cnn: tor
 @pytest.mark.parametrize(
     "options",
     [
-        dict(preset="default", steps=12, mask_size=8, mask_coarse=4),
-        dict(preset="paper", steps=8, mask_scale=2, mask_coarse=3, l_detail=2.0, upsample_weights=True),
+        dict(preset="default", steps=12, settings=dict(mask_size=8, mask_coarse=4)),
+        dict(preset="paper", steps=8, settings=dict(mask_scale=2, mask_coarse=3, l_detail=2.0, upsample_weights=True)),
     ],
 )
 def test_masks_do_not_depend_on_the_batch(tiny_cnn: torch.nn.Module, options: dict) -> None:
