@@ -7,7 +7,6 @@ import os
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
@@ -225,15 +224,8 @@ def test_datamodule_batches_carry_the_ground_truth():
         LocalisationDataModule(split="training")
 
 
-def test_neuromask_predicts_on_benchmark_batches():
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        inference_mode=False,
-    )
+def test_neuromask_predicts_on_benchmark_batches(trainer_factory):
+    trainer = trainer_factory()
     dm = LocalisationDataModule(split="test", n=3, batch_size=3)
     (explanation,) = trainer.predict(NeuroMask(load_benchmark_classifier("clean"), steps=2), datamodule=dm)
     assert explanation.masks.shape == (3, 1, 64, 64) and explanation.ids.tolist() == [0, 1, 2]

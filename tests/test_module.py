@@ -1,17 +1,21 @@
-"""Tests for the NeuroMask LightningModule: batch independence, a frozen and restored classifier,
-planted ground truth, bf16 on CPU, targets, input errors and the Explanation it returns."""
+"""neuromask_pl.module, the NeuroMask LightningModule: batch independence, a frozen and restored classifier,
+planted ground truth, bf16 on CPU, targets and ids, input errors, hyper-parameters, the Explanation it returns,
+the out-of-memory backoff, and NeuroMask as a submodule of a user's LightningModule."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from neuromask_pl.data import TensorDataModule
 from neuromask_pl.explanation import LOSS_TERMS, Explanation
+from neuromask_pl.maths.fastpath import FastPath
 from neuromask_pl.maths.mask import init_weights, mask_shape, upsample_mask
 from neuromask_pl.module import NeuroMask
 from neuromask_pl.settings import MaskSettings
@@ -21,7 +25,7 @@ BATCH_CONFIGS = {
     "paper": dict(preset="paper", steps=40),
     "paper_unsaturated": dict(preset="paper", steps=60, settings=dict(weight_limit=1.0, lr=0.1)),
     # The default ends at temperature 0.01, which amplifies float32 rounding differences between batched and
-    # single-image convolutions 100x; here it ends at 0.05, and tests/test_objective_options_v2.py checks the
+    # single-image convolutions 100x; here it ends at 0.05, and tests/test_optimize.py checks the
     # exact default preset in float64.
     "default": dict(preset="default", steps=40, settings=dict(temperature=0.05)),
 }
@@ -126,7 +130,7 @@ def test_classifier_is_bit_identical_afterwards(handover: str, tiny_cnn, image_f
     assert metrics[0]["test/loss_total"] == pytest.approx(float(reference.loss["total"].mean()), rel=1e-4)
 
 
-# ----------------------------------------------------------------------------- 4. planted ground truth
+# ----------------------------------------------------------------------------- 3. planted ground truth
 
 SIZE = 32
 REGION = (slice(4, 12), slice(18, 26))  # the only pixels the classifier looks at
@@ -184,7 +188,7 @@ def test_mask_finds_the_planted_region(preset: str) -> None:
     assert result.preserved.all()
 
 
-# ----------------------------------------------------------------------------- 5. bf16-mixed on CPU
+# ----------------------------------------------------------------------------- 4. bf16-mixed on CPU
 
 
 def test_bf16_mixed_precision_on_cpu_is_close_to_fp32(tiny_cnn, image_factory, trainer_factory) -> None:
@@ -200,7 +204,7 @@ def test_bf16_mixed_precision_on_cpu_is_close_to_fp32(tiny_cnn, image_factory, t
     torch.testing.assert_close(result.prob_original, full.prob_original, rtol=0, atol=0.03)
 
 
-# ----------------------------------------------------------------------------- 6. bad input
+# ----------------------------------------------------------------------------- 5. bad input
 
 
 class TupleClassifier(nn.Module):
@@ -295,10 +299,26 @@ def test_constructor_errors(tiny_cnn) -> None:
 
 def test_hparams_hold_the_resolved_settings(tiny_cnn) -> None:
     module = NeuroMask(tiny_cnn, preset="paper", steps=7, seed=3, target_class=1, settings={"baseline": "mean"})
-    assert module.hparams["steps"] == 7 and module.hparams["baseline"] == "mean"
-    assert module.hparams["lr"] == 0.03 and module.hparams["temperature"] == 0.3  # from the preset
+    assert module.hparams["steps"] == 7 and module.hparams["settings"]["baseline"] == "mean"
+    assert module.hparams["settings"]["steps"] == 7
+    assert module.hparams["settings"]["lr"] == 0.03 and module.hparams["settings"]["temperature"] == 0.3  # preset
     assert module.hparams["seed"] == 3 and module.hparams["target_class"] == 1 and module.hparams["preset"] == "paper"
-    assert module.settings.steps == 7
+    assert module.settings.steps == 7 and module.hparams["settings"] == module.settings.as_dict()
+    assert module.hparams["fast_path"] == FastPath().as_dict()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"temperature_start": 1.0, "tie_break": 0.05},
+        {"mask_coarse": 4, "l_detail": 2.0, "upsample_weights": True},
+    ],
+    ids=["annealing_and_tie_break", "two_scale_and_upsampled_weights"],
+)
+def test_new_options_reach_the_settings_through_the_constructor(tiny_cnn, options: dict) -> None:
+    module = NeuroMask(tiny_cnn, preset="paper", settings=options)
+    assert {name: getattr(module.settings, name) for name in options} == options
+    assert {name: module.hparams["settings"][name] for name in options} == options
 
 
 def test_duplicate_or_miscounted_ids(tiny_cnn) -> None:
@@ -339,7 +359,7 @@ def test_explain_inside_inference_mode_is_refused(tiny_cnn) -> None:
         module.explain(good_images())
 
 
-# ----------------------------------------------------------------------------- 7. targets
+# ----------------------------------------------------------------------------- 6. targets
 
 
 def test_default_target_is_the_predicted_class(tiny_cnn, image_factory) -> None:
@@ -377,7 +397,7 @@ def test_labels_of_the_batch_and_target_class_through_a_trainer(tiny_cnn, image_
     assert cat_explanations(fixed)["targets"].tolist() == [1] * 5
 
 
-# ----------------------------------------------------------------------------- 8. all-skipped batch
+# ----------------------------------------------------------------------------- 7. all-skipped batch
 
 
 def test_predict_step_on_an_all_skipped_batch(tiny_cnn) -> None:
@@ -399,7 +419,7 @@ def test_predict_step_on_an_all_skipped_batch(tiny_cnn) -> None:
     assert len(tested) == 0 and tested.skipped == skipped
 
 
-# ----------------------------------------------------------------------------- 9. Explanation fields
+# ----------------------------------------------------------------------------- 8. Explanation fields
 
 
 def test_explanation_fields_match_independent_computations(tiny_cnn, image_factory) -> None:
@@ -470,9 +490,81 @@ def test_tuple_batches_get_distinct_ids_in_arrival_order(tiny_cnn, image_factory
     torch.testing.assert_close(results[-1].masks, alone.masks, atol=1e-4, rtol=0)
 
 
-def test_new_objective_options_keep_batches_independent(tiny_cnn, image_factory) -> None:
-    options = dict(preset="default", steps=20, settings=dict(jitter=2, smooth_penalty="tv", smooth_on="mask"))
-    images = image_factory(4)
-    batched = NeuroMask(tiny_cnn, **options).explain(images, ids=[5, 6, 7, 8])
-    alone = NeuroMask(tiny_cnn, **options).explain(images[2:3], ids=[7])
-    torch.testing.assert_close(batched.masks[2:3], alone.masks, atol=1e-4, rtol=0)
+# ----------------------------------------------------------------------------- 9. out-of-memory backoff
+
+
+class RunsOutOfMemory(nn.Module):
+    """Wraps a model and raises CUDA's out-of-memory error on batches larger than ``limit`` with gradients."""
+
+    sizes: list[int] = []  # batch sizes that ran with gradients (class-level: NeuroMask runs a copy)
+
+    def __init__(self, model: nn.Module, limit: int) -> None:
+        super().__init__()
+        self.model, self.limit = model, limit
+        RunsOutOfMemory.sizes = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            if x.shape[0] > self.limit:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            RunsOutOfMemory.sizes.append(x.shape[0])
+        return self.model(x)
+
+
+def test_out_of_memory_splits_the_batch_and_gives_the_same_masks(tiny_cnn, image_factory, caplog) -> None:
+    images = image_factory(5, 16)
+    reference = NeuroMask(tiny_cnn, steps=15).explain(images)
+    wrapped = RunsOutOfMemory(tiny_cnn, limit=2)
+    module = NeuroMask(wrapped, steps=15)
+    with caplog.at_level(logging.WARNING, logger="neuromask_pl.module"):
+        result = module.explain(images)
+    assert module.max_chunk == 2 and max(RunsOutOfMemory.sizes) == 2
+    assert "out of memory with 5 images" in caplog.text
+    torch.testing.assert_close(result.masks, reference.masks, rtol=0, atol=1e-4)
+    assert torch.equal(result.ids, reference.ids) and result.steps.tolist() == [15] * 5
+
+
+def test_out_of_memory_with_one_image_is_a_clear_error(tiny_cnn, image_factory) -> None:
+    module = NeuroMask(RunsOutOfMemory(tiny_cnn, limit=0), steps=5)
+    with pytest.raises(RuntimeError, match="one image alone does not fit"):
+        module.explain(image_factory(2, 16))
+
+
+# ----------------------------------------------------------------------------- 10. inside another module
+
+
+class ClassifyAndExplain(pl.LightningModule):
+    """A user's module: classifies, and explains its own predictions in predict_step."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.explainer = NeuroMask(self.net, preset="paper", steps=4, seed=3)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def predict_step(self, batch, batch_idx: int) -> dict:
+        (images,) = batch
+        ids = torch.arange(len(images)) + batch_idx * 3
+        return {"logits": self(images), "explanation": self.explainer.explain(images, ids=ids).cpu()}
+
+
+def test_explaining_inside_another_modules_predict_step(tiny_cnn, image_factory, trainer_factory) -> None:
+    images = image_factory(5)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=3)
+    before = {k: v.clone() for k, v in tiny_cnn.state_dict().items()}
+    outputs = trainer_factory().predict(ClassifyAndExplain(tiny_cnn), loader)
+
+    explanations = [o["explanation"] for o in outputs]
+    assert all(isinstance(e, Explanation) for e in explanations)
+    alone = NeuroMask(tiny_cnn, preset="paper", steps=4, seed=3).explain(images)
+    torch.testing.assert_close(torch.cat([e.masks for e in explanations]), alone.masks, atol=1e-4, rtol=0)
+    assert torch.cat([e.targets for e in explanations]).tolist() == alone.targets.tolist()
+    assert all(torch.equal(v, before[k]) for k, v in tiny_cnn.state_dict().items())
+
+
+def test_submodule_needs_inference_mode_off(tiny_cnn, image_factory, trainer_factory) -> None:
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(image_factory(2)), batch_size=2)
+    with pytest.raises(RuntimeError, match="inference_mode=False"):
+        trainer_factory(inference_mode=True).predict(ClassifyAndExplain(tiny_cnn), loader)

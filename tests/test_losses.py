@@ -1,15 +1,26 @@
-"""Tests for neuromask_pl.settings and the TF1 RMSProp: every value checked against a hand computation."""
+"""neuromask_pl.maths.losses: every loss term, the temperature schedule and the deletion game's term, checked
+against hand computations."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import fields
 
 import pytest
 import torch
+from conftest import BLUR_AREA
 
-from neuromask_pl.maths.losses import area_profile_loss, laplacian_kernel, laplacian_size, loss_terms
-from neuromask_pl.maths.optimize import TFRMSprop
+from neuromask_pl.maths.losses import (
+    area_profile_loss,
+    deletion_loss,
+    detail_penalty,
+    laplacian_kernel,
+    laplacian_size,
+    loss_terms,
+    settings_at,
+    smooth_term,
+    temperature_at,
+    total_variation,
+)
 from neuromask_pl.settings import PRESETS, MaskSettings, resolve_settings
 
 # Two 6x6 weight grids with known, irregular values (one per sample).
@@ -63,23 +74,6 @@ def as_batch(*grids: list[list[float]]) -> torch.Tensor:
     return torch.tensor(grids, dtype=torch.float64).unsqueeze(1)
 
 
-# ----------------------------------------------------------------------------- presets
-
-
-def test_paper_preset_is_the_reference_configuration() -> None:
-    paper = PRESETS["paper"]
-    assert (paper.l_pred, paper.l_sparse, paper.l_smooth) == (0.4, 0.35, 0.03)
-    assert (paper.temperature, paper.weight_limit, paper.steps, paper.lr) == (0.3, 10.0, 1000, 0.03)
-    assert (paper.optimizer, paper.baseline, paper.sparsity_on) == ("rmsprop_tf", "black", "weights")
-    assert (paper.mask_scale, paper.laplacian) == (1, 0)
-
-
-def test_blur_area_preset_uses_low_resolution_blur_area_and_adam() -> None:
-    default = PRESETS["blur_area"]
-    assert (default.mask_scale, default.baseline, default.sparsity_on, default.optimizer) == (8, "blur", "area", "adam")
-    assert 0 < default.area_target < 1
-
-
 # ----------------------------------------------------------------------------- loss terms by hand
 
 
@@ -120,7 +114,7 @@ def test_replicate_padded_smoothness_by_hand(size: int) -> None:
 
 
 def test_blur_area_preset_loss_terms_by_hand() -> None:
-    settings = PRESETS["blur_area"]
+    settings = resolve_settings("paper", None, BLUR_AREA)
     weights = as_batch(GRID_A)
     mask = torch.sigmoid(weights / settings.temperature)
     kernel = laplacian_kernel(settings.laplacian)
@@ -182,7 +176,7 @@ def test_area_profile_loss_by_hand() -> None:
 
 
 def test_area_sparsity_in_loss_terms_uses_the_area_target() -> None:
-    settings = resolve_settings("blur_area")
+    settings = resolve_settings("paper", None, BLUR_AREA)
     mask = torch.linspace(0, 1, 100).view(1, 1, 10, 10)
     weights = torch.zeros(1, 1, 5, 5)
     terms = loss_terms(torch.zeros(1, 3), torch.tensor([0]), weights, mask, laplacian_kernel(3), settings)
@@ -216,119 +210,100 @@ def test_laplacian_kernel_rejects_other_sizes() -> None:
         laplacian_kernel(7)
 
 
-# ----------------------------------------------------------------------------- TF1 RMSProp
-
-
-def test_tf_rmsprop_two_steps_match_the_tf1_formula() -> None:
-    start, grads = [1.0, -2.0, 0.5], [[0.5, -3.0, 0.0], [-0.25, 1.0, 2.0]]
-    lr, decay, eps = 0.1, 0.9, 1e-10
-    param = torch.tensor(start, dtype=torch.float64, requires_grad=True)
-    optimizer = TFRMSprop([param], lr=lr)
-    expected, ms = list(start), [1.0, 1.0, 1.0]  # TF1 initialises the mean square to ones
-    for grad in grads:
-        param.grad = torch.tensor(grad, dtype=torch.float64)
-        optimizer.step()
-        for i, g in enumerate(grad):
-            ms[i] = decay * ms[i] + (1 - decay) * g * g
-            expected[i] -= lr * g / math.sqrt(ms[i] + eps)
-        assert param.detach().tolist() == pytest.approx(expected, rel=1e-12, abs=1e-15)
-    # Sanity check on the numbers themselves: first step of element 0 is 0.1 * 0.5 / sqrt(0.925).
-    assert expected[0] != start[0]
-
-
-def test_tf_rmsprop_epsilon_sits_inside_the_square_root() -> None:
-    # With decay 0 the mean square is g^2; for g = 1e-6, sqrt(g^2 + 1e-10) ~ 1.005e-5, so the step is
-    # ~0.0995 * lr (epsilon outside the root would give a step of ~lr).
-    param = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    optimizer = TFRMSprop([param], lr=1.0, decay=0.0)
-    param.grad = torch.full((1,), 1e-6, dtype=torch.float64)
-    optimizer.step()
-    assert param.item() == pytest.approx(-1e-6 / math.sqrt(1e-12 + 1e-10), rel=1e-9)
-    assert -0.1 < param.item() < -0.09
-
-
-def test_tf_rmsprop_skips_parameters_without_gradient() -> None:
-    used = torch.ones(2, requires_grad=True)
-    unused = torch.ones(2, requires_grad=True)
-    optimizer = TFRMSprop([used, unused], lr=0.5)
-    used.grad = torch.ones(2)
-    optimizer.step()
-    assert torch.equal(unused.detach(), torch.ones(2))
-    assert used.detach().tolist() == pytest.approx([1 - 0.5 / math.sqrt(1.0)] * 2)
-
-
-# ----------------------------------------------------------------------------- settings
-
-
-def test_resolve_settings_applies_overrides_and_ignores_none() -> None:
-    settings = resolve_settings("paper", 7, {"lr": None, "laplacian": 5, "baseline": "mean"})
-    paper = PRESETS["paper"]
-    assert (settings.steps, settings.laplacian, settings.baseline) == (7, 5, "mean")
-    for f in fields(MaskSettings):
-        if f.name not in ("steps", "laplacian", "baseline"):
-            assert getattr(settings, f.name) == getattr(paper, f.name), f.name
-    assert PRESETS["paper"].steps == 1000  # the preset itself is untouched
-
-
-def test_resolve_settings_errors() -> None:
-    with pytest.raises(ValueError, match="unknown preset 'nope'.*paper"):
-        resolve_settings("nope")
-    with pytest.raises(ValueError, match=r"unknown mask settings \['stpes'\]"):
-        resolve_settings("paper", None, {"stpes": 3})
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        resolve_settings("default", None, {"temperature": 0.0})
-
-
-@pytest.mark.parametrize(
-    ("changes", "message"),
-    [
-        ({"steps": 0}, "steps must be >= 1"),
-        ({"temperature": -1.0}, "temperature must be > 0"),
-        ({"weight_limit": 0.0}, "weight_limit must be > 0"),
-        ({"lr": 0.0}, "lr must be > 0"),
-        ({"area_target": 0.0}, r"area_target must be in \(0, 1\]"),
-        ({"area_target": 1.5}, r"area_target must be in \(0, 1\]"),
-        ({"mask_scale": 0}, "mask_scale must be >= 1"),
-        ({"l_sparse": -0.1}, "loss weights .* must be >= 0"),
-        ({"laplacian": 4}, "laplacian must be 3, 5 or 0"),
-        ({"laplacian_padding": "zeros"}, "laplacian_padding must be 'none' or 'replicate'"),
-        ({"sparsity_on": "pixels"}, "sparsity_on must be one of"),
-        ({"baseline": "white"}, "baseline must be one of"),
-        ({"optimizer": "sgd"}, "optimizer must be one of"),
-    ],
-)
-def test_mask_settings_validation(changes: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        MaskSettings(**changes)
-
-
-def test_mask_settings_as_dict_round_trips() -> None:
-    settings = resolve_settings("default", 11)
-    assert MaskSettings(**settings.as_dict()) == settings
-    assert settings.as_dict()["steps"] == 11
+# ----------------------------------------------------------------------------- smoothness penalties
 
 
 def test_total_variation_by_hand() -> None:
-    from neuromask_pl.maths.losses import total_variation
-
     values = torch.tensor([[[[0.0, 1.0, 3.0], [2.0, 2.0, 2.0]]]])
     # vertical |2-0|,|2-1|,|2-3| -> mean 4/3; horizontal |1-0|,|3-1|,|2-2|,|2-2| -> mean 3/4
     assert total_variation(values).item() == pytest.approx(4 / 3 + 3 / 4)
 
 
 def test_smooth_term_on_the_mask_uses_the_sigmoid() -> None:
-    from neuromask_pl.maths.losses import laplacian_kernel, smooth_term, total_variation
-
     weights = torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(0))
     settings = resolve_settings("paper", None, {"smooth_penalty": "tv", "smooth_on": "mask", "temperature": 0.5})
     expected = total_variation(torch.sigmoid(weights / 0.5))
     torch.testing.assert_close(smooth_term(weights, laplacian_kernel(3), settings), expected)
 
 
-def test_jitter_shift_depends_on_seed_and_step_only() -> None:
-    from neuromask_pl.maths.optimize import jitter_shift
+# ----------------------------------------------------------------------------- temperature schedule
 
-    shifts = [jitter_shift(0, step, 2) for step in range(50)]
-    assert shifts == [jitter_shift(0, step, 2) for step in range(50)]
-    assert all(-2 <= dy <= 2 and -2 <= dx <= 2 for dy, dx in shifts) and len(set(shifts)) > 5
-    assert jitter_shift(0, 3, 0) == (0, 0) and shifts != [jitter_shift(1, step, 2) for step in range(50)]
+
+def test_temperature_schedule_by_hand() -> None:
+    settings = MaskSettings(steps=5, temperature=0.01, temperature_start=1.0)
+    # Geometric from 1.0 (step 0) to 0.01 (step 4): 1, 0.01^(1/4), 0.01^(1/2), 0.01^(3/4), 0.01.
+    expected = [1.0, 0.01**0.25, 0.1, 0.01**0.75, 0.01]
+    assert [temperature_at(settings, k) for k in range(5)] == pytest.approx(expected, rel=1e-12)
+    assert temperature_at(settings, None) == 0.01  # after the loop: the final temperature
+    assert temperature_at(settings, 99) == pytest.approx(0.01)  # clamped past the end
+    assert settings_at(settings, 2).temperature == pytest.approx(0.1)
+    assert settings_at(settings, 2).temperature_start == 1.0  # everything else as it was
+
+
+def test_temperature_schedule_fixed_without_start_and_with_one_step() -> None:
+    assert temperature_at(MaskSettings(steps=10, temperature=0.3), 4) == 0.3
+    assert temperature_at(MaskSettings(steps=1, temperature=0.2, temperature_start=3.0), 0) == 0.2
+    paper = PRESETS["paper"]
+    assert temperature_at(paper, 0) == paper.temperature and settings_at(paper, 5) is paper
+
+
+def test_annealed_temperature_reaches_the_mask_smoothness_term() -> None:
+    """smooth_on='mask' uses the step's temperature: at step 0 the mask is sigmoid(w / temperature_start)."""
+    settings = resolve_settings("default", 3)
+    weights = torch.tensor([[[[0.0, 0.5], [1.0, -1.0]]]], dtype=torch.float64)
+    first = settings_at(settings, 0)
+    terms = loss_terms(
+        torch.tensor([[1.0, 0.0]], dtype=torch.float64),
+        torch.tensor([0]),
+        weights,
+        torch.sigmoid(weights / first.temperature),
+        laplacian_kernel(3),
+        first,
+    )
+    m = [[1 / (1 + math.exp(-w / 2.0)) for w in row] for row in ([0.0, 0.5], [1.0, -1.0])]
+    tv = (abs(m[1][0] - m[0][0]) + abs(m[1][1] - m[0][1])) / 2 + (abs(m[0][1] - m[0][0]) + abs(m[1][1] - m[1][0])) / 2
+    assert terms["smooth"].item() == pytest.approx(tv, rel=1e-6)  # the penalty is computed in float32
+
+
+# ----------------------------------------------------------------------------- two-scale detail
+
+
+def test_detail_penalty_is_added_to_the_total_only() -> None:
+    settings = MaskSettings(mask_coarse=2, l_detail=3.0, smooth_penalty="tv", smooth_on="mask", sparsity_on="mask")
+    logits, targets = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1])
+    weights = torch.tensor([[0.5, -1.0], [0.0, 2.0]]).expand(2, 1, 2, 2)
+    mask = torch.sigmoid(weights / settings.temperature)
+    fine = torch.tensor([[[[1.0, -2.0], [0.0, 3.0]]], [[[0.0, 0.0], [0.0, 0.0]]]])
+    plain = loss_terms(logits, targets, weights, mask, laplacian_kernel(3), settings)
+    with_detail = loss_terms(logits, targets, weights, mask, laplacian_kernel(3), settings, fine)
+    assert detail_penalty(fine).tolist() == pytest.approx([1.5, 0.0])
+    for term in ("pred", "sparse", "smooth"):
+        assert torch.equal(plain[term], with_detail[term])
+    torch.testing.assert_close(with_detail["total"], plain["total"] + 3.0 * torch.tensor([1.5, 0.0]))
+
+
+# ----------------------------------------------------------------------------- deletion game
+
+
+def test_deletion_loss_is_minus_log_of_one_minus_the_target_probability() -> None:
+    logits = torch.tensor([[2.0, 0.0, 1.0], [0.5, -1.0, 3.0]])
+    loss = deletion_loss(logits, torch.tensor([0, 2]))
+    p0 = math.exp(2) / (math.exp(2) + 1 + math.exp(1))
+    p1 = math.exp(3) / (math.exp(0.5) + math.exp(-1) + math.exp(3))
+    torch.testing.assert_close(loss, torch.tensor([-math.log(1 - p0), -math.log(1 - p1)]))
+    # Stable where 1 - p rounds to 0 or p to 0 in float32.
+    extreme = deletion_loss(torch.tensor([[100.0, 0.0], [100.0, 0.0]]), torch.tensor([0, 1]))
+    torch.testing.assert_close(extreme, torch.tensor([100.0, 0.0]), atol=1e-4, rtol=0)
+
+
+def test_loss_terms_add_the_weighted_deletion_term() -> None:
+    torch.manual_seed(0)
+    logits, deleted, targets = torch.randn(3, 4), torch.randn(3, 4), torch.tensor([0, 3, 1])
+    weights = torch.randn(3, 1, 8, 8)
+    mask, kernel = torch.sigmoid(weights), laplacian_kernel(3)
+    settings = MaskSettings(l_delete=2.5)
+    plain = loss_terms(logits, targets, weights, mask, kernel, settings)
+    game = loss_terms(logits, targets, weights, mask, kernel, settings, logits_deleted=deleted)
+    assert "delete" not in plain
+    torch.testing.assert_close(game["delete"], deletion_loss(deleted, targets))
+    torch.testing.assert_close(game["total"], plain["total"] + 2.5 * game["delete"])

@@ -1,11 +1,11 @@
-"""Explanation objects: saving, loading and plain-dict export."""
+"""neuromask_pl.explanation: an Explanation's saving, loading, plain-dict export and the empty Explanation."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from neuromask_pl.explanation import Explanation
+from neuromask_pl.explanation import LOSS_TERMS, Explanation
 from neuromask_pl.module import NeuroMask
 
 
@@ -33,3 +33,13 @@ def test_load_rejects_other_files(tmp_path) -> None:
     torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="does not hold a saved Explanation"):
         Explanation.load(tmp_path / "other.pt")
+
+
+def test_empty_explanation_has_every_field_with_zero_samples() -> None:
+    images = torch.empty(0, 3, 10, 12)
+    empty = Explanation.empty(images)
+    assert len(empty) == 0 and empty.masks.shape == (0, 1, 10, 12) and empty.images is images
+    assert set(empty.loss) == set(LOSS_TERMS) and all(v.shape == (0,) for v in empty.loss.values())
+    assert empty.ids.dtype == empty.targets.dtype == empty.steps.dtype == torch.long
+    assert empty.preserved.dtype == torch.bool and empty.prob_masked.shape == (0,)
+    assert empty.records() == [] and empty.summary() == {}

@@ -1,4 +1,5 @@
-"""Tests for neuromask_pl.data: batch format, sample identity, labels, unreadable files."""
+"""neuromask_pl.data.modules, the DataModules: image folders (geometry, colours, sample ids, labels, unreadable
+files, workers), tensors and the demo photos."""
 
 from __future__ import annotations
 
@@ -14,12 +15,7 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 
-from neuromask_pl.data import (
-    DemoDataModule,
-    ImageFolderDataModule,
-    TensorDataModule,
-    collate_samples,
-)
+from neuromask_pl.data import DemoDataModule, ImageFolderDataModule, TensorDataModule
 
 # --------------------------------------------------------------------------- helpers
 
@@ -200,11 +196,6 @@ def test_all_corrupt_batch_is_empty(tmp_path):
     assert first["index"].dtype == torch.long and first["index"].numel() == 0
     assert first["path"] == [] and len(first["skipped"]) == 2
     assert second["index"].tolist() == [2]
-    # Without a crop size the empty image tensor is (0, 3, 0, 0); labels stay present and empty.
-    marker = {"index": 5, "path": "p.png", "label": 1, "error": "OSError: broken"}
-    batch = collate_samples([marker])
-    assert batch["image"].shape == (0, 3, 0, 0) and batch["label"].shape == (0,)
-    assert batch["skipped"] == [{"index": 5, "path": "p.png", "error": "OSError: broken"}]
 
 
 def test_workers_give_the_same_batches_as_the_main_process(colour_folder):
@@ -242,12 +233,10 @@ class _IdCollector(pl.LightningModule):
         return {"index": batch["index"].tolist(), "path": batch["path"], "skipped": batch["skipped"]}
 
 
-def test_trainer_predict_passes_the_batch_through(tmp_path):
+def test_trainer_predict_passes_the_batch_through(tmp_path, trainer_factory):
     save_solid(tmp_path / "a.png", (10, 10), (1, 1, 1))
     save_corrupt(tmp_path)
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_checkpointing=False
-    )
+    trainer = trainer_factory()
     dm = ImageFolderDataModule(str(tmp_path), image_size=8, batch_size=3)
     (out,) = trainer.predict(_IdCollector(), datamodule=dm)
     assert out["index"] == [0] and out["path"] == [str(tmp_path / "a.png")]

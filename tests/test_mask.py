@@ -1,0 +1,32 @@
+"""neuromask_pl.maths.mask: the tie-free returned map and the two-scale weights, checked against hand computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neuromask_pl.maths.mask import pack_weights, tie_free_map, unpack_weights
+
+
+def test_tie_free_map_by_hand_keeps_the_threshold() -> None:
+    mask = torch.tensor([[[[1.0, 1.0, 0.0, 0.0, 0.7]]]])
+    path = torch.tensor([[[[0.9, 0.6, 0.4, 0.1, 0.5]]]])
+    out = tie_free_map(mask, path, 0.01)
+    expected = [0.99 + 0.009, 0.99 + 0.006, 0.004, 0.001, 0.693 + 0.005]
+    assert out.flatten().tolist() == pytest.approx(expected, abs=1e-7)
+    assert torch.equal(out > 0.5, mask > 0.5)
+    assert len(set(out.flatten().tolist())) == 5  # the two tied pairs are now ordered by the path
+    assert tie_free_map(mask, path, 0.0) is mask
+
+
+def test_pack_and_unpack_by_hand() -> None:
+    fine = torch.arange(2 * 16, dtype=torch.float64).view(2, 1, 4, 4)
+    coarse = torch.tensor([[1.0, -1.0], [2.0, 0.0], [0.5, 0.5], [0.5, 0.5]], dtype=torch.float64).view(2, 1, 2, 2)
+    packed = pack_weights(fine, coarse)
+    assert packed.shape == (2, 1, 1, 20)
+    logits, fine_back = unpack_weights(packed, (4, 4), (2, 2))
+    assert torch.equal(fine_back, fine)
+    # bilinear (align_corners=False) 2x2 -> 4x4: the first row of sample 0's coarse part is 1, 0.5, -0.5, -1
+    expected_row = torch.tensor([1.0, 0.5, -0.5, -1.0], dtype=torch.float64)
+    torch.testing.assert_close(logits[0, 0, 0] - fine[0, 0, 0], expected_row)
+    torch.testing.assert_close(logits[1] - fine[1], torch.full((1, 4, 4), 0.5, dtype=torch.float64))
