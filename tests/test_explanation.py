@@ -25,7 +25,7 @@ def test_save_and_load_round_trip(tmp_path, tiny_cnn, image_factory) -> None:
 def test_as_dict_is_plain(tiny_cnn, image_factory) -> None:
     result = NeuroMask(tiny_cnn, preset="paper", steps=2).explain(image_factory(2))
     data = result.as_dict()
-    assert set(data["loss"]) == {"pred", "sparse", "smooth", "total"}
+    assert list(data["loss"]) == ["pred", "sparse", "smooth", "detail", "delete", "total"]
     assert data["masks"].shape == (2, 1, 16, 16) and data["ids"].tolist() == [0, 1]
 
 

@@ -310,7 +310,9 @@ def test_hooks_restore_rng_grads_flags_and_buffers(context):
     assert_equal_nested(model.state_dict(), state)
     assert [m.training for m in model.modules()] == flags
     assert [p.requires_grad for p in model.parameters()] == requires_grad
-    reference = NeuroMask(model, steps=STEPS, seed=0, fast_path=PLAIN_PATH).explain(batch[0][:3])  # outside any no-grad context
+    reference = NeuroMask(model, steps=STEPS, seed=0, fast_path=PLAIN_PATH).explain(
+        batch[0][:3]
+    )  # outside any no-grad context
     assert torch.equal(callback.last_explanation.masks, reference.masks)
 
 
