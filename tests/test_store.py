@@ -464,21 +464,12 @@ def test_open_store_and_reader_refuse_unknown_store_files(tmp_path, content, mes
         load_results(tmp_path)
 
 
-def test_older_layout_and_stray_shards_are_refused(tmp_path):
-    old = tmp_path / "old"
-    (old / "masks").mkdir(parents=True)
-    np.save(old / "masks" / "00000001.npy", np.zeros((4, 4), np.float16))
-    (old / "manifest.csv").write_text("sample_id,status\n1,ok\n")
-    for overwrite in (False, True):
-        with pytest.raises(ValueError, match="older neuromask-pl layout .*another output directory"):
-            open_store(old, HASH, overwrite=overwrite)
-    with pytest.raises(ValueError, match="older neuromask-pl layout"):
-        load_results(old)
-    assert (old / "masks" / "00000001.npy").exists()
+def test_missing_store_a_file_and_stray_shards_are_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="no neuromask-pl results"):
         load_results(tmp_path / "nothing")
+    (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="is a file"):
-        open_store(old / "manifest.csv", HASH)
+        open_store(tmp_path / "notes.txt", HASH)
 
     stray = tmp_path / "stray"
     open_store(stray, HASH)
@@ -592,7 +583,7 @@ def test_reader_memory_is_bounded_and_reads_only_the_asked_member(tmp_path, monk
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    # The bound stated in Results' docstring: 48 N + 1024 S + 6 H W + the row + 64 KiB.
+    # The bound stated in StoredResults' docstring: 48 N + 1024 S + 6 H W + the row + 64 KiB.
     row_bytes = len(json.dumps({"sample_id": n, "status": "ok", "target": 999, "prob": 0.5}))
     bound = INDEX_BYTES_PER_SAMPLE * n + 1024 * n_shards + 6 * size * size + row_bytes + 64 * 1024
     stored = sum(p.stat().st_size for p in shard_files(tmp_path))

@@ -1,0 +1,302 @@
+"""The files of a store directory and their format; ``store.json``: create, read, check, resume, overwrite.
+
+Layout of a store directory (other files in it are never touched)::
+
+    store.json                       {"format": "neuromask-pl-store", "version": 1,
+                                      "config_hash": ..., "created": ..., "neuromask_pl": ...}
+    .lock                            while a job writes: {"host", "pid", "started", "token"}
+    shards/
+      r<rank:05d>-<seq:06d>-<session>.npz          one chunk of samples (a ZIP_STORED .npz)
+      r<rank:05d>-<seq:06d>-<session>.npz.sha256   "<sha256>  <shard name>" (``sha256sum -c``)
+    manifest.csv                     one row per sample id, sorted (written by merge_index)
+    index.npz                        sample id -> shard and byte offsets (written by merge_index, last)
+
+A shard is an uncompressed (stored) zip that ``numpy.load`` opens lazily. It holds one member per
+sample and kind: ``m<id>.npy`` (the float16 H x W mask; absent for a sample recorded without a
+mask, e.g. an unreadable image) and ``r<id>.json`` (its manifest row). Why this format: members
+are stored, not compressed, so each one is a contiguous byte range of the file; the index keeps
+that range (and the member's CRC-32), and reading one mask is a single ``os.pread`` of exactly
+its bytes, whatever the shard size. Masks of different sizes can share a shard (a stacked .npy
+could not), and the files stay readable by ``numpy.load(shard)["m<id>"]`` and ``zipfile``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import struct
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from neuromask_pl import __version__
+from neuromask_pl.store.io import fsync_dir, unlink_quiet, utc_now, write_json
+
+log = logging.getLogger(__name__)
+
+FORMAT = "neuromask-pl-store"
+FORMAT_VERSION = 1
+STORE_FILE = "store.json"
+LOCK_FILE = ".lock"
+INDEX_FILE = "index.npz"
+MANIFEST_FILE = "manifest.csv"
+SHARDS_DIR = "shards"
+
+SHARD_RE = re.compile(r"r(\d{5,})-(\d{6,})-([0-9a-z]{1,64})\.npz")
+MEMBER_RE = re.compile(r"(m)(\d+)\.npy|(r)(\d+)\.json")
+SIDECAR_RE = re.compile(r"([0-9a-f]{64})  (\S+)\n?")
+TEMP_RE = re.compile(r"\..+\.[0-9a-f]{8,32}\.tmp")
+ROOT_TEMP_RE = re.compile(r"\.(store\.json|index\.npz|manifest\.csv)\.[0-9a-f]{8,32}\.tmp")
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member times: same content, same bytes
+_LOCAL_HEADER = 30  # size of a zip local file header before the name and the extra field
+
+
+# -- member format (stored zip members holding .npy arrays or JSON) ---------------------------------
+class Corrupt(Exception):
+    """A shard or index file whose structure is damaged (caught and reported by its reader)."""
+
+
+def zip_info(name: str) -> zipfile.ZipInfo:
+    """A stored (uncompressed) zip member with a fixed time, so that the same content gives the same bytes."""
+    info = zipfile.ZipInfo(name, date_time=_ZIP_TIME)
+    info.compress_type = zipfile.ZIP_STORED
+    info.external_attr = 0o644 << 16
+    return info
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """An array as the bytes of a .npy file (no pickles)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+_HEADER_CACHE: dict[bytes, tuple[tuple[int, ...], bool, np.dtype, int]] = {}
+
+
+def npy_header(data: bytes, cache: bool = True) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """Shape, Fortran order, dtype and data start of a .npy member; headers seen before skip numpy's parser."""
+    major = data[6] if len(data) > 7 else 0
+    end = 10 + int.from_bytes(data[8:10], "little") if major == 1 else 12 + int.from_bytes(data[8:12], "little")
+    key = data[:end]
+    parsed = _HEADER_CACHE.get(key)
+    if parsed is None:
+        stream = io.BytesIO(key)
+        version = np.lib.format.read_magic(stream)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(stream)
+        parsed = (tuple(shape), bool(fortran), dtype, end)
+        if cache and len(_HEADER_CACHE) < 64:  # masks of a store share a handful of shapes
+            _HEADER_CACHE[key] = parsed
+    return parsed
+
+
+def data_offset(f: IO[bytes], info: zipfile.ZipInfo, size: int) -> int:
+    """Byte offset of a stored member's data, from its local header; checks it lies inside the file."""
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+        raise Corrupt(f"member {info.filename} is compressed or encrypted")
+    f.seek(info.header_offset)
+    header = f.read(_LOCAL_HEADER)
+    if len(header) < _LOCAL_HEADER or header[:4] != b"PK\x03\x04":
+        raise Corrupt(f"bad local header of member {info.filename}")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    if f.read(name_len) != info.filename.encode("utf-8"):
+        raise Corrupt(f"local header of member {info.filename} names another file")
+    offset = info.header_offset + _LOCAL_HEADER + name_len + extra_len
+    if offset + info.file_size > size or info.file_size != info.compress_size:
+        raise Corrupt(f"member {info.filename} runs past the end of the file")
+    return offset
+
+
+def zip_members(f: IO[bytes]) -> list[zipfile.ZipInfo]:
+    """The members of a zip file, or :class:`Corrupt` when its directory cannot be read."""
+    try:
+        return zipfile.ZipFile(f).infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, struct.error) as err:
+        raise Corrupt(f"not a readable zip archive ({err})") from err
+
+
+def clean_temps(directory: Path, pattern: re.Pattern[str], prefix: str = "") -> list[Path]:
+    """Remove leftover temporary files of killed writers in ``directory`` (only names we create)."""
+    removed = []
+    if directory.is_dir():
+        for name in os.listdir(directory):
+            if name.startswith(prefix) and pattern.fullmatch(name):
+                unlink_quiet(directory / name)
+                removed.append(directory / name)
+    if removed:
+        log.info("removed %d leftover temporary file(s) in %s", len(removed), directory)
+    return removed
+
+
+# -- store.json -------------------------------------------------------------------------------------
+def config_hash(obj: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of the canonical JSON of ``obj``: sorted keys, compact, non-JSON values as ``str``."""
+    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """What ``store.json`` says about a store directory.
+
+    Attributes:
+        root: the store directory.
+        version: format version (:data:`FORMAT_VERSION`).
+        config_hash: the caller's hash of the configuration that produced the results.
+        created: UTC time the store was created (ISO 8601).
+        resumed: True when :func:`open_store` found an existing store of the same configuration.
+    """
+
+    root: Path
+    version: int
+    config_hash: str
+    created: str
+    resumed: bool = False
+
+
+def read_store_info(root: str | os.PathLike[str]) -> StoreInfo:
+    """Read and check ``store.json``.
+
+    Raises:
+        FileNotFoundError: ``root`` holds no store.
+        ValueError: ``store.json`` is damaged, foreign, or of an unknown (e.g. newer) format version.
+    """
+    root = Path(root)
+    path = root / STORE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no neuromask-pl results in '{root}' (no {STORE_FILE}): pass the output directory of a neuromask-pl job"
+        )
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"'{path}' is damaged ({err}); delete it together with shards/, index.npz and manifest.csv to "
+            "start over, or use another output directory"
+        ) from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"'{path}' is not a neuromask-pl store file; use another output directory")
+    version = meta.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"'{path}' has an unknown store format version {version!r}; use another output directory")
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"'{root}' was written by a newer neuromask-pl (store format version {version}; this version reads "
+            f"version {FORMAT_VERSION}): upgrade neuromask-pl to read or resume it, or use another output directory"
+        )
+    hash_ = meta.get("config_hash")
+    if not isinstance(hash_, str):
+        raise ValueError(f"'{path}' has no config_hash; use another output directory")
+    return StoreInfo(root=root, version=version, config_hash=hash_, created=str(meta.get("created", "")))
+
+
+def _delete_store_files(root: Path) -> int:
+    """Delete what a store wrote (shards, sidecars, temporary files, index, manifest); nothing else."""
+    count = 0
+    shards = root / SHARDS_DIR
+    if shards.is_dir():
+        for name in os.listdir(shards):
+            base = name[: -len(".sha256")] if name.endswith(".sha256") else name
+            if SHARD_RE.fullmatch(base) or TEMP_RE.fullmatch(name):
+                unlink_quiet(shards / name)
+                count += 1
+    for name in (INDEX_FILE, MANIFEST_FILE):
+        if (root / name).exists():
+            unlink_quiet(root / name)
+            count += 1
+    clean_temps(root, ROOT_TEMP_RE)
+    return count
+
+
+def _create_store(root: Path, hash_: str) -> StoreInfo:
+    created = utc_now()
+    meta = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "config_hash": hash_,
+        "created": created,
+        "neuromask_pl": __version__,
+    }
+    write_json(root / STORE_FILE, meta)
+    (root / SHARDS_DIR).mkdir(exist_ok=True)
+    fsync_dir(root)
+    return StoreInfo(root=root, version=FORMAT_VERSION, config_hash=hash_, created=created)
+
+
+def open_store(root: str | os.PathLike[str], config_hash: str, overwrite: bool = False) -> StoreInfo:
+    """Create a store in ``root`` or check that the one there belongs to this configuration.
+
+    Call it under :class:`~neuromask_pl.store.StoreLock`, before any writer of the job starts: it also
+    removes the temporary files that killed writers left behind. Files in ``root`` that the store did not
+    write are never touched.
+
+    Args:
+        root: the output directory (created if needed; it may hold unrelated files).
+        config_hash: identifies the configuration (model, settings, data); see :func:`config_hash`.
+        overwrite: when ``root`` holds results of *another* configuration, delete them (shards, index,
+            manifest) and start a new store. Results of the *same* configuration are always kept and
+            resumed, so rerunning the same command after a preemption never loses work.
+
+    Returns:
+        The store's :class:`StoreInfo` (``resumed=True`` when results of this configuration were found).
+
+    Raises:
+        ValueError: another configuration's results without ``overwrite``; an unknown or newer format
+            version; a damaged ``store.json``; shards without ``store.json``; ``root`` is not a directory
+            or cannot be created.
+    """
+    if not isinstance(config_hash, str) or not config_hash:
+        raise ValueError(f"config_hash must be a non-empty string, got {config_hash!r}")
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"the output directory '{root}' is a file; pass a directory")
+    if (root / STORE_FILE).exists():
+        info = read_store_info(root)
+        if info.config_hash == config_hash:
+            info = StoreInfo(root, info.version, info.config_hash, info.created, resumed=True)
+        elif not overwrite:
+            raise ValueError(
+                f"'{root}' holds neuromask-pl results for another configuration (or model): config hash "
+                f"{info.config_hash[:12]} there, {config_hash[:12]} now. Pass overwrite=True to delete those "
+                "results (shards, index and manifest) and start over, or use another output directory."
+            )
+        else:
+            count = _delete_store_files(root)
+            log.warning(
+                "overwrite=True: deleted %d result file(s) of configuration %s in %s",
+                count,
+                info.config_hash[:12],
+                root,
+            )
+            info = _create_store(root, config_hash)
+        clean_temps(root, ROOT_TEMP_RE)
+        clean_temps(root / SHARDS_DIR, TEMP_RE)
+        return info
+    if root.is_dir():
+        shards = root / SHARDS_DIR
+        if shards.is_dir() and any(SHARD_RE.fullmatch(n) for n in os.listdir(shards)):
+            if not overwrite:
+                raise ValueError(
+                    f"'{shards}' holds shard files but '{root / STORE_FILE}' is missing, so their configuration "
+                    "is unknown: pass overwrite=True to delete them, or use another output directory"
+                )
+            _delete_store_files(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        clean_temps(root, ROOT_TEMP_RE)
+        clean_temps(root / SHARDS_DIR, TEMP_RE)
+        return _create_store(root, config_hash)
+    except OSError as err:
+        raise ValueError(
+            f"cannot create the neuromask-pl store in '{root}': {err.strerror or err}. "
+            "Pass an output directory you can create and write to."
+        ) from err
