@@ -1,0 +1,83 @@
+"""Tests for neuromask_pl.store.layout: config hash, open_store (create, check, resume, overwrite), store.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from store_helpers import HASH, shard_files, write
+
+from neuromask_pl.store import config_hash, load_results, merge_index, open_store
+
+
+def test_config_hash_is_sha256_of_canonical_json():
+    obj = {"b": [1, 2.5, None], "a": {"y": True, "x": "s"}, "p": Path("/m/w.pth")}
+    canonical = '{"a":{"x":"s","y":true},"b":[1,2.5,null],"p":"/m/w.pth"}'
+    assert config_hash(obj) == hashlib.sha256(canonical.encode()).hexdigest()
+    assert config_hash(dict(reversed(list(obj.items())))) == config_hash(obj)
+    assert config_hash({**obj, "b": [1, 2.5, 0]}) != config_hash(obj)
+
+
+def test_open_store_creates_validates_resumes_and_overwrites(tmp_path):
+    root = tmp_path / "out"
+    (root / "overlays").mkdir(parents=True)
+    unrelated = [root / "notes.txt", root / "run.json", root / "overlays" / "00000001.png"]
+    for p in unrelated:
+        p.write_text("mine")
+    info = open_store(root, HASH)  # a non-empty folder of unrelated files is fine
+    meta = json.loads((root / "store.json").read_text())
+    assert (meta["format"], meta["version"], meta["config_hash"]) == ("neuromask-pl-store", 1, HASH)
+    assert info.created == meta["created"] and not info.resumed
+    write(root, range(5))
+    merge_index(root)
+    shards = shard_files(root)
+
+    assert open_store(root, HASH).resumed and shard_files(root) == shards
+    assert open_store(root, HASH, overwrite=True).resumed and shard_files(root) == shards  # same config: kept
+    with pytest.raises(ValueError, match="holds neuromask-pl results for another configuration .*overwrite=True"):
+        open_store(root, "b" * 64)
+    assert shard_files(root) == shards and (root / "index.npz").exists()
+
+    info = open_store(root, "b" * 64, overwrite=True)
+    assert info.config_hash == "b" * 64 and not info.resumed
+    assert not shard_files(root) and not list((root / "shards").iterdir())
+    assert not (root / "index.npz").exists() and not (root / "manifest.csv").exists()
+    assert all(p.read_text() == "mine" for p in unrelated)
+    assert json.loads((root / "store.json").read_text())["config_hash"] == "b" * 64
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"format": "neuromask-pl-store", "version": 99, "config_hash": HASH}, "newer neuromask-pl .*version 99"),
+        ({"format": "neuromask-pl-store", "version": "1", "config_hash": HASH}, "unknown store format version"),
+        ({"format": "something-else", "version": 1}, "not a neuromask-pl store"),
+        ("{not json", "is damaged"),
+    ],
+)
+def test_open_store_and_reader_refuse_unknown_store_files(tmp_path, content, message):
+    (tmp_path / "store.json").write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(ValueError, match=message):
+        open_store(tmp_path, HASH)
+    with pytest.raises(ValueError, match=message):
+        open_store(tmp_path, HASH, overwrite=True)
+    with pytest.raises(ValueError, match=message):
+        load_results(tmp_path)
+
+
+def test_missing_store_a_file_and_stray_shards_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no neuromask-pl results"):
+        load_results(tmp_path / "nothing")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is a file"):
+        open_store(tmp_path / "notes.txt", HASH)
+
+    stray = tmp_path / "stray"
+    open_store(stray, HASH)
+    write(stray, range(2))
+    (stray / "store.json").unlink()
+    with pytest.raises(ValueError, match="holds shard files but .*store.json' is missing"):
+        open_store(stray, HASH)
+    assert not open_store(stray, HASH, overwrite=True).resumed and not shard_files(stray)
