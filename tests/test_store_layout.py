@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,14 @@ def test_missing_store_a_file_and_stray_shards_are_refused(tmp_path):
     with pytest.raises(ValueError, match="holds shard files but .*store.json' is missing"):
         open_store(stray, HASH)
     assert not open_store(stray, HASH, overwrite=True).resumed and not shard_files(stray)
+
+
+@pytest.mark.parametrize("name", ["manifest.csv", "index.npz"])
+def test_a_manifest_or_index_without_store_json_is_never_overwritten(tmp_path, name):
+    # Without store.json nothing says the store wrote it (it may be the user's own file, or an older
+    # layout): open_store must refuse rather than let merge_index replace it.
+    (tmp_path / name).write_text("sample_id,status\n1,ok\n")
+    with pytest.raises(ValueError, match=rf"holds {re.escape(name)} but .*store.json' is missing.*overwrite=True"):
+        open_store(tmp_path, HASH)
+    assert (tmp_path / name).read_text() == "sample_id,status\n1,ok\n" and not (tmp_path / "store.json").exists()
+    assert not open_store(tmp_path, HASH, overwrite=True).resumed and not (tmp_path / name).exists()

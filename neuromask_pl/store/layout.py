@@ -251,8 +251,8 @@ def open_store(root: str | os.PathLike[str], config_hash: str, overwrite: bool =
 
     Raises:
         ValueError: another configuration's results without ``overwrite``; an unknown or newer format
-            version; a damaged ``store.json``; shards without ``store.json``; ``root`` is not a directory
-            or cannot be created.
+            version; a damaged ``store.json``; shards, ``manifest.csv`` or ``index.npz`` without
+            ``store.json``; ``root`` is not a directory or cannot be created.
     """
     if not isinstance(config_hash, str) or not config_hash:
         raise ValueError(f"config_hash must be a non-empty string, got {config_hash!r}")
@@ -283,12 +283,16 @@ def open_store(root: str | os.PathLike[str], config_hash: str, overwrite: bool =
         return info
     if root.is_dir():
         shards = root / SHARDS_DIR
+        stray = [name for name in (MANIFEST_FILE, INDEX_FILE) if (root / name).exists()]
         if shards.is_dir() and any(SHARD_RE.fullmatch(n) for n in os.listdir(shards)):
-            if not overwrite:
-                raise ValueError(
-                    f"'{shards}' holds shard files but '{root / STORE_FILE}' is missing, so their configuration "
-                    "is unknown: pass overwrite=True to delete them, or use another output directory"
-                )
+            stray.insert(0, "shard files")
+        if stray and not overwrite:
+            raise ValueError(
+                f"'{root}' holds {' and '.join(stray)} but '{root / STORE_FILE}' is missing, so they were not "
+                "written by a neuromask-pl store of this version (or their configuration is unknown): pass "
+                "overwrite=True to delete them, or use another output directory"
+            )
+        if stray:
             _delete_store_files(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
