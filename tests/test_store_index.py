@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import ast
+import csv
+import io
+import os
+
 import numpy as np
 import pytest
 from store_helpers import HASH, write
 
-from neuromask_pl.store import ShardWriter, load_results, merge_index, open_store
+from neuromask_pl.store import ShardWriter, load_results, merge_index, open_store, read_manifest
 
 
 def test_duplicates_across_ranks_are_indexed_once(tmp_path):
@@ -42,3 +47,41 @@ def test_damaged_index_is_refused_with_advice(tmp_path):
     merge_index(tmp_path)
     with load_results(tmp_path) as results:
         np.testing.assert_array_equal(results.ids, np.arange(6))
+
+
+def test_file_names_that_are_not_utf8_are_stored_losslessly(tmp_path):
+    # os.fsdecode gives a str with lone surrogates for the bytes of a name that are not UTF-8.
+    names = {
+        0: os.fsdecode(b"photos/caf\xe9_\xff.png"),  # Latin-1 bytes: not UTF-8
+        1: "photos/café.png",  # ordinary UTF-8: written as it is
+        2: "b'looks like a bytes literal'",  # ordinary text that looks like our escape: escaped too
+        3: 'b"it\'s"',
+        4: "C:\\data\\x41.png",
+    }
+    open_store(tmp_path, HASH)
+    with ShardWriter(tmp_path, 0, session="a") as writer:
+        for i, name in names.items():
+            writer.add(i, np.zeros((2, 2)), {"path": name, "n": i})
+    merge_index(tmp_path, columns=["sample_id", "path", "n"])
+
+    raw = (tmp_path / "manifest.csv").read_bytes()
+    text = raw.decode("utf-8")  # strict: the manifest stays valid UTF-8
+    assert "photos/café.png" in text and "C:\\data\\x41.png" in text
+    cells = {int(r["sample_id"]): r["path"] for r in csv.DictReader(io.StringIO(text, newline=""))}
+    assert cells[0] == repr(b"photos/caf\xe9_\xff.png")  # the exact bytes, as a Python bytes literal
+    assert cells[1] == names[1] and cells[4] == names[4]
+    assert [ast.literal_eval(cells[i]).decode() for i in (2, 3)] == [names[2], names[3]]
+    assert {r["sample_id"]: r["path"] for r in read_manifest(tmp_path)} == {str(i): n for i, n in names.items()}
+    with load_results(tmp_path) as results:
+        assert {i: results.row(i)["path"] for i in names} == names
+    assert os.fsencode(next(iter(read_manifest(tmp_path)))["path"]) == b"photos/caf\xe9_\xff.png"
+
+
+def test_text_that_no_file_name_can_hold_is_refused_when_added(tmp_path):
+    open_store(tmp_path, HASH)
+    writer = ShardWriter(tmp_path, 0)
+    with pytest.raises(ValueError, match="row value 'path' of sample 3 holds a lone surrogate"):
+        writer.add(3, np.zeros((2, 2)), {"path": "x\ud800"})  # not from os.fsdecode: no bytes give it
+    with pytest.raises(ValueError, match="row key .* of sample 3 holds a lone surrogate"):
+        writer.add(3, np.zeros((2, 2)), {os.fsdecode(b"\xff"): 1})
+    writer.close()

@@ -14,7 +14,7 @@ Modules, in the order a job uses them:
 - :mod:`~neuromask_pl.store.writer`: :class:`ShardWriter`, one rank's crash-safe shards.
 - :mod:`~neuromask_pl.store.scan`: :func:`scan_shards` sorts shards into good and bad.
 - :mod:`~neuromask_pl.store.index`: :func:`merge_index` writes ``manifest.csv`` and ``index.npz``.
-- :mod:`~neuromask_pl.store.reader`: :func:`load_results` and :class:`StoredResults`.
+- :mod:`~neuromask_pl.store.reader`: :func:`load_results`, :class:`StoredResults`, :func:`read_manifest`.
 - :mod:`~neuromask_pl.store.io`: atomic writes, fsync, file hashes, the time, package versions.
 """
 
@@ -22,7 +22,7 @@ from neuromask_pl.store.index import INDEX_BYTES_PER_SAMPLE, MergeReport, merge_
 from neuromask_pl.store.io import atomic_write
 from neuromask_pl.store.layout import FORMAT_VERSION, StoreInfo, config_hash, open_store, read_store_info
 from neuromask_pl.store.lock import StoreLock
-from neuromask_pl.store.reader import StoredResults, load_results
+from neuromask_pl.store.reader import StoredResults, load_results, read_manifest
 from neuromask_pl.store.scan import BadShard, ShardInfo, ShardScan, scan_shards
 from neuromask_pl.store.writer import ShardWriter
 
@@ -42,6 +42,7 @@ __all__ = [
     "load_results",
     "merge_index",
     "open_store",
+    "read_manifest",
     "read_store_info",
     "scan_shards",
 ]

@@ -32,6 +32,7 @@ from neuromask_pl.store.layout import (
     npy_bytes,
     npy_header,
     read_store_info,
+    to_manifest_cell,
     zip_info,
     zip_members,
 )
@@ -281,6 +282,8 @@ def merge_index(
         root: the store directory (run it on one process, after every writer closed).
         columns: manifest columns in order; None means every key seen, in order of first appearance
             (``sample_id`` first). Values missing from a row are left empty, keys not listed are dropped.
+            The manifest is valid UTF-8: a file name that is not is written as the Python literal of its
+            bytes (``b'caf\\xe9.png'``); :func:`~neuromask_pl.store.read_manifest` gives back the exact str.
         scan: a verified :func:`scan_shards` result to reuse instead of scanning again.
     """
     root = Path(root)
@@ -305,7 +308,9 @@ def merge_index(
             text = io.TextIOWrapper(f, encoding="utf-8", newline="")
             writer = csv.DictWriter(text, fieldnames=list(columns), restval="", extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(members.row(k) for k in range(len(index)))
+            writer.writerows(
+                {key: to_manifest_cell(value) for key, value in members.row(k).items()} for k in range(len(index))
+            )
             text.flush()
             text.detach()
     finally:

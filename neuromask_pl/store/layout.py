@@ -22,6 +22,7 @@ could not), and the files stay readable by ``numpy.load(shard)["m<id>"]`` and ``
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import io
 import json
@@ -135,6 +136,52 @@ def clean_temps(directory: Path, pattern: re.Pattern[str], prefix: str = "") -> 
     if removed:
         log.info("removed %d leftover temporary file(s) in %s", len(removed), directory)
     return removed
+
+
+# -- manifest cells -------------------------------------------------------------------------------
+_BYTES_LITERAL_RE = re.compile(r"b(['\"]).*\1", re.DOTALL)
+
+
+def unwritable_char(text: str, file_name_bytes: bool) -> str | None:
+    """The first character of ``text`` that UTF-8 cannot hold, None if there is none.
+
+    With ``file_name_bytes``, U+DC80..U+DCFF count as writable: ``os.fsdecode`` gives them for the bytes of a
+    file name that are not UTF-8, and :func:`to_manifest_cell` writes them back as those bytes.
+    """
+    try:
+        text.encode("utf-8", "surrogateescape" if file_name_bytes else "strict")
+    except UnicodeEncodeError as err:
+        return text[err.start]
+    return None
+
+
+def to_manifest_cell(value: Any) -> Any:
+    """A row value as ``manifest.csv`` holds it: text that is valid UTF-8 as it is, anything else unchanged.
+
+    A str that is not valid UTF-8 (a file name whose bytes are not, decoded by ``os.fsdecode``) becomes the
+    Python literal of its bytes, ``b'caf\\xe9.png'``; so does a str that looks like such a literal, so that
+    :func:`from_manifest_cell` gives back exactly the str written, and the manifest stays valid UTF-8.
+    """
+    if not isinstance(value, str):
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    else:
+        if not _BYTES_LITERAL_RE.fullmatch(value):
+            return value
+    return repr(value.encode("utf-8", "surrogateescape"))
+
+
+def from_manifest_cell(text: str) -> str:
+    """The str that :func:`to_manifest_cell` wrote as ``text`` (``os.fsdecode`` of the bytes of a literal)."""
+    if _BYTES_LITERAL_RE.fullmatch(text):
+        try:
+            return ast.literal_eval(text).decode("utf-8", "surrogateescape")
+        except (ValueError, SyntaxError, AttributeError, UnicodeDecodeError):
+            pass  # not written by to_manifest_cell (an edited manifest): the text as it is
+    return text
 
 
 # -- store.json -------------------------------------------------------------------------------------

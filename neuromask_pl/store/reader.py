@@ -1,7 +1,9 @@
-"""Reading a store back: :func:`load_results` opens it, :class:`StoredResults` reads masks and rows lazily."""
+"""Reading a store back: :func:`load_results` opens it, :class:`StoredResults` reads masks and rows lazily;
+:func:`read_manifest` reads ``manifest.csv``."""
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import warnings
@@ -12,7 +14,14 @@ from typing import Any
 import numpy as np
 
 from neuromask_pl.store.index import Index, MemberReader, build_index, load_index
-from neuromask_pl.store.layout import INDEX_FILE, SHARDS_DIR, npy_header, read_store_info
+from neuromask_pl.store.layout import (
+    INDEX_FILE,
+    MANIFEST_FILE,
+    SHARDS_DIR,
+    from_manifest_cell,
+    npy_header,
+    read_store_info,
+)
 from neuromask_pl.store.scan import complete_names, scan_shards
 
 
@@ -129,6 +138,18 @@ class StoredResults:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+def read_manifest(output_dir: str | os.PathLike[str]) -> Iterator[dict[str, str]]:
+    """The rows of a store's ``manifest.csv`` as text, one at a time, with file names exactly as written.
+
+    ``csv.DictReader`` reads the same file; this also turns each cell that
+    :func:`~neuromask_pl.store.merge_index` wrote as the literal of a file name's bytes (``b'caf\\xe9.png'``,
+    for a name that is not UTF-8) back into the str that was stored (``os.fsencode`` of it gives those bytes).
+    """
+    with open(Path(output_dir) / MANIFEST_FILE, encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            yield {key: from_manifest_cell(value) if isinstance(value, str) else value for key, value in row.items()}
 
 
 def load_results(output_dir: str | os.PathLike[str], max_open_shards: int = 4) -> StoredResults:

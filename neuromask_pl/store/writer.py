@@ -27,7 +27,15 @@ from typing import Any
 import numpy as np
 
 from neuromask_pl.store.io import durable_write, sha256_file, unlink_quiet
-from neuromask_pl.store.layout import SHARDS_DIR, STORE_FILE, TEMP_RE, clean_temps, npy_bytes, zip_info
+from neuromask_pl.store.layout import (
+    SHARDS_DIR,
+    STORE_FILE,
+    TEMP_RE,
+    clean_temps,
+    npy_bytes,
+    unwritable_char,
+    zip_info,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +62,19 @@ def _clean_row(sample_id: int, row: Mapping[str, Any] | None) -> dict[str, Any]:
     for key, value in (row or {}).items():
         if not isinstance(key, str):
             raise TypeError(f"row keys must be strings, got {key!r} for sample {sample_id}")
+        if (char := unwritable_char(key, file_name_bytes=False)) is not None:
+            raise ValueError(f"row key {key!r} of sample {sample_id} holds a lone surrogate ({char!r}); keys are text")
         if isinstance(value, np.generic):
             value = value.item()
         if not isinstance(value, _SCALARS):
             raise TypeError(
                 f"row value {key!r} of sample {sample_id} is a {type(value).__name__}; "
                 "rows hold str, int, float, bool or None"
+            )
+        if isinstance(value, str) and (char := unwritable_char(value, file_name_bytes=True)) is not None:
+            raise ValueError(
+                f"row value {key!r} of sample {sample_id} holds a lone surrogate ({char!r}) that no file name's "
+                "bytes give: pass text, or a file name as os.fsdecode gives it"
             )
         if key == "sample_id" and value != sample_id:
             raise ValueError(f"row['sample_id'] is {value!r} but the sample id is {sample_id}")
