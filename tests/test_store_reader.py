@@ -13,7 +13,16 @@ import numpy as np
 import pytest
 from store_helpers import HASH, sha256, shard_files, write
 
-from neuromask_pl.store import INDEX_BYTES_PER_SAMPLE, ShardWriter, load_results, merge_index, open_store
+from neuromask_pl.store import (
+    INDEX_BYTES_PER_SAMPLE,
+    ShardWriter,
+    load_results,
+    merge_index,
+    open_store,
+    resume_state,
+    scan_shards,
+    source_fingerprint,
+)
 
 
 def test_round_trip_masks_rows_and_manifest(tmp_path):
@@ -151,3 +160,53 @@ def test_reader_memory_is_bounded_and_reads_only_the_asked_member(tmp_path, monk
         results.mask(4_321)
     shard_bytes = shard_files(tmp_path)[0].stat().st_size
     assert len(read) == 1 and read[0] == 2 * size * size + 128 and shard_bytes > 100 * read[0]
+
+
+def test_resume_state_finds_samples_whose_source_file_changed_and_redone_ones_win(tmp_path):
+    root, data = tmp_path / "out", tmp_path / "images"
+    data.mkdir()
+    files = [data / f"{i}.png" for i in range(5)] + [None, data / "6.png"]
+    for i, path in enumerate(files):
+        if path is not None:
+            path.write_bytes(bytes([i]) * (100 + i))
+    st = files[0].stat()
+    assert source_fingerprint(files[0]) == f"stat:{st.st_size}:{st.st_mtime_ns}"
+    assert source_fingerprint(data / "nothing.png") == "missing"
+
+    open_store(root, HASH)
+    with ShardWriter(root, 0, session="a") as writer:
+        for i, path in enumerate(files):
+            row = {"path": str(path) if path else "", "v": i}
+            fingerprint = source_fingerprint(path) if path else None  # 5: no file (a tensor dataset)
+            writer.add(i, None if i == 6 else np.full((2, 2), i), row, fingerprint=fingerprint)  # 6: skipped
+    with zipfile.ZipFile(writer.shards[0]) as z:  # kept beside the row, readable by any zip tool
+        assert z.getinfo("r0.json").comment == source_fingerprint(files[0]).encode()
+
+    files[1].write_bytes(b"other content, other size")
+    files[2].write_bytes(bytes([9]) * 102)  # same size, new content: a later modification time
+    os.utime(files[2], ns=(st.st_atime_ns, files[2].stat().st_mtime_ns + 1))
+    files[3].unlink()
+    state = resume_state(root, scan_shards(root))
+    np.testing.assert_array_equal(state.changed, [1, 2, 3])
+    np.testing.assert_array_equal(state.done, [0, 4, 5])  # 6 has no mask: not done, but not changed either
+
+    with ShardWriter(root, 0, session="b") as writer:  # the rerun redoes the changed ones, and 6 and 0 fail
+        for i in (1, 2):
+            writer.add(i, np.full((2, 2), 10 + i), {"path": str(files[i])}, fingerprint=source_fingerprint(files[i]))
+        writer.add(3, None, {"path": str(files[3]), "status": "skipped"}, fingerprint=source_fingerprint(files[3]))
+        for i in (0, 6):  # unchanged files that failed to read this time (e.g. a network file system hiccup)
+            writer.add(i, None, {"path": str(files[i]), "status": "skipped"}, fingerprint=source_fingerprint(files[i]))
+    merge_index(root)
+    with load_results(root) as results:
+        assert [results.mask(i)[0, 0] if results.has_mask(i) else None for i in range(7)] == [
+            0,  # the unchanged file's mask wins over a later failure
+            11,
+            12,  # the redone masks win
+            None,  # the file is gone: the old mask is not the result of anything that exists now
+            4,
+            5,
+            None,
+        ]
+    state = resume_state(root)
+    assert state.changed.size == 0
+    np.testing.assert_array_equal(state.done, [0, 1, 2, 4, 5])

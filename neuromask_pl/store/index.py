@@ -67,6 +67,7 @@ class Index:
     sha256: list[str | None]
     ignored: list[str]  # complete (sidecar present) shards that failed verification when it was built
     duplicates: int = 0
+    fingerprints: np.ndarray | None = None  # each sample's fingerprint (object array), when asked for; not saved
 
     def __len__(self) -> int:
         return len(self.arrays["ids"])
@@ -77,11 +78,13 @@ class Index:
         return sum(a.nbytes for a in self.arrays.values())
 
 
-def build_index(scan: ShardScan) -> Index:
-    """One index entry per sample id, sorted by id.
+def build_index(scan: ShardScan, with_fingerprints: bool = False) -> Index:
+    """One index entry per sample id, sorted by id (with each one's fingerprint when ``with_fingerprints``).
 
-    A duplicated id keeps the copy with a mask over one without, then the later session, then the lower
-    rank, then the lower sequence number.
+    A duplicated id keeps, in order of preference: a copy made from the content its latest copy was made
+    from (when both have a fingerprint: a changed file's old results lose, even to a failure to read the
+    new one), the copy with a mask over one without, the later session, the lower rank, the lower sequence
+    number.
     """
     good = sorted(scan.good, key=lambda s: s.name)
     preference = sorted(range(len(good)), key=lambda k: (good[k].rank, good[k].seq))
@@ -91,9 +94,13 @@ def build_index(scan: ShardScan) -> Index:
     if good:
         cat = {key: np.concatenate([getattr(s, key) for s in good]) for key in _INDEX_ARRAYS if key != "shard"}
         cat["shard"] = np.concatenate([np.full(len(s), k, np.int32) for k, s in enumerate(good)])
+        fingerprints = np.concatenate([s.fingerprints for s in good])
     else:
         cat = {key: np.zeros(0, dtype) for key, dtype in _INDEX_ARRAYS.items()}
-    order = np.lexsort((rank_of[cat["shard"]], cat["mask_nbytes"] < 0, cat["ids"]))
+        fingerprints = np.zeros(0, object)
+    preferred = rank_of[cat["shard"]]
+    stale = _stale_copies(cat["ids"], preferred, fingerprints)
+    order = np.lexsort((preferred, cat["mask_nbytes"] < 0, stale, cat["ids"]))
     ids = cat["ids"][order]
     first = np.ones(len(ids), bool)
     first[1:] = ids[1:] != ids[:-1]
@@ -106,7 +113,26 @@ def build_index(scan: ShardScan) -> Index:
         sha256=[s.sha256 for s in good],
         ignored=sorted(b.path.name for b in scan.bad if b.kind == "corrupt"),
         duplicates=int(len(ids) - len(keep)),
+        fingerprints=fingerprints[keep] if with_fingerprints else None,
     )
+
+
+def _stale_copies(ids: np.ndarray, preferred: np.ndarray, fingerprints: np.ndarray) -> np.ndarray:
+    """True for each copy whose fingerprint differs from that of its id's most preferred copy (lowest
+    ``preferred``: the latest session), which saw the content the sample has now; copies without one are kept."""
+    known = np.array([f is not None for f in fingerprints], dtype=bool)
+    stale = np.zeros(len(ids), bool)
+    if not known.any():
+        return stale
+    codes = np.full(len(ids), -1, np.int64)
+    codes[known] = np.unique(fingerprints[known].astype(str), return_inverse=True)[1]
+    order = np.lexsort((preferred, ids))
+    code = codes[order]
+    first = np.ones(len(ids), bool)
+    first[1:] = ids[order][1:] != ids[order][:-1]
+    reference = code[first][np.cumsum(first) - 1]  # each copy's: its id's most preferred copy's code
+    stale[order] = (code >= 0) & (reference >= 0) & (code != reference)
+    return stale
 
 
 def save_index(path: Path, index: Index, info: StoreInfo) -> None:

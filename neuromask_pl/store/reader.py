@@ -1,5 +1,5 @@
 """Reading a store back: :func:`load_results` opens it, :class:`StoredResults` reads masks and rows lazily;
-:func:`read_manifest` reads ``manifest.csv``."""
+:func:`read_manifest` reads ``manifest.csv``; :func:`resume_state` says what a rerun can skip."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ from neuromask_pl.store.layout import (
     npy_header,
     read_store_info,
 )
-from neuromask_pl.store.scan import complete_names, scan_shards
+from neuromask_pl.store.scan import ShardScan, complete_names, scan_shards
+from neuromask_pl.store.writer import source_fingerprint
 
 
 class StoredResults:
@@ -138,6 +140,51 @@ class StoredResults:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """What a rerun of a job on a store can skip and what it must redo (see :func:`resume_state`).
+
+    Attributes:
+        done: sorted ids whose result has a mask made from the content their file has now: skip them.
+        changed: sorted ids whose result was made from content their file no longer has (modified,
+            replaced or deleted since): explain them again. Ids in neither (skipped samples, ids never
+            written) are to be done as well.
+    """
+
+    done: np.ndarray
+    changed: np.ndarray
+
+
+def resume_state(root: str | os.PathLike[str], scan: ShardScan | None = None, *, path_key: str = "path") -> ResumeState:
+    """Which stored samples a rerun can skip, and which no longer match their source file.
+
+    A sample added with a ``fingerprint`` (:meth:`~neuromask_pl.store.ShardWriter.add`) is compared with
+    :func:`~neuromask_pl.store.source_fingerprint` of the file its row names under ``path_key``, now;
+    one that differs is changed. Samples added without a fingerprint, or whose row names no file, are
+    never changed. Reads each such sample's row (one ``pread``) and stats its file.
+
+    Args:
+        root: the store directory.
+        scan: a verified :func:`~neuromask_pl.store.scan_shards` result to reuse (after
+            :meth:`~neuromask_pl.store.ShardScan.delete_bad`), instead of scanning again.
+        path_key: the row key holding the sample's file name.
+    """
+    root = Path(root)
+    scan = scan_shards(root, verify=True) if scan is None else scan
+    index = build_index(scan, with_fingerprints=True)
+    fingerprints = index.fingerprints
+    changed = np.zeros(len(index), bool)
+    members = MemberReader(root, index)
+    try:
+        for k in (k for k in range(len(index)) if fingerprints[k] is not None):
+            path = members.row(k).get(path_key)
+            changed[k] = isinstance(path, str) and path != "" and source_fingerprint(path) != fingerprints[k]
+    finally:
+        members.close()
+    ids, has_mask = index.arrays["ids"], index.arrays["mask_nbytes"] >= 0
+    return ResumeState(done=ids[has_mask & ~changed].copy(), changed=ids[changed].copy())
 
 
 def read_manifest(output_dir: str | os.PathLike[str]) -> Iterator[dict[str, str]]:

@@ -31,7 +31,8 @@ class ShardInfo:
     """A complete shard and where each sample's members lie in it (arrays sorted by sample id).
 
     ``mask_nbytes`` is -1 for samples recorded without a mask; offsets are byte offsets of the member
-    data in the file, CRCs the zip's CRC-32 of it.
+    data in the file, CRCs the zip's CRC-32 of it; fingerprints the ``fingerprint`` each sample was added
+    with (see :meth:`~neuromask_pl.store.ShardWriter.add`).
     """
 
     name: str
@@ -48,6 +49,7 @@ class ShardInfo:
     row_offset: np.ndarray
     row_nbytes: np.ndarray
     row_crc: np.ndarray
+    fingerprints: np.ndarray  # object array: each sample's fingerprint (str), None when added without one
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -120,6 +122,7 @@ def _member_table(f: IO[bytes], size: int) -> dict[str, np.ndarray]:
     infos = zip_members(f)
     rows: dict[int, tuple[int, int, int]] = {}
     masks: dict[int, tuple[int, int, int]] = {}
+    fingerprints: dict[int, str] = {}
     for info in infos:
         match = MEMBER_RE.fullmatch(info.filename)
         if match is None:
@@ -132,6 +135,8 @@ def _member_table(f: IO[bytes], size: int) -> dict[str, np.ndarray]:
         if sample_id in table:
             raise Corrupt(f"member {info.filename} appears twice")
         table[sample_id] = (offset, info.file_size, info.CRC)
+        if table is rows and info.comment:
+            fingerprints[sample_id] = info.comment.decode("utf-8", "replace")
     if not rows:
         raise Corrupt("no samples in it")
     if not masks.keys() <= rows.keys():
@@ -147,6 +152,7 @@ def _member_table(f: IO[bytes], size: int) -> dict[str, np.ndarray]:
         "row_offset": row[:, 0].copy(),
         "row_nbytes": row[:, 1].astype(np.int32),
         "row_crc": row[:, 2].astype(np.uint32),
+        "fingerprints": np.array([fingerprints.get(i) for i in ids.tolist()], dtype=object),
     }
 
 

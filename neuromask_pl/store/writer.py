@@ -40,7 +40,24 @@ from neuromask_pl.store.layout import (
 log = logging.getLogger(__name__)
 
 MAX_CHUNK_SIZE = 30_000  # 2 members per sample; a plain zip holds at most 65,535 members
+MAX_FINGERPRINT_BYTES = 1024
 _SESSION_RE = re.compile(r"[0-9a-z]{1,64}")
+
+
+def source_fingerprint(path: str | os.PathLike[str]) -> str:
+    """What identifies the content of a sample's file cheaply: ``"stat:<size>:<mtime_ns>"``, ``"missing"``
+    when it cannot be found.
+
+    A file rewritten with other content gets another modification time (and often another size), so a
+    stored sample whose fingerprint differs from its file's now was made from other content. Copying a
+    dataset without keeping modification times (``cp`` without ``-p``) changes every fingerprint, so
+    every sample is redone once.
+    """
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    return f"stat:{st.st_size}:{st.st_mtime_ns}"
 
 
 def _oserror_in(exc: BaseException) -> OSError | None:
@@ -131,7 +148,7 @@ class ShardWriter:
         self.shards: list[Path] = []  # written by this writer, in order
         self.samples_written = 0
         self._seq = 0
-        self._buffer: list[tuple[int, np.ndarray | None, bytes]] = []
+        self._buffer: list[tuple[int, np.ndarray | None, bytes, bytes]] = []  # id, mask, row, fingerprint
         self._seen: set[int] = set()
         self._closed = False
         self._failed: str | None = None
@@ -160,19 +177,38 @@ class ShardWriter:
         if self._closed:
             raise RuntimeError("this ShardWriter is closed")
 
-    def add(self, sample_id: int, mask: np.ndarray | None, row: Mapping[str, Any] | None = None) -> None:
+    def add(
+        self,
+        sample_id: int,
+        mask: np.ndarray | None,
+        row: Mapping[str, Any] | None = None,
+        *,
+        fingerprint: str | None = None,
+    ) -> None:
         """Buffer one sample; writes a shard when ``chunk_size`` samples are buffered.
 
         Args:
             sample_id: the sample's stable id (int >= 0).
             mask: H x W floats (stored as float16), or None for a sample without a mask (e.g. skipped).
             row: its manifest row, str keys to str/int/float/bool/None values; ``sample_id`` is added.
+            fingerprint: what the sample was made from, as :func:`source_fingerprint` gives it for its
+                file (at most 1,024 bytes of text), or None when it has no file. Kept beside the row (as
+                its zip member's comment); :func:`~neuromask_pl.store.resume_state` compares it with the file
+                now, and a later copy of the sample made from other content wins over this one.
         """
         self._check_open()
         if isinstance(sample_id, np.integer):
             sample_id = int(sample_id)
         if not isinstance(sample_id, int) or isinstance(sample_id, bool) or sample_id < 0:
             raise ValueError(f"sample_id must be an int >= 0, got {sample_id!r}")
+        comment = b""
+        if fingerprint is not None:
+            comment = fingerprint.encode("utf-8") if isinstance(fingerprint, str) else b""
+            if not 1 <= len(comment) <= MAX_FINGERPRINT_BYTES:
+                raise ValueError(
+                    f"fingerprint of sample {sample_id} must be None or text of 1 to {MAX_FINGERPRINT_BYTES} "
+                    f"bytes, got {fingerprint!r}"
+                )
         data = None
         if mask is not None:
             array = np.asarray(mask)
@@ -187,7 +223,7 @@ class ShardWriter:
             log.debug("rank %d: sample %d was already written in this session; ignored", self.rank, sample_id)
             return
         self._seen.add(sample_id)
-        self._buffer.append((sample_id, data, encoded))
+        self._buffer.append((sample_id, data, encoded, comment))
         if len(self._buffer) >= self.chunk_size:
             self.flush()
 
@@ -234,14 +270,16 @@ class ShardWriter:
             "finished shards are kept"
         )
 
-    def _write_shard(self, path: Path, records: list[tuple[int, np.ndarray | None, bytes]]) -> None:
+    def _write_shard(self, path: Path, records: list[tuple[int, np.ndarray | None, bytes, bytes]]) -> None:
         with durable_write(path) as f:
             archive = zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
             try:
-                for sample_id, mask, row in records:
+                for sample_id, mask, row, fingerprint in records:
                     if mask is not None:
                         archive.writestr(zip_info(f"m{sample_id}.npy"), npy_bytes(mask))
-                    archive.writestr(zip_info(f"r{sample_id}.json"), row)
+                    info = zip_info(f"r{sample_id}.json")
+                    info.comment = fingerprint
+                    archive.writestr(info, row)
                 archive.close()
             except BaseException:
                 try:
