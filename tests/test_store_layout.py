@@ -93,3 +93,34 @@ def test_a_manifest_or_index_without_store_json_is_never_overwritten(tmp_path, n
         open_store(tmp_path, HASH)
     assert (tmp_path / name).read_text() == "sample_id,status\n1,ok\n" and not (tmp_path / "store.json").exists()
     assert not open_store(tmp_path, HASH, overwrite=True).resumed and not (tmp_path / name).exists()
+
+
+def test_overwrite_deletes_the_per_sample_files_of_the_results_it_replaces(tmp_path):
+    root = tmp_path / "out"
+    info = open_store(root, HASH, sample_dirs=("overlays",))
+    assert info.sample_dirs == ("overlays",) and (root / "overlays").is_dir()
+    write(root, range(3))
+    theirs = [root / "overlays" / f"{i:08d}.png" for i in range(3)] + [
+        root / "overlays" / ".00000003.png.0a1b2c3d4e5f.tmp"
+    ]
+    mine = [root / "overlays" / "notes.txt", root / "overlays" / "cover.png", root / "other" / "00000001.png"]
+    for p in theirs + mine:
+        p.parent.mkdir(exist_ok=True)
+        p.write_text("x")
+
+    assert open_store(root, HASH).sample_dirs == ("overlays",)  # resumed: recorded in store.json, files kept
+    assert all(p.exists() for p in theirs)
+    with pytest.raises(ValueError, match="another configuration"):
+        open_store(root, "b" * 64)
+    assert all(p.exists() for p in theirs)
+
+    # A later job that writes no overlays still replaces the old ones: the store recorded the folder.
+    info = open_store(root, "b" * 64, overwrite=True)
+    assert not any(p.exists() for p in theirs) and all(p.read_text() == "x" for p in mine)
+    assert info.sample_dirs == () and json.loads((root / "store.json").read_text()).get("sample_dirs", []) == []
+
+    open_store(root, "b" * 64, sample_dirs=["overlays"])  # a resumed job that starts writing them records them
+    assert json.loads((root / "store.json").read_text())["sample_dirs"] == ["overlays"]
+    for bad in ("shards", "../up", "a/b", "", "."):
+        with pytest.raises(ValueError, match="sample_dirs"):
+            open_store(root, "b" * 64, sample_dirs=[bad])

@@ -31,7 +31,7 @@ import os
 import re
 import struct
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -56,6 +56,8 @@ MEMBER_RE = re.compile(r"(m)(\d+)\.npy|(r)(\d+)\.json")
 SIDECAR_RE = re.compile(r"([0-9a-f]{64})  (\S+)\n?")
 TEMP_RE = re.compile(r"\..+\.[0-9a-f]{8,32}\.tmp")
 ROOT_TEMP_RE = re.compile(r"\.(store\.json|index\.npz|manifest\.csv)\.[0-9a-f]{8,32}\.tmp")
+SAMPLE_FILE_RE = re.compile(r"\d+\.[0-9A-Za-z]+|\.\d+\.[0-9A-Za-z]+\.[0-9a-f]{8,32}\.tmp")  # 00000042.png, temporaries
+_DIR_NAME_RE = re.compile(r"[0-9A-Za-z_][0-9A-Za-z_.-]{0,63}")
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member times: same content, same bytes
 _LOCAL_HEADER = 30  # size of a zip local file header before the name and the extra field
 
@@ -201,6 +203,8 @@ class StoreInfo:
         config_hash: the caller's hash of the configuration that produced the results.
         created: UTC time the store was created (ISO 8601).
         resumed: True when :func:`open_store` found an existing store of the same configuration.
+        sample_dirs: folders in ``root`` holding one file per sample that the store's results own
+            (see :func:`open_store`).
     """
 
     root: Path
@@ -208,6 +212,7 @@ class StoreInfo:
     config_hash: str
     created: str
     resumed: bool = False
+    sample_dirs: tuple[str, ...] = ()
 
 
 def read_store_info(root: str | os.PathLike[str]) -> StoreInfo:
@@ -243,12 +248,42 @@ def read_store_info(root: str | os.PathLike[str]) -> StoreInfo:
     hash_ = meta.get("config_hash")
     if not isinstance(hash_, str):
         raise ValueError(f"'{path}' has no config_hash; use another output directory")
-    return StoreInfo(root=root, version=version, config_hash=hash_, created=str(meta.get("created", "")))
+    dirs = meta.get("sample_dirs", [])
+    if not isinstance(dirs, list) or not all(isinstance(d, str) and _is_sample_dir(d) for d in dirs):
+        raise ValueError(f"'{path}' has a damaged sample_dirs entry {dirs!r}; use another output directory")
+    return StoreInfo(
+        root=root, version=version, config_hash=hash_, created=str(meta.get("created", "")), sample_dirs=tuple(dirs)
+    )
 
 
-def _delete_store_files(root: Path) -> int:
-    """Delete what a store wrote (shards, sidecars, temporary files, index, manifest); nothing else."""
+def _is_sample_dir(name: str) -> bool:
+    return bool(_DIR_NAME_RE.fullmatch(name)) and name not in (SHARDS_DIR, ".", "..")
+
+
+def _sample_dirs(dirs: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(dirs, str):
+        dirs = [dirs]
+    out = tuple(dict.fromkeys(dirs))
+    for name in out:
+        if not isinstance(name, str) or not _is_sample_dir(name):
+            raise ValueError(
+                f"sample_dirs holds {name!r}; pass names of folders directly in the output directory "
+                f"(letters, digits, '_', '.', '-'; not {SHARDS_DIR!r})"
+            )
+    return out
+
+
+def _delete_store_files(root: Path, sample_dirs: Iterable[str] = ()) -> int:
+    """Delete what a store's results own (shards, sidecars, temporary files, index, manifest, and the
+    per-sample files ``<digits>.<ext>`` in ``sample_dirs``); nothing else."""
     count = 0
+    for name in sample_dirs:
+        folder = root / name
+        if folder.is_dir():
+            for file in os.listdir(folder):
+                if SAMPLE_FILE_RE.fullmatch(file) and (folder / file).is_file():
+                    unlink_quiet(folder / file)
+                    count += 1
     shards = root / SHARDS_DIR
     if shards.is_dir():
         for name in os.listdir(shards):
@@ -264,8 +299,7 @@ def _delete_store_files(root: Path) -> int:
     return count
 
 
-def _create_store(root: Path, hash_: str) -> StoreInfo:
-    created = utc_now()
+def _write_store_file(root: Path, hash_: str, created: str, sample_dirs: tuple[str, ...]) -> None:
     meta = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -273,13 +307,22 @@ def _create_store(root: Path, hash_: str) -> StoreInfo:
         "created": created,
         "neuromask_pl": __version__,
     }
+    if sample_dirs:
+        meta["sample_dirs"] = list(sample_dirs)
     write_json(root / STORE_FILE, meta)
+
+
+def _create_store(root: Path, hash_: str, sample_dirs: tuple[str, ...]) -> StoreInfo:
+    created = utc_now()
+    _write_store_file(root, hash_, created, sample_dirs)
     (root / SHARDS_DIR).mkdir(exist_ok=True)
     fsync_dir(root)
-    return StoreInfo(root=root, version=FORMAT_VERSION, config_hash=hash_, created=created)
+    return StoreInfo(root=root, version=FORMAT_VERSION, config_hash=hash_, created=created, sample_dirs=sample_dirs)
 
 
-def open_store(root: str | os.PathLike[str], config_hash: str, overwrite: bool = False) -> StoreInfo:
+def open_store(
+    root: str | os.PathLike[str], config_hash: str, overwrite: bool = False, *, sample_dirs: Iterable[str] = ()
+) -> StoreInfo:
     """Create a store in ``root`` or check that the one there belongs to this configuration.
 
     Call it under :class:`~neuromask_pl.store.StoreLock`, before any writer of the job starts: it also
@@ -290,8 +333,12 @@ def open_store(root: str | os.PathLike[str], config_hash: str, overwrite: bool =
         root: the output directory (created if needed; it may hold unrelated files).
         config_hash: identifies the configuration (model, settings, data); see :func:`config_hash`.
         overwrite: when ``root`` holds results of *another* configuration, delete them (shards, index,
-            manifest) and start a new store. Results of the *same* configuration are always kept and
-            resumed, so rerunning the same command after a preemption never loses work.
+            manifest, per-sample files) and start a new store. Results of the *same* configuration are always
+            kept and resumed, so rerunning the same command after a preemption never loses work.
+        sample_dirs: folders directly in ``root`` where the caller writes one file per sample, named by its
+            id (``<digits>.<ext>``, e.g. ``overlays/00000042.png``). They are created and recorded in
+            ``store.json``; ``overwrite`` deletes those files (other files there are kept), including in the
+            folders an earlier job recorded.
 
     Returns:
         The store's :class:`StoreInfo` (``resumed=True`` when results of this configuration were found).
@@ -303,13 +350,17 @@ def open_store(root: str | os.PathLike[str], config_hash: str, overwrite: bool =
     """
     if not isinstance(config_hash, str) or not config_hash:
         raise ValueError(f"config_hash must be a non-empty string, got {config_hash!r}")
+    sample_dirs = _sample_dirs(sample_dirs)
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise ValueError(f"the output directory '{root}' is a file; pass a directory")
     if (root / STORE_FILE).exists():
         info = read_store_info(root)
         if info.config_hash == config_hash:
-            info = StoreInfo(root, info.version, info.config_hash, info.created, resumed=True)
+            dirs = tuple(dict.fromkeys(info.sample_dirs + sample_dirs))
+            if dirs != info.sample_dirs:
+                _write_store_file(root, info.config_hash, info.created, dirs)
+            info = StoreInfo(root, info.version, info.config_hash, info.created, resumed=True, sample_dirs=dirs)
         elif not overwrite:
             raise ValueError(
                 f"'{root}' holds neuromask-pl results for another configuration (or model): config hash "
@@ -317,14 +368,16 @@ def open_store(root: str | os.PathLike[str], config_hash: str, overwrite: bool =
                 "results (shards, index and manifest) and start over, or use another output directory."
             )
         else:
-            count = _delete_store_files(root)
+            count = _delete_store_files(root, dict.fromkeys(info.sample_dirs + sample_dirs))
             log.warning(
                 "overwrite=True: deleted %d result file(s) of configuration %s in %s",
                 count,
                 info.config_hash[:12],
                 root,
             )
-            info = _create_store(root, config_hash)
+            info = _create_store(root, config_hash, sample_dirs)
+        for name in info.sample_dirs:
+            (root / name).mkdir(exist_ok=True)
         clean_temps(root, ROOT_TEMP_RE)
         clean_temps(root / SHARDS_DIR, TEMP_RE)
         return info
@@ -340,12 +393,15 @@ def open_store(root: str | os.PathLike[str], config_hash: str, overwrite: bool =
                 "overwrite=True to delete them, or use another output directory"
             )
         if stray:
-            _delete_store_files(root)
+            _delete_store_files(root, sample_dirs)
     try:
         root.mkdir(parents=True, exist_ok=True)
         clean_temps(root, ROOT_TEMP_RE)
         clean_temps(root / SHARDS_DIR, TEMP_RE)
-        return _create_store(root, config_hash)
+        info = _create_store(root, config_hash, sample_dirs)
+        for name in sample_dirs:
+            (root / name).mkdir(exist_ok=True)
+        return info
     except OSError as err:
         raise ValueError(
             f"cannot create the neuromask-pl store in '{root}': {err.strerror or err}. "
