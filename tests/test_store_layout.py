@@ -124,3 +124,33 @@ def test_overwrite_deletes_the_per_sample_files_of_the_results_it_replaces(tmp_p
     for bad in ("shards", "../up", "a/b", "", "."):
         with pytest.raises(ValueError, match="sample_dirs"):
             open_store(root, "b" * 64, sample_dirs=[bad])
+
+
+def test_refusal_of_another_configuration_names_what_changed_and_both_spellings(tmp_path):
+    old = {"hparams": {"lr": 0.03, "steps": 300, "preset": "default"}, "data": {"root": "/d"}, "precision": "32-true"}
+    new = {
+        "hparams": {"lr": 0.1, "steps": 300},
+        "data": {"root": "/d", "size": 224},
+        "precision": "bf16-mixed",
+    }
+    info = open_store(tmp_path, old)
+    assert info.config_hash == config_hash(old)
+    assert json.loads((tmp_path / "store.json").read_text())["config"] == old
+    with pytest.raises(ValueError) as error:
+        open_store(tmp_path, new)
+    message = str(error.value)
+    assert "another configuration" in message and "\n" not in message
+    for change in (
+        "hparams.lr (0.03 there, 0.1 now)",
+        'hparams.preset ("default" there, absent now)',
+        "data.size (absent there, 224 now)",
+        'precision ("32-true" there, "bf16-mixed" now)',
+    ):
+        assert change in message
+    assert "steps" not in message and "data.root" not in message
+    assert "overwrite=True" in message and "--writer.overwrite true" in message
+
+    assert open_store(tmp_path, config_hash(old)).resumed  # a precomputed hash still works
+    with pytest.raises(ValueError, match=rf"config hash {config_hash(old)[:12]} there, bbbbbbbbbbbb now"):
+        open_store(tmp_path, "b" * 64)  # no configuration to compare with: the hashes
+    assert open_store(tmp_path, new, overwrite=True).config_hash == config_hash(new)

@@ -3,17 +3,21 @@
 Layout of a store directory (other files in it are never touched)::
 
     store.json                       {"format": "neuromask-pl-store", "version": 1,
-                                      "config_hash": ..., "created": ..., "neuromask_pl": ...}
+                                      "config_hash": ..., "created": ..., "neuromask_pl": ...,
+                                      "config": {...} (when known), "sample_dirs": [...] (when any)}
     .lock                            while a job writes: {"host", "pid", "started", "token"}
     shards/
       r<rank:05d>-<seq:06d>-<session>.npz          one chunk of samples (a ZIP_STORED .npz)
       r<rank:05d>-<seq:06d>-<session>.npz.sha256   "<sha256>  <shard name>" (``sha256sum -c``)
     manifest.csv                     one row per sample id, sorted (written by merge_index)
     index.npz                        sample id -> shard and byte offsets (written by merge_index, last)
+    <sample dir>/<id>.<ext>          the caller's per-sample files (e.g. overlays/00000042.png), when
+                                     opened with sample_dirs: deleted with the results they belong to
 
 A shard is an uncompressed (stored) zip that ``numpy.load`` opens lazily. It holds one member per
 sample and kind: ``m<id>.npy`` (the float16 H x W mask; absent for a sample recorded without a
-mask, e.g. an unreadable image) and ``r<id>.json`` (its manifest row). Why this format: members
+mask, e.g. an unreadable image) and ``r<id>.json`` (its manifest row; the member's zip comment holds
+the sample's source fingerprint, when it was given one). Why this format: members
 are stored, not compressed, so each one is a contiguous byte range of the file; the index keeps
 that range (and the member's CRC-32), and reading one mask is a single ``os.pread`` of exactly
 its bytes, whatever the shard size. Masks of different sizes can share a shard (a stacked .npy
@@ -32,7 +36,7 @@ import re
 import struct
 import zipfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -58,6 +62,7 @@ TEMP_RE = re.compile(r"\..+\.[0-9a-f]{8,32}\.tmp")
 ROOT_TEMP_RE = re.compile(r"\.(store\.json|index\.npz|manifest\.csv)\.[0-9a-f]{8,32}\.tmp")
 SAMPLE_FILE_RE = re.compile(r"\d+\.[0-9A-Za-z]+|\.\d+\.[0-9A-Za-z]+\.[0-9a-f]{8,32}\.tmp")  # 00000042.png, temporaries
 _DIR_NAME_RE = re.compile(r"[0-9A-Za-z_][0-9A-Za-z_.-]{0,63}")
+_OVERWRITE = "overwrite=True (on the command line: --writer.overwrite true)"
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member times: same content, same bytes
 _LOCAL_HEADER = 30  # size of a zip local file header before the name and the extra field
 
@@ -187,10 +192,41 @@ def from_manifest_cell(text: str) -> str:
 
 
 # -- store.json -------------------------------------------------------------------------------------
+def _canonical_json(obj: Mapping[str, Any]) -> str:
+    return json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"), ensure_ascii=True)
+
+
 def config_hash(obj: Mapping[str, Any]) -> str:
     """SHA-256 (hex) of the canonical JSON of ``obj``: sorted keys, compact, non-JSON values as ``str``."""
-    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return hashlib.sha256(_canonical_json(obj).encode("utf-8")).hexdigest()
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one dict of dotted keys (other values, lists included, are leaves)."""
+    if not isinstance(obj, dict) or (prefix and not obj):
+        return {prefix: obj}
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _short(value: Any, absent: bool) -> str:
+    if absent:
+        return "absent"
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def describe_config_change(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 8) -> str:
+    """``key (old there, new now), ...`` for each dotted key whose value differs, at most ``limit`` of them."""
+    before, after = _flatten(dict(old)), _flatten(dict(new))
+    keys = [k for k in sorted(before.keys() | after.keys()) if before.get(k, ...) != after.get(k, ...)]
+    parts = [
+        f"{k} ({_short(before.get(k), k not in before)} there, {_short(after.get(k), k not in after)} now)"
+        for k in keys[:limit]
+    ]
+    return ", ".join(parts) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 @dataclass(frozen=True)
@@ -205,6 +241,8 @@ class StoreInfo:
         resumed: True when :func:`open_store` found an existing store of the same configuration.
         sample_dirs: folders in ``root`` holding one file per sample that the store's results own
             (see :func:`open_store`).
+        config: the configuration the hash was computed from (canonical JSON form), None when the store
+            was opened with a hash only.
     """
 
     root: Path
@@ -213,6 +251,7 @@ class StoreInfo:
     created: str
     resumed: bool = False
     sample_dirs: tuple[str, ...] = ()
+    config: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
 
 def read_store_info(root: str | os.PathLike[str]) -> StoreInfo:
@@ -251,8 +290,14 @@ def read_store_info(root: str | os.PathLike[str]) -> StoreInfo:
     dirs = meta.get("sample_dirs", [])
     if not isinstance(dirs, list) or not all(isinstance(d, str) and _is_sample_dir(d) for d in dirs):
         raise ValueError(f"'{path}' has a damaged sample_dirs entry {dirs!r}; use another output directory")
+    config = meta.get("config")
     return StoreInfo(
-        root=root, version=version, config_hash=hash_, created=str(meta.get("created", "")), sample_dirs=tuple(dirs)
+        root=root,
+        version=version,
+        config_hash=hash_,
+        created=str(meta.get("created", "")),
+        sample_dirs=tuple(dirs),
+        config=config if isinstance(config, dict) else None,
     )
 
 
@@ -299,29 +344,35 @@ def _delete_store_files(root: Path, sample_dirs: Iterable[str] = ()) -> int:
     return count
 
 
-def _write_store_file(root: Path, hash_: str, created: str, sample_dirs: tuple[str, ...]) -> None:
-    meta = {
+def _write_store_file(info: StoreInfo) -> None:
+    meta: dict[str, Any] = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        "config_hash": hash_,
-        "created": created,
+        "config_hash": info.config_hash,
+        "created": info.created,
         "neuromask_pl": __version__,
     }
-    if sample_dirs:
-        meta["sample_dirs"] = list(sample_dirs)
-    write_json(root / STORE_FILE, meta)
+    if info.sample_dirs:
+        meta["sample_dirs"] = list(info.sample_dirs)
+    if info.config is not None:
+        meta["config"] = info.config
+    write_json(info.root / STORE_FILE, meta)
 
 
-def _create_store(root: Path, hash_: str, sample_dirs: tuple[str, ...]) -> StoreInfo:
-    created = utc_now()
-    _write_store_file(root, hash_, created, sample_dirs)
+def _create_store(root: Path, hash_: str, sample_dirs: tuple[str, ...], config: dict[str, Any] | None) -> StoreInfo:
+    info = StoreInfo(root, FORMAT_VERSION, hash_, utc_now(), sample_dirs=sample_dirs, config=config)
+    _write_store_file(info)
     (root / SHARDS_DIR).mkdir(exist_ok=True)
     fsync_dir(root)
-    return StoreInfo(root=root, version=FORMAT_VERSION, config_hash=hash_, created=created, sample_dirs=sample_dirs)
+    return info
 
 
 def open_store(
-    root: str | os.PathLike[str], config_hash: str, overwrite: bool = False, *, sample_dirs: Iterable[str] = ()
+    root: str | os.PathLike[str],
+    config: Mapping[str, Any] | str,
+    overwrite: bool = False,
+    *,
+    sample_dirs: Iterable[str] = (),
 ) -> StoreInfo:
     """Create a store in ``root`` or check that the one there belongs to this configuration.
 
@@ -331,7 +382,9 @@ def open_store(
 
     Args:
         root: the output directory (created if needed; it may hold unrelated files).
-        config_hash: identifies the configuration (model, settings, data); see :func:`config_hash`.
+        config: what determines the results (model, settings, data) as a JSON-like mapping: hashed with
+            :func:`config_hash` and recorded in ``store.json``, so that a refusal names the keys that changed.
+            Or a precomputed hash string (a refusal then shows the two hashes only).
         overwrite: when ``root`` holds results of *another* configuration, delete them (shards, index,
             manifest, per-sample files) and start a new store. Results of the *same* configuration are always
             kept and resumed, so rerunning the same command after a preemption never loses work.
@@ -348,24 +401,34 @@ def open_store(
             version; a damaged ``store.json``; shards, ``manifest.csv`` or ``index.npz`` without
             ``store.json``; ``root`` is not a directory or cannot be created.
     """
-    if not isinstance(config_hash, str) or not config_hash:
-        raise ValueError(f"config_hash must be a non-empty string, got {config_hash!r}")
+    if isinstance(config, Mapping):
+        recorded: dict[str, Any] | None = json.loads(_canonical_json(config))
+        hash_ = config_hash(config)
+    elif isinstance(config, str) and config:
+        recorded, hash_ = None, config
+    else:
+        raise ValueError(f"config must be a mapping or a non-empty hash string, got {config!r}")
     sample_dirs = _sample_dirs(sample_dirs)
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise ValueError(f"the output directory '{root}' is a file; pass a directory")
     if (root / STORE_FILE).exists():
         info = read_store_info(root)
-        if info.config_hash == config_hash:
+        if info.config_hash == hash_:
             dirs = tuple(dict.fromkeys(info.sample_dirs + sample_dirs))
             if dirs != info.sample_dirs:
-                _write_store_file(root, info.config_hash, info.created, dirs)
-            info = StoreInfo(root, info.version, info.config_hash, info.created, resumed=True, sample_dirs=dirs)
+                _write_store_file(replace(info, sample_dirs=dirs))
+            info = replace(info, resumed=True, sample_dirs=dirs)
         elif not overwrite:
+            changed = (
+                describe_config_change(info.config, recorded)
+                if info.config is not None and recorded is not None
+                else f"config hash {info.config_hash[:12]} there, {hash_[:12]} now"
+            )
             raise ValueError(
-                f"'{root}' holds neuromask-pl results for another configuration (or model): config hash "
-                f"{info.config_hash[:12]} there, {config_hash[:12]} now. Pass overwrite=True to delete those "
-                "results (shards, index and manifest) and start over, or use another output directory."
+                f"'{root}' holds neuromask-pl results for another configuration (or model): {changed}. "
+                f"Pass {_OVERWRITE} to delete those results (shards, index, manifest and per-sample files) "
+                "and start over, or use another output directory."
             )
         else:
             count = _delete_store_files(root, dict.fromkeys(info.sample_dirs + sample_dirs))
@@ -375,7 +438,7 @@ def open_store(
                 info.config_hash[:12],
                 root,
             )
-            info = _create_store(root, config_hash, sample_dirs)
+            info = _create_store(root, hash_, sample_dirs, recorded)
         for name in info.sample_dirs:
             (root / name).mkdir(exist_ok=True)
         clean_temps(root, ROOT_TEMP_RE)
@@ -389,8 +452,8 @@ def open_store(
         if stray and not overwrite:
             raise ValueError(
                 f"'{root}' holds {' and '.join(stray)} but '{root / STORE_FILE}' is missing, so they were not "
-                "written by a neuromask-pl store of this version (or their configuration is unknown): pass "
-                "overwrite=True to delete them, or use another output directory"
+                f"written by a neuromask-pl store of this version (or their configuration is unknown): pass "
+                f"{_OVERWRITE} to delete them, or use another output directory"
             )
         if stray:
             _delete_store_files(root, sample_dirs)
@@ -398,7 +461,7 @@ def open_store(
         root.mkdir(parents=True, exist_ok=True)
         clean_temps(root, ROOT_TEMP_RE)
         clean_temps(root / SHARDS_DIR, TEMP_RE)
-        info = _create_store(root, config_hash, sample_dirs)
+        info = _create_store(root, hash_, sample_dirs, recorded)
         for name in sample_dirs:
             (root / name).mkdir(exist_ok=True)
         return info
