@@ -41,3 +41,37 @@ def write(root: Path, ids, rank: int = 0, chunk_size: int = 4, session: str = "s
 def run_python(code: str, *args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, "-c", code, *args], env=env, **kwargs)
+
+
+def read_only(monkeypatch, root: Path) -> None:
+    """Make every write under ``root`` fail as on a read-only file system (EROFS), reads still work.
+
+    Emulated at the Python level because tests may run as root, for whom a chmod changes nothing.
+    """
+    import builtins
+    import errno
+    import io
+
+    inside = root.resolve()
+
+    def guard(function, is_write=lambda *args, **kwargs: True):
+        def call(path, *args, **kwargs):
+            if isinstance(path, (str, os.PathLike)) and is_write(path, *args, **kwargs):
+                resolved = Path(os.path.abspath(path))
+                if resolved == inside or inside in resolved.parents:
+                    raise OSError(errno.EROFS, "Read-only file system", str(path))
+            return function(path, *args, **kwargs)
+
+        return call
+
+    def opens_to_write(path, mode="r", *args, **kwargs):
+        return any(c in mode for c in "wxa+")
+
+    def os_open_writes(path, flags, *args, **kwargs):
+        return bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+
+    monkeypatch.setattr(builtins, "open", guard(builtins.open, opens_to_write))
+    monkeypatch.setattr(io, "open", guard(io.open, opens_to_write))
+    monkeypatch.setattr(os, "open", guard(os.open, os_open_writes))
+    for name in ("mkdir", "unlink", "remove", "rename", "replace", "link", "rmdir"):
+        monkeypatch.setattr(os, name, guard(getattr(os, name)))

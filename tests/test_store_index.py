@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import ast
 import csv
+import errno
 import io
 import os
 
 import numpy as np
 import pytest
-from store_helpers import HASH, write
+from store_helpers import HASH, sha256, shard_files, temp_files, write
 
-from neuromask_pl.store import ShardWriter, load_results, merge_index, open_store, read_manifest
+from neuromask_pl.store import (
+    ShardWriter,
+    StoreWriteError,
+    load_results,
+    merge_index,
+    open_store,
+    read_manifest,
+)
 
 
 def test_duplicates_across_ranks_are_indexed_once(tmp_path):
@@ -85,3 +93,30 @@ def test_text_that_no_file_name_can_hold_is_refused_when_added(tmp_path):
     with pytest.raises(ValueError, match="row key .* of sample 3 holds a lone surrogate"):
         writer.add(3, np.zeros((2, 2)), {os.fsdecode(b"\xff"): 1})
     writer.close()
+
+
+@pytest.mark.parametrize("fail_on_fsync, kept", [(1, ("manifest.csv", "index.npz")), (3, ("index.npz",))])
+def test_disk_full_while_merging_is_one_line_and_keeps_what_was_written(tmp_path, monkeypatch, fail_on_fsync, kept):
+    open_store(tmp_path, HASH)
+    write(tmp_path, range(4), session="a")
+    merge_index(tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in ("manifest.csv", "index.npz")}
+    shards = {p: sha256(p) for p in shard_files(tmp_path)}
+    write(tmp_path, range(4, 8), session="b")
+    calls, real_fsync = [0], os.fsync
+
+    def fsync(fd):  # merge_index fsyncs: manifest temp, directory, index temp, directory
+        calls[0] += 1
+        if calls[0] == fail_on_fsync:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    failing = "manifest.csv" if fail_on_fsync == 1 else "index.npz"
+    with pytest.raises(StoreWriteError, match=rf"no space left on device while writing '.*{failing}'") as error:
+        merge_index(tmp_path)
+    monkeypatch.undo()
+    assert error.value.errno == errno.ENOSPC and "\n" not in str(error.value)
+    assert {name: (tmp_path / name).read_bytes() for name in kept} == {name: before[name] for name in kept}
+    assert not temp_files(tmp_path) and all(sha256(p) == h for p, h in shards.items())
+    assert merge_index(tmp_path).samples == 8  # once there is space, the same call finishes the job

@@ -1,9 +1,11 @@
-"""Tests for neuromask_pl.store.io: atomic writes, a file's SHA-256, the time, package versions."""
+"""Tests for neuromask_pl.store.io: atomic writes, a file's SHA-256, the time, package versions, write errors."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.metadata
+import os
 import platform
 import re
 from datetime import datetime, timezone
@@ -11,7 +13,15 @@ from datetime import datetime, timezone
 import numpy as np
 import pytest
 
-from neuromask_pl.store.io import atomic_write, package_versions, sha256_file, utc_now
+from neuromask_pl.store.io import (
+    StoreWriteError,
+    atomic_write,
+    package_versions,
+    reporting_write_errors,
+    sha256_file,
+    utc_now,
+    write_error,
+)
 
 
 def test_atomic_write_replaces_on_success_and_keeps_the_old_file_on_error(tmp_path):
@@ -51,3 +61,24 @@ def test_package_versions_names_python_and_each_module():
         "pytest": importlib.metadata.version("pytest"),
         "no_such_module_here": None,
     }
+
+
+@pytest.mark.parametrize(
+    "code, says",
+    [
+        (errno.ENOSPC, r"no space left on device while writing shard x\.npz; free space and rerun the same command"),
+        (errno.EDQUOT, r"disk quota exceeded while writing shard x\.npz; free space or raise the quota"),
+        (errno.EROFS, r"cannot write shard x\.npz: the folder is read-only \(Read-only file system\); pass an output"),
+        (errno.EACCES, r"cannot write shard x\.npz: the folder is read-only \(Permission denied\); pass an output"),
+        (errno.EIO, r"could not write shard x\.npz: Input/output error; fix the cause and rerun the same command"),
+    ],
+)
+def test_write_errors_are_one_line_oserrors_and_valueerrors_that_say_what_to_do(code, says):
+    error = write_error(OSError(code, os.strerror(code)), "shard x.npz")
+    assert isinstance(error, StoreWriteError) and isinstance(error, OSError) and isinstance(error, ValueError)
+    assert error.errno == code and "\n" not in str(error)
+    assert re.match(says, str(error)) and str(error).endswith("finished shards are kept")
+    with pytest.raises(StoreWriteError, match=says) as raised:
+        with reporting_write_errors("shard x.npz"):
+            raise OSError(code, os.strerror(code))
+    assert raised.value.errno == code

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
 import pytest
-from store_helpers import HASH, shard_files, write
+from store_helpers import HASH, read_only, shard_files, temp_files, write
 
-from neuromask_pl.store import config_hash, load_results, merge_index, open_store
+from neuromask_pl.store import StoreWriteError, config_hash, load_results, merge_index, open_store
 
 
 def test_config_hash_is_sha256_of_canonical_json():
@@ -154,3 +156,31 @@ def test_refusal_of_another_configuration_names_what_changed_and_both_spellings(
     with pytest.raises(ValueError, match=rf"config hash {config_hash(old)[:12]} there, bbbbbbbbbbbb now"):
         open_store(tmp_path, "b" * 64)  # no configuration to compare with: the hashes
     assert open_store(tmp_path, new, overwrite=True).config_hash == config_hash(new)
+
+
+def test_a_read_only_output_folder_is_one_clear_error_and_nothing_is_lost(tmp_path, monkeypatch):
+    fresh, resumed = tmp_path / "fresh", tmp_path / "resumed"
+    fresh.mkdir()
+    open_store(resumed, HASH)
+    write(resumed, range(3))
+    merge_index(resumed)
+    before = {p: p.read_bytes() for p in resumed.rglob("*") if p.is_file()}
+    read_only(monkeypatch, tmp_path)
+    for root, config in ((fresh, HASH), (resumed, HASH), (resumed, "b" * 64)):
+        with pytest.raises(StoreWriteError, match=r"cannot write .*: the folder is read-only \(Read-only file") as e:
+            open_store(root, config, overwrite=True)
+        assert "\n" not in str(e.value) and isinstance(e.value, ValueError)  # one line, a user error
+    monkeypatch.undo()
+    assert {p: p.read_bytes() for p in resumed.rglob("*") if p.is_file()} == before
+    assert list(fresh.iterdir()) == []
+
+
+def test_disk_full_while_creating_the_store_is_one_line(tmp_path, monkeypatch):
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(StoreWriteError, match=r"no space left on device while writing .*store\.json.*free space"):
+        open_store(tmp_path / "out", HASH)
+    monkeypatch.undo()
+    assert not (tmp_path / "out" / "store.json").exists() and not temp_files(tmp_path / "out")

@@ -9,9 +9,9 @@ import socket
 from pathlib import Path
 
 import pytest
-from store_helpers import run_python
+from store_helpers import read_only, run_python
 
-from neuromask_pl.store import StoreLock
+from neuromask_pl.store import StoreLock, StoreWriteError
 
 
 def fake_lock(root: Path, pid: int, host: str | None = None) -> None:
@@ -58,3 +58,11 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
     fake_lock(tmp_path, dead.pid)  # someone else's lock now: release must not delete it
     lock.release()
     assert json.loads((tmp_path / ".lock").read_text())["token"] == "x"
+
+
+def test_lock_in_a_read_only_folder_is_one_clear_error(tmp_path, monkeypatch):
+    read_only(monkeypatch, tmp_path)
+    with pytest.raises(StoreWriteError, match=r"cannot write the lock file '.*\.lock': the folder is read-only"):
+        StoreLock(tmp_path).acquire()
+    monkeypatch.undo()
+    assert not (tmp_path / ".lock").exists()

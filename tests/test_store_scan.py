@@ -10,7 +10,7 @@ from store_helpers import HASH, shard_files, write
 from neuromask_pl.store import ShardWriter, load_results, merge_index, open_store, scan_shards
 
 
-def test_scan_reports_truncated_flipped_and_incomplete_shards(tmp_path):
+def test_scan_reports_truncated_flipped_and_incomplete_shards(tmp_path, caplog):
     open_store(tmp_path, HASH)
     shards = write(tmp_path, range(20), chunk_size=4, shape=(16, 16)).shards  # 5 shards
     truncated, flipped, no_sidecar, good, orphan = shards
@@ -42,8 +42,13 @@ def test_scan_reports_truncated_flipped_and_incomplete_shards(tmp_path):
         warnings.simplefilter("error")  # the index names the ignored shards: it is not stale
         with load_results(tmp_path) as results:
             np.testing.assert_array_equal(results.ids, [12, 13, 14, 15])
-    assert scan.delete_bad() == 6  # 3 shards + 2 of their sidecars + the orphan sidecar
-    assert shard_files(tmp_path) == [good] and not scan_shards(tmp_path).bad
+    with caplog.at_level("WARNING", logger="neuromask_pl.store"):
+        assert scan.delete_bad() == 6  # 3 shards + 2 of their sidecars + the orphan sidecar
+        assert "deleted 6 damaged or incomplete shard file(s)" in caplog.text
+        caplog.clear()
+        clean = scan_shards(tmp_path)
+        assert shard_files(tmp_path) == [good] and not clean.bad
+        assert clean.delete_bad() == 0 and caplog.text == ""  # nothing to delete: nothing said
 
 
 def test_leftover_temp_files_are_cleaned_and_others_kept(tmp_path):

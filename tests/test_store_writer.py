@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from store_helpers import HASH, run_python, sha256, shard_files, temp_files, write
+from store_helpers import HASH, read_only, run_python, sha256, shard_files, temp_files, write
 
-from neuromask_pl.store import ShardWriter, load_results, merge_index, open_store, scan_shards
+from neuromask_pl.store import ShardWriter, StoreWriteError, load_results, merge_index, open_store, scan_shards
 
 
 def test_chunking_and_unique_shard_names_per_session(tmp_path):
@@ -181,13 +181,13 @@ def test_disk_full_keeps_earlier_shards_and_says_what_to_do(tmp_path, monkeypatc
         monkeypatch.setattr(os, "fsync", failing(os.fsync, 1 if where == "shard-fsync" else 3))
     writer.add(4, np.zeros((8, 8)), {})
     with pytest.raises(
-        OSError,
+        StoreWriteError,
         match=r"no space left on device while writing shard .*r00000-000002-f\.npz "
         r"\(2 samples, ids 4\.\.5\); free space and rerun the same command: "
         r"finished shards are kept",
     ) as error:
         writer.add(5, np.zeros((8, 8)), {})
-    assert error.value.errno == errno.ENOSPC
+    assert error.value.errno == errno.ENOSPC and "\n" not in str(error.value)
     monkeypatch.undo()
 
     assert not temp_files(tmp_path)
@@ -200,3 +200,17 @@ def test_disk_full_keeps_earlier_shards_and_says_what_to_do(tmp_path, monkeypatc
     with pytest.raises(RuntimeError, match="stopped after an earlier write error: no space left"):
         writer.add(6, np.zeros((8, 8)), {})
     writer.close()  # nothing more to do, no second error
+
+
+def test_read_only_folder_while_writing_keeps_earlier_shards_and_says_so(tmp_path, monkeypatch):
+    open_store(tmp_path, HASH)
+    writer = ShardWriter(tmp_path, 0, chunk_size=2, session="f")
+    for i in range(2):
+        writer.add(i, np.full((8, 8), i, np.float16), {})
+    before = {p: sha256(p) for p in (tmp_path / "shards").iterdir()}
+    read_only(monkeypatch, tmp_path)  # e.g. the file system was remounted read-only after an error
+    writer.add(2, np.zeros((8, 8)), {})
+    with pytest.raises(StoreWriteError, match=r"cannot write shard .*r00000-000001-f\.npz .*: the folder is read-only"):
+        writer.add(3, np.zeros((8, 8)), {})
+    monkeypatch.undo()
+    assert {p: sha256(p) for p in (tmp_path / "shards").iterdir()} == before

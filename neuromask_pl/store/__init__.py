@@ -17,11 +17,12 @@ Modules, in the order a job uses them:
 - :mod:`~neuromask_pl.store.index`: :func:`merge_index` writes ``manifest.csv`` and ``index.npz``.
 - :mod:`~neuromask_pl.store.reader`: :func:`load_results`, :class:`StoredResults`, :func:`read_manifest`,
   :func:`resume_state` (what a rerun skips, which sources changed).
-- :mod:`~neuromask_pl.store.io`: atomic writes, fsync, file hashes, the time, package versions.
+- :mod:`~neuromask_pl.store.io`: atomic writes, fsync, file hashes, the time, package versions;
+  :class:`StoreWriteError`, the one-line error of a write that failed (disk full, read-only folder).
 """
 
 from neuromask_pl.store.index import INDEX_BYTES_PER_SAMPLE, MergeReport, merge_index
-from neuromask_pl.store.io import atomic_write
+from neuromask_pl.store.io import StoreWriteError, atomic_write
 from neuromask_pl.store.layout import FORMAT_VERSION, StoreInfo, config_hash, open_store, read_store_info
 from neuromask_pl.store.lock import StoreLock
 from neuromask_pl.store.reader import ResumeState, StoredResults, load_results, read_manifest, resume_state
@@ -39,6 +40,7 @@ __all__ = [
     "ShardWriter",
     "StoreInfo",
     "StoreLock",
+    "StoreWriteError",
     "StoredResults",
     "atomic_write",
     "config_hash",

@@ -14,14 +14,14 @@ import os
 import zipfile
 import zlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from neuromask_pl.store.io import durable_write
+from neuromask_pl.store.io import durable_write, reporting_write_errors, write_error
 from neuromask_pl.store.layout import (
     INDEX_FILE,
     MANIFEST_FILE,
@@ -280,6 +280,33 @@ class MemberReader:
             os.close(self._open.popitem()[1])
 
 
+def _write_manifest(path: Path, members: MemberReader, columns: Sequence[str]) -> None:
+    """Stream every indexed row into ``path`` (atomically); a failed write is a :class:`StoreWriteError`."""
+    read_failed = []
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for k in range(len(members.index)):
+            try:
+                row = members.row(k)
+            except OSError:
+                read_failed.append(k)  # a shard's problem, reported as it is
+                raise
+            yield {key: to_manifest_cell(value) for key, value in row.items()}
+
+    try:
+        with durable_write(path) as f:
+            text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+            writer = csv.DictWriter(text, fieldnames=list(columns), restval="", extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows())
+            text.flush()
+            text.detach()
+    except OSError as err:
+        if read_failed:
+            raise
+        raise write_error(err, f"'{path}'") from err
+
+
 @dataclass
 class MergeReport:
     """What :func:`merge_index` wrote: sample and shard counts, duplicates dropped, bad shards ignored."""
@@ -330,18 +357,11 @@ def merge_index(
             for k in range(len(index)):
                 seen.update(dict.fromkeys(members.row(k)))
             columns = list(seen)
-        with durable_write(root / MANIFEST_FILE) as f:
-            text = io.TextIOWrapper(f, encoding="utf-8", newline="")
-            writer = csv.DictWriter(text, fieldnames=list(columns), restval="", extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(
-                {key: to_manifest_cell(value) for key, value in members.row(k).items()} for k in range(len(index))
-            )
-            text.flush()
-            text.detach()
+        _write_manifest(root / MANIFEST_FILE, members, columns)
     finally:
         members.close()
-    save_index(root / INDEX_FILE, index, info)
+    with reporting_write_errors(f"'{root / INDEX_FILE}'"):
+        save_index(root / INDEX_FILE, index, info)
     log.info(
         "merge_index: %d samples from %d shards (%d duplicates dropped) in %s",
         len(index.arrays["ids"]),

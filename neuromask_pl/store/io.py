@@ -1,4 +1,5 @@
-"""Small file helpers of the store: atomic writes, fsync, a file's SHA-256, the time, package versions.
+"""Small file helpers of the store: atomic writes, fsync, a file's SHA-256, the time, package versions,
+and the one-line error for a write that failed (:class:`StoreWriteError`).
 
 Standard library only; the rest of the package may use them too (``viz`` writes PNGs with
 :func:`atomic_write`, run records take :func:`utc_now` and :func:`package_versions`).
@@ -93,7 +94,10 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb", fsync: bool = F
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        unlink_quiet(tmp)
+        try:
+            unlink_quiet(tmp)
+        except OSError:  # e.g. a read-only folder, where it could not be created either
+            pass
         raise
 
 
@@ -108,7 +112,60 @@ def durable_write(path: Path) -> Iterator[IO[bytes]]:
     fsync_dir(path.parent)
 
 
+def check_writable(folder: Path) -> None:
+    """Create and delete an empty temporary file in ``folder``: an OSError if it cannot be written."""
+    probe = folder / f".write-check.{secrets.token_hex(6)}.tmp"
+    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    os.unlink(probe)
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented, key-sorted JSON with :func:`durable_write`."""
     with durable_write(path) as f:
         f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+class StoreWriteError(OSError, ValueError):
+    """A store file could not be written: disk full, quota, a read-only or protected folder, another OS error.
+
+    One line saying which file, why and what to do; ``errno`` is the OS's. Both an OSError (what happened)
+    and a ValueError (a problem with the output folder the user gave, reported without a traceback), as
+    :class:`io.UnsupportedOperation` is. Files written before are never lost: each one is replaced atomically.
+    """
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+_KEPT = "finished shards are kept"
+
+
+def write_error(err: OSError, what: str) -> StoreWriteError:
+    """The :class:`StoreWriteError` for ``err``, raised while writing ``what`` (e.g. ``"shard <path>"``)."""
+    if err.errno == errno.ENOSPC:
+        text = f"no space left on device while writing {what}; free space and rerun the same command: {_KEPT}"
+    elif err.errno == getattr(errno, "EDQUOT", -1):
+        text = (
+            f"disk quota exceeded while writing {what}; free space or raise the quota and rerun the same "
+            f"command: {_KEPT}"
+        )
+    elif err.errno in _READ_ONLY:
+        text = (
+            f"cannot write {what}: the folder is read-only ({err.strerror or err}); pass an output directory "
+            f"you can write to, or make it writable, and rerun the same command: {_KEPT}"
+        )
+    else:
+        text = f"could not write {what}: {err.strerror or err}; fix the cause and rerun the same command: {_KEPT}"
+    return StoreWriteError(err.errno, text)
+
+
+@contextmanager
+def reporting_write_errors(what: str) -> Iterator[None]:
+    """Turn an OSError raised inside into the :class:`StoreWriteError` for writing ``what``."""
+    try:
+        yield
+    except StoreWriteError:
+        raise
+    except OSError as err:
+        raise write_error(err, what) from err

@@ -43,7 +43,7 @@ from typing import IO, Any
 import numpy as np
 
 from neuromask_pl import __version__
-from neuromask_pl.store.io import fsync_dir, unlink_quiet, utc_now, write_json
+from neuromask_pl.store.io import check_writable, fsync_dir, reporting_write_errors, unlink_quiet, utc_now, write_json
 
 log = logging.getLogger(__name__)
 
@@ -399,7 +399,9 @@ def open_store(
     Raises:
         ValueError: another configuration's results without ``overwrite``; an unknown or newer format
             version; a damaged ``store.json``; shards, ``manifest.csv`` or ``index.npz`` without
-            ``store.json``; ``root`` is not a directory or cannot be created.
+            ``store.json``; ``root`` is a file.
+        StoreWriteError: ``root`` cannot be created or written (read-only, disk full, ...): one line that says
+            what to do (also a ValueError).
     """
     if isinstance(config, Mapping):
         recorded: dict[str, Any] | None = json.loads(_canonical_json(config))
@@ -412,14 +414,28 @@ def open_store(
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise ValueError(f"the output directory '{root}' is a file; pass a directory")
+    with reporting_write_errors(f"the store in '{root}' (store.json, shards/)"):
+        info = _open(root, hash_, recorded, overwrite, sample_dirs)
+        for name in info.sample_dirs:
+            (root / name).mkdir(exist_ok=True)
+        clean_temps(root, ROOT_TEMP_RE)
+        clean_temps(root / SHARDS_DIR, TEMP_RE)
+        check_writable(root / SHARDS_DIR)  # a read-only folder is refused now, not after the first chunk
+    return info
+
+
+def _open(
+    root: Path, hash_: str, recorded: dict[str, Any] | None, overwrite: bool, sample_dirs: tuple[str, ...]
+) -> StoreInfo:
+    """:func:`open_store` after its arguments are checked: resume, refuse, overwrite or create."""
     if (root / STORE_FILE).exists():
         info = read_store_info(root)
         if info.config_hash == hash_:
             dirs = tuple(dict.fromkeys(info.sample_dirs + sample_dirs))
             if dirs != info.sample_dirs:
                 _write_store_file(replace(info, sample_dirs=dirs))
-            info = replace(info, resumed=True, sample_dirs=dirs)
-        elif not overwrite:
+            return replace(info, resumed=True, sample_dirs=dirs)
+        if not overwrite:
             changed = (
                 describe_config_change(info.config, recorded)
                 if info.config is not None and recorded is not None
@@ -430,20 +446,11 @@ def open_store(
                 f"Pass {_OVERWRITE} to delete those results (shards, index, manifest and per-sample files) "
                 "and start over, or use another output directory."
             )
-        else:
-            count = _delete_store_files(root, dict.fromkeys(info.sample_dirs + sample_dirs))
-            log.warning(
-                "overwrite=True: deleted %d result file(s) of configuration %s in %s",
-                count,
-                info.config_hash[:12],
-                root,
-            )
-            info = _create_store(root, hash_, sample_dirs, recorded)
-        for name in info.sample_dirs:
-            (root / name).mkdir(exist_ok=True)
-        clean_temps(root, ROOT_TEMP_RE)
-        clean_temps(root / SHARDS_DIR, TEMP_RE)
-        return info
+        count = _delete_store_files(root, dict.fromkeys(info.sample_dirs + sample_dirs))
+        log.warning(
+            "overwrite=True: deleted %d result file(s) of configuration %s in %s", count, info.config_hash[:12], root
+        )
+        return _create_store(root, hash_, sample_dirs, recorded)
     if root.is_dir():
         shards = root / SHARDS_DIR
         stray = [name for name in (MANIFEST_FILE, INDEX_FILE) if (root / name).exists()]
@@ -457,16 +464,6 @@ def open_store(
             )
         if stray:
             _delete_store_files(root, sample_dirs)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        clean_temps(root, ROOT_TEMP_RE)
-        clean_temps(root / SHARDS_DIR, TEMP_RE)
-        info = _create_store(root, hash_, sample_dirs, recorded)
-        for name in sample_dirs:
-            (root / name).mkdir(exist_ok=True)
-        return info
-    except OSError as err:
-        raise ValueError(
-            f"cannot create the neuromask-pl store in '{root}': {err.strerror or err}. "
-            "Pass an output directory you can create and write to."
-        ) from err
+    root.mkdir(parents=True, exist_ok=True)
+    clean_temps(root, ROOT_TEMP_RE)
+    return _create_store(root, hash_, sample_dirs, recorded)

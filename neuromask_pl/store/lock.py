@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from neuromask_pl.store.io import unlink_quiet, utc_now
+from neuromask_pl.store.io import reporting_write_errors, unlink_quiet, utc_now
 from neuromask_pl.store.layout import LOCK_FILE
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,14 @@ class StoreLock:
 
         Raises:
             RuntimeError: another live neuromask-pl job holds it.
+            StoreWriteError: the lock file cannot be written (a read-only folder, a full disk).
         """
         if self.held:
             return
+        with reporting_write_errors(f"the lock file '{self.path}'"):
+            self._acquire()
+
+    def _acquire(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
             try:

@@ -11,7 +11,7 @@ from typing import IO
 
 import numpy as np
 
-from neuromask_pl.store.io import fsync_dir, sha256_file, unlink_quiet
+from neuromask_pl.store.io import fsync_dir, reporting_write_errors, sha256_file, unlink_quiet
 from neuromask_pl.store.layout import (
     MEMBER_RE,
     SHARD_RE,
@@ -101,14 +101,16 @@ class ShardScan:
     def delete_bad(self) -> int:
         """Delete the bad shards and their sidecars (only while no writer runs); returns files deleted."""
         count = 0
-        for bad in self.bad:
-            shard = bad.path.with_name(bad.path.name.removesuffix(".sha256"))
-            for path in (shard, shard.with_name(shard.name + ".sha256")):
-                if path.exists():
-                    unlink_quiet(path)
-                    count += 1
+        with reporting_write_errors(f"the shards in '{self.root / SHARDS_DIR}'"):
+            for bad in self.bad:
+                shard = bad.path.with_name(bad.path.name.removesuffix(".sha256"))
+                for path in (shard, shard.with_name(shard.name + ".sha256")):
+                    if path.exists():
+                        unlink_quiet(path)
+                        count += 1
+            if count:
+                fsync_dir(self.root / SHARDS_DIR)
         if count:
-            fsync_dir(self.root / SHARDS_DIR)
             log.warning(
                 "deleted %d damaged or incomplete shard file(s) in %s; their samples will be redone",
                 count,

@@ -12,7 +12,6 @@ earlier shard.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from neuromask_pl.store.io import durable_write, sha256_file, unlink_quiet
+from neuromask_pl.store.io import durable_write, sha256_file, unlink_quiet, write_error
 from neuromask_pl.store.layout import (
     SHARDS_DIR,
     STORE_FILE,
@@ -239,36 +238,22 @@ class ShardWriter:
             self._write_shard(path, records)
         except BaseException as exc:
             # A shard (or sidecar) of this failed write: the name is new, so never an earlier shard.
-            unlink_quiet(path)
-            unlink_quiet(path.with_name(name + ".sha256"))
+            for leftover in (path, path.with_name(name + ".sha256")):
+                try:
+                    unlink_quiet(leftover)
+                except OSError:  # best effort (a read-only folder): scan_shards reports what is left
+                    pass
             err = _oserror_in(exc)
             if err is None:  # e.g. KeyboardInterrupt: keep the samples, close() may still write them
                 self._buffer = records + self._buffer
                 raise
-            self._failed = self._describe_failure(err, path, records)
-            raise OSError(err.errno, self._failed) from exc
+            error = write_error(err, f"shard {path} ({len(records)} samples, ids {records[0][0]}..{records[-1][0]})")
+            self._failed = str(error)
+            raise error from exc
         self._seq += 1
         self.shards.append(path)
         self.samples_written += len(records)
         return path
-
-    @staticmethod
-    def _describe_failure(err: OSError, path: Path, records: list) -> str:
-        what = f"shard {path} ({len(records)} samples, ids {records[0][0]}..{records[-1][0]})"
-        if err.errno == errno.ENOSPC:
-            return (
-                f"no space left on device while writing {what}; free space and rerun the same command: "
-                "finished shards are kept"
-            )
-        if err.errno == getattr(errno, "EDQUOT", -1):
-            return (
-                f"disk quota exceeded while writing {what}; free space or raise the quota and rerun the "
-                "same command: finished shards are kept"
-            )
-        return (
-            f"could not write {what}: {err.strerror or err}; fix the cause and rerun the same command: "
-            "finished shards are kept"
-        )
 
     def _write_shard(self, path: Path, records: list[tuple[int, np.ndarray | None, bytes, bytes]]) -> None:
         with durable_write(path) as f:
