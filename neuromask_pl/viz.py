@@ -1,7 +1,7 @@
 """Drawing masks: colour map, overlays and explanation panels (pure torch functions).
 
 Everything here takes and returns float images in [0, 1], channels first. The only side
-effect is in :func:`save_png`, which writes files atomically (:func:`neuromask_pl.store.atomic_write`).
+effect is in :func:`save_png`, which writes files atomically (:func:`neuromask_pl.store.io.atomic_write`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from neuromask_pl.store import atomic_write
+from neuromask_pl.store.io import atomic_write
 
 # 18 evenly spaced samples of matplotlib's 'inferno' map (entries 0, 15, ..., 255 of its 256-entry table).
 # Linear interpolation between them stays within 0.021 of the full table; luminance rises monotonically.
