@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -607,14 +608,14 @@ def test_damaged_shards_are_detected_and_redone(tmp_path, caplog):
     assert_no_leftovers(out)
 
 
-def test_output_dir_in_the_older_layout_is_refused(tmp_path):
+def test_output_dir_holding_a_manifest_but_no_store_is_refused(tmp_path):
     out = tmp_path / "old"
     (out / "masks").mkdir(parents=True)
     np.save(out / "masks/00000000.npy", np.zeros((H, W), np.float16))
     (out / "manifest.csv").write_text("sample_id,status,mask_file\n0,ok,masks/00000000.npy\n")
     before = file_hashes(out)
     module = FakeExplainer()
-    with pytest.raises(ValueError, match=r"older neuromask-pl layout.*another output directory"):
+    with pytest.raises(ValueError, match=r"holds manifest.csv but .*store.json' is missing"):
         make_trainer(tmp_path, [MaskWriter(str(out))]).predict(
             module, datamodule=datamodule(), return_predictions=False
         )
@@ -789,3 +790,34 @@ def test_a_sample_whose_optimisation_diverges_is_failed_and_the_rest_go_on(tmp_p
     with load_results(tmp_path / "out") as results:
         assert all(results.mask(sid) is None for sid in failed) and results.mask(1) is not None
         assert np.isfinite(results.mask(1)).all()
+
+
+def test_a_changed_image_is_explained_again_and_overwrite_removes_what_it_replaces(tmp_path):
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    photos.mkdir()
+    pixels = (np.random.default_rng(0).random((4, H, W, 3)) * 255).astype(np.uint8)
+    for k in range(4):
+        Image.fromarray(pixels[k]).save(photos / f"img_{k}.png")
+
+    def run(**writer) -> FakeExplainer:
+        module = FakeExplainer(**writer.pop("module", {}))
+        data = ImageFolderDataModule(str(photos), image_size=None, batch_size=2, pin_memory=False)
+        make_trainer(tmp_path, [MaskWriter(str(out), **writer)]).predict(
+            module, datamodule=data, return_predictions=False
+        )
+        return module
+
+    assert run().seen == [0, 1, 2, 3]
+    assert run().seen == []  # nothing changed: nothing to do
+    Image.fromarray(255 - pixels[1]).save(photos / "img_1.png")  # same name, other content
+    os.utime(photos / "img_1.png", ns=(0, 10**9))  # and another modification time, whatever the clock
+    assert run().seen == [1]
+
+    # Another configuration on a smaller dataset: refused, saying what changed and how to overwrite.
+    for k in (2, 3):
+        (photos / f"img_{k}.png").unlink()
+    with pytest.raises(ValueError, match=r"hparams\.offset \(0\.0 there, 0\.5 now\).*--writer\.overwrite true"):
+        run(module={"offset": 0.5})
+    run(module={"offset": 0.5}, overwrite=True)
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["00000000.png", "00000001.png"]
+    assert sorted(read_manifest(out)) == [0, 1]

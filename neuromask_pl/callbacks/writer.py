@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.metadata
 import json
 import logging
-import platform
 import secrets
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +21,16 @@ from neuromask_pl.explanation import LOSS_TERMS, Explanation
 from neuromask_pl.store import (
     ShardWriter,
     StoreLock,
+    StoreWriteError,
     atomic_write,
-    config_hash,
     load_results,
     merge_index,
     open_store,
+    resume_state,
     scan_shards,
+    source_fingerprint,
 )
+from neuromask_pl.store.io import package_versions, utc_now
 from neuromask_pl.viz import explanation_panel, save_png
 
 log = logging.getLogger(__name__)
@@ -53,22 +52,6 @@ MANIFEST_COLUMNS = (
 )
 _STAGES = ("predict", "test")
 _VERSIONED = ("torch", "torchvision", "pytorch_lightning", "torchmetrics", "numpy", "neuromask_pl")
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in _VERSIONED:
-        try:
-            versions[name] = getattr(importlib.import_module(name), "__version__", None) or importlib.metadata.version(
-                name
-            )
-        except (ImportError, importlib.metadata.PackageNotFoundError):
-            versions[name] = None
-    return versions
 
 
 # DataModule settings that change how samples are loaded but never a mask (left out of the config hash).
@@ -159,7 +142,7 @@ class MaskWriter(BasePredictionWriter):
         self._log_dir = trainer.log_dir if trainer.loggers else None  # log_dir must be read on every rank
         default = Path(self._log_dir or Path(trainer.default_root_dir) / "lightning_logs") / "explanations"
         self.out = Path(self.output_dir) if self.output_dir is not None else default
-        self._stage, self._started = stage, _now()
+        self._stage, self._started = stage, utc_now()
         error, done, session = None, [], ""
         if trainer.is_global_zero:
             try:
@@ -180,17 +163,19 @@ class MaskWriter(BasePredictionWriter):
         self._lock = StoreLock(self.out)
         self._lock.acquire()
         try:
-            open_store(self.out, config_hash(explanation_config(trainer, pl_module)), overwrite=self.overwrite)
+            overlays = ("overlays",) if self.write_overlays else ()
+            open_store(self.out, explanation_config(trainer, pl_module), self.overwrite, sample_dirs=overlays)
             scan = scan_shards(self.out, verify=True, clean=True)
             scan.delete_bad()
-            if self.write_overlays:
-                (self.out / "overlays").mkdir(exist_ok=True)
+            state = resume_state(self.out, scan)  # a sample whose file changed since is not done
+            if len(state.changed):
+                rank_zero_info(f"MaskWriter: {len(state.changed)} image(s) changed since explained; explained again")
             self._write_run_record(trainer, pl_module, counts=None)
         except BaseException:
             self._release_lock()
             raise
         session = f"{time.time_ns():020d}{secrets.token_hex(4)}"  # later runs sort later (store: later wins)
-        return [int(i) for i in scan.mask_ids], session
+        return [int(i) for i in state.done], session
 
     def _skip_done(self, trainer: pl.Trainer, done: set[int]) -> None:
         datamodule = getattr(trainer, "datamodule", None)
@@ -323,13 +308,17 @@ class MaskWriter(BasePredictionWriter):
                     overlay = f"overlays/{sample_id:08d}.png"
                     save_png(explanation_panel(images[i].cpu(), exp.masks[i]), self.out / overlay)
                 mask = exp.masks[i, 0].to(torch.float16).numpy() if ok else None
-                self._writer.add(sample_id, mask, {**record, "overlay_file": overlay})
+                fingerprint = source_fingerprint(record["path"]) if record["path"] else None
+                self._writer.add(sample_id, mask, {**record, "overlay_file": overlay}, fingerprint=fingerprint)
                 self._written += 1
         skipped = prediction.skipped if isinstance(prediction, Explanation) else batch.get("skipped", [])
         for s in skipped:
             path, error = s.get("path", ""), s.get("error", "")
             log.warning("Skipped sample %s (%s): %s", s["index"], path, error)
-            self._writer.add(int(s["index"]), None, {"status": "skipped", "path": path, "error": error})
+            fingerprint = source_fingerprint(path) if path else None
+            self._writer.add(
+                int(s["index"]), None, {"status": "skipped", "path": path, "error": error}, fingerprint=fingerprint
+            )
             self._written += 1
 
     def on_test_batch_end(
@@ -350,7 +339,7 @@ class MaskWriter(BasePredictionWriter):
             "stage": self._stage,
             "output_dir": str(self.out),
             "started": self._started,
-            "finished": _now() if counts is not None else None,
+            "finished": utc_now() if counts is not None else None,
             "counts": counts,
             "hparams": dict(pl_module.hparams),
             "datamodule_hparams": dict(datamodule.hparams) if datamodule is not None else None,
@@ -363,7 +352,7 @@ class MaskWriter(BasePredictionWriter):
                 "num_nodes": trainer.num_nodes,
                 "world_size": trainer.world_size,
             },
-            "versions": _versions(),
+            "versions": package_versions(_VERSIONED),
             "classifier": describe_classifier(pl_module.classifier) if hasattr(pl_module, "classifier") else None,
         }
         with atomic_write(self.out / "run.json", "w", fsync=True) as f:
@@ -386,5 +375,10 @@ def _exclusions(datamodule: Any, done: set[int], world_size: int) -> set[int]:
 def _rebuild_error(message: str) -> Exception:
     """The exception a rank reported (``"Type: message"``), raised again on every rank."""
     name, _, text = message.partition(": ")
-    kinds = {"ValueError": ValueError, "RuntimeError": RuntimeError, "FileNotFoundError": FileNotFoundError}
+    kinds = {
+        "ValueError": ValueError,
+        "RuntimeError": RuntimeError,
+        "FileNotFoundError": FileNotFoundError,
+        "StoreWriteError": StoreWriteError,
+    }
     return kinds.get(name, OSError)(text)
