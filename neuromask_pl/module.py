@@ -32,6 +32,14 @@ DIVERGED = (
 )
 
 
+class TargetOutOfRange(ValueError):
+    """A target class the classifier does not have; ``position`` is the sample's place in its batch."""
+
+    def __init__(self, message: str, position: int) -> None:
+        super().__init__(message)
+        self.position = position
+
+
 class NeuroMask(pl.LightningModule):
     """Explain a classifier's predictions by learning one mask per image.
 
@@ -216,10 +224,13 @@ class NeuroMask(pl.LightningModule):
         if targets.numel() not in (1, batch):
             raise ValueError(f"targets must be one class or {batch} classes (one per image), got {targets.numel()}")
         targets = targets.to(logits.device).expand(batch).clone()
-        bad = targets[(targets < 0) | (targets >= num_classes)]
+        bad = ((targets < 0) | (targets >= num_classes)).nonzero()[:, 0]
         if bad.numel():
-            raise ValueError(
-                f"target class {int(bad[0])} is outside the classifier's {num_classes} classes (0..{num_classes - 1})"
+            position = int(bad[0])
+            raise TargetOutOfRange(
+                f"target class {int(targets[position])} is outside the classifier's {num_classes} classes "
+                f"(0..{num_classes - 1})",
+                position,
             )
         return targets
 
@@ -232,9 +243,20 @@ class NeuroMask(pl.LightningModule):
         if images.shape[0] == 0:
             result = Explanation.empty(images)
         else:
-            result = self.explain(images, targets=targets, ids=ids)
+            try:
+                result = self.explain(images, targets=targets, ids=ids)
+            except TargetOutOfRange as error:
+                if not paths:
+                    raise
+                raise TargetOutOfRange(f"{error} (the label of {paths[error.position]})", error.position) from None
         result.paths, result.skipped = paths, skipped
         return result.cpu()
+
+    def setup(self, stage: str) -> None:
+        """Map a DataModule's label folders onto the classifier's class names before any sample is loaded."""
+        match = getattr(getattr(self._trainer, "datamodule", None), "match_class_names", None)
+        if callable(match):
+            match(self.class_names)
 
     def on_predict_start(self) -> None:
         if torch.is_inference_mode_enabled():

@@ -107,3 +107,121 @@ def test_cpu_out_of_memory_splits_the_batch_like_cuda(tiny_cnn, image_factory, m
     monkeypatch.setattr(module, "learn_masks", failing("an internal bug"))
     with pytest.raises(RuntimeError, match="an internal bug"):  # other runtime errors are not taken for memory
         NeuroMask(tiny_cnn, steps=4).explain(images)
+
+
+# ----------------------------------------------------------------------------- dataset jobs
+
+import json  # noqa: E402
+import zlib  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from neuromask_pl.callbacks import MaskWriter  # noqa: E402
+from neuromask_pl.data import ImageFolderDataModule, read_image  # noqa: E402
+from neuromask_pl.store import load_results  # noqa: E402
+
+CIFAR = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+class Named(nn.Module):
+    """A classifier with class names (a CIFAR-like 10-class head over the tiny CNN's features)."""
+
+    def __init__(self, net: nn.Module, class_names: list[str]) -> None:
+        super().__init__()
+        self.net, self.class_names = net, class_names
+        self.head = nn.Linear(3, len(class_names))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.net(x))
+
+
+def write_pngs(folder: Path, count: int, seed: int = 0, size: int = 16) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = (np.random.default_rng(seed).random((count, size, size, 3)) * 255).astype(np.uint8)
+    paths = [folder / f"img_{k}.png" for k in range(count)]
+    for path, image in zip(paths, pixels):
+        Image.fromarray(image).save(path)
+    return paths
+
+
+def run_job(classifier, root: Path, out: Path, trainer_factory, **data) -> None:
+    datamodule = ImageFolderDataModule(str(root), image_size=16, batch_size=3, **data)
+    explainer = NeuroMask(classifier, preset="paper", steps=3)
+    trainer = trainer_factory(callbacks=[MaskWriter(str(out), write_overlays=False)], default_root_dir=str(out.parent))
+    trainer.predict(explainer, datamodule=datamodule, return_predictions=False)
+
+
+def test_label_folders_are_matched_to_the_classifiers_class_names(tiny_cnn, tmp_path, trainer_factory) -> None:
+    write_pngs(tmp_path / "photos" / "cat", 2)
+    write_pngs(tmp_path / "photos" / "Dog", 1, seed=1)
+    run_job(Named(tiny_cnn, CIFAR), tmp_path / "photos", tmp_path / "out", trainer_factory, labels=True)
+    with load_results(tmp_path / "out") as results:
+        names = {row["path"].split("/")[-2]: row["target_name"] for row in results.rows}
+    assert names == {"cat": "cat", "Dog": "dog"}  # not "airplane", "automobile" by sorted position
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["class_to_idx"] == {"Dog": 5, "cat": 3}
+
+    write_pngs(tmp_path / "zoo" / "zebra", 1)
+    with pytest.raises(ValueError, match="label folder 'zebra' names no class"):
+        run_job(Named(tiny_cnn, CIFAR), tmp_path / "zoo", tmp_path / "out2", trainer_factory, labels=True)
+
+
+def test_a_label_beyond_the_classifiers_classes_names_its_file(tiny_cnn, tmp_path, trainer_factory) -> None:
+    write_pngs(tmp_path / "digits" / "1", 1)
+    write_pngs(tmp_path / "digits" / "7", 1, seed=2)
+    unnamed = nn.Sequential(tiny_cnn)  # 3 classes, no class names: folders are class indices
+    with pytest.raises(ValueError, match=r"target class 7 is outside .* \(the label of .*digits/7/img_0.png\)"):
+        run_job(unnamed, tmp_path / "digits", tmp_path / "out", trainer_factory, labels=True)
+    with pytest.raises(ValueError, match=r"label folder '7' names no class of the classifier's 3 classes"):
+        run_job(tiny_cnn, tmp_path / "digits", tmp_path / "out2", trainer_factory, labels=True)  # named classes
+
+
+def huge_png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (the data is missing): a decompression bomb's header."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_folder_of_random_corrupt_files_completes_with_a_correct_manifest(
+    tiny_cnn, tmp_path, trainer_factory, seed
+) -> None:
+    rng = np.random.default_rng(seed)
+    root = tmp_path / "mixed"
+    good = write_pngs(root, 4, seed=seed)
+    grey16 = root / "grey16.png"
+    Image.fromarray((rng.random((16, 16)) * 65535).astype(np.uint16)).save(grey16)
+    good_bytes = good[0].read_bytes()
+    bad = {
+        "truncated.png": good_bytes[: int(rng.integers(20, len(good_bytes) - 10))],
+        "random.jpg": rng.bytes(int(rng.integers(1, 4000))),
+        "empty.png": b"",
+        "text.gif": b"GIF89a not really",
+        "huge.png": huge_png_header(100_000, 100_000),
+        "float_out_of_range.tif": None,
+    }
+    for name, data in bad.items():
+        if data is None:
+            Image.fromarray((rng.random((8, 8)) * 50).astype(np.float32), mode="F").save(root / name)
+        else:
+            (root / name).write_bytes(data)
+    run_job(tiny_cnn, root, tmp_path / "out", trainer_factory)
+
+    with load_results(tmp_path / "out") as results:
+        rows = {Path(row["path"]).name: row for row in results.rows}
+        assert sorted(rows) == sorted([p.name for p in [*good, grey16]] + list(bad))  # every file exactly once
+        assert {n for n, r in rows.items() if r["status"] == "skipped"} == set(bad)
+        assert all(rows[n]["error"] for n in bad)
+        # The readable files' masks are those of explaining them directly with the same ids.
+        readable = [p for p in sorted(root.iterdir()) if p.name in rows and rows[p.name]["status"] == "ok"]
+        ids = [int(rows[p.name]["sample_id"]) for p in readable]
+        images = torch.stack([read_image(str(p)) for p in readable])
+        expected = NeuroMask(tiny_cnn, preset="paper", steps=3).explain(images, ids=ids).masks
+        got = torch.stack([torch.from_numpy(results.mask(i).astype(np.float32)) for i in ids])
+        torch.testing.assert_close(got, expected[:, 0], rtol=0, atol=1e-3)  # the store keeps float16 (2**-11)

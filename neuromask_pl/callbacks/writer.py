@@ -343,6 +343,7 @@ class MaskWriter(BasePredictionWriter):
             "counts": counts,
             "hparams": dict(pl_module.hparams),
             "datamodule_hparams": dict(datamodule.hparams) if datamodule is not None else None,
+            "class_to_idx": getattr(datamodule, "class_to_idx", None),
             "cli_config": config.read_text(encoding="utf-8") if config is not None and config.is_file() else None,
             "trainer": {
                 "precision": str(trainer.precision),

@@ -12,6 +12,9 @@ _EIGHT_BIT = {"1", "L", "P", "PA", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr",
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N"}
 
 
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's decompression-bomb limit (about 9459 x 9459)
+
+
 class UnsupportedImage(ValueError):
     """An image file that decodes, but whose values cannot be mapped to [0, 1] pixels without guessing."""
 
@@ -31,6 +34,8 @@ def read_image(path: str, channels: int = 3) -> Tensor:
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
     with Image.open(path) as pil:
+        if pil.width * pil.height > MAX_PIXELS:
+            raise UnsupportedImage(f"{pil.width} x {pil.height} pixels is more than the {MAX_PIXELS} pixel limit")
         pil = ImageOps.exif_transpose(pil)
         mode = pil.mode
         if mode in _EIGHT_BIT:

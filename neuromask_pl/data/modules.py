@@ -8,6 +8,7 @@ in [0, 1]), ``index`` (LongTensor of stable sample ids), ``label`` (only for lab
 
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
 import json
@@ -214,9 +215,11 @@ class ImageFolderDataModule(ExplainDataModule):
         image_size: side of the square crop; None keeps each image's size (then batches need
             images of one size, e.g. ``batch_size=1``).
         resize: shorter side before cropping (>= image_size); defaults to ``image_size``.
-        labels: take each file's first sub-folder under ``root`` as its class: integer folder
-            names are the class ids, otherwise sorted folder names map to 0..K-1 (as in
-            torchvision's ImageFolder). See :attr:`class_to_idx`.
+        labels: take each file's first sub-folder under ``root`` as its class. When NeuroMask runs with a
+            classifier that has ``class_names``, folder names are matched to them (case, "_" and "-" ignored;
+            a folder with no such class is an error naming it); otherwise integer folder names are the class
+            ids, and other names map in sorted order to 0..K-1 (as torchvision's ImageFolder). The mapping
+            used is :attr:`class_to_idx` (written to the run record).
         batch_size: images per batch.
         num_workers: DataLoader worker processes.
         extensions: file name endings to include (case-insensitive).
@@ -298,6 +301,14 @@ class ImageFolderDataModule(ExplainDataModule):
         side = self.image_size or 0
         return (self.channels, side, side)
 
+    def match_class_names(self, class_names: Sequence[str] | None) -> None:
+        """Map the label folders onto a classifier's class names (called by NeuroMask before loading)."""
+        if self.class_to_idx is None or not class_names:
+            return
+        self.class_to_idx = match_folders(list(self.class_to_idx), class_names)
+        self.targets = [self.class_to_idx[f.split("/")[0]] for f in self.files]
+        self.dataset = None  # rebuilt with these labels
+
     def _build_dataset(self) -> Dataset:
         paths = [os.path.join(self.root, *f.split("/")) for f in self.files]
         return ImageFileDataset(paths, self.targets, self.image_size, self.resize, self.channels)
@@ -349,6 +360,8 @@ class TensorDataModule(ExplainDataModule):
             ids = torch.arange(n)
         elif torch.unique(ids).numel() != n:
             raise ValueError("ids must be unique: each sample needs its own id.")
+        elif (ids < 0).any():
+            raise ValueError(f"ids must be >= 0 (they name result files), got {ids[ids < 0][:5].tolist()}.")
         self.images = images.detach()
         self.labels = labels
         self.ids = ids
@@ -427,3 +440,31 @@ def _import_demo_packages() -> tuple[Any, Any]:
             f"DemoDataModule needs scikit-image and scikit-learn ({err}); install them with {DEMO_INSTALL_HINT}"
         ) from err
     return skimage_data, sklearn_datasets
+
+
+def _plain(name: str) -> str:
+    return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
+
+
+def match_folders(folders: list[str], class_names: Sequence[str]) -> dict[str, int]:
+    """Each label folder's class index among ``class_names``, by name (case, "_" and "-" ignored), or by number
+    for integer folder names within range.
+
+    Raises:
+        ValueError: naming a folder that matches no class, with the closest class names.
+    """
+    index = {_plain(name): i for i, name in enumerate(class_names)}
+    mapping: dict[str, int] = {}
+    for folder in folders:
+        if _plain(folder) in index:
+            mapping[folder] = index[_plain(folder)]
+        elif folder.isdigit() and int(folder) < len(class_names):
+            mapping[folder] = int(folder)
+        else:
+            close = difflib.get_close_matches(_plain(folder), list(index), n=3)
+            hint = f" (closest: {', '.join(repr(class_names[index[c]]) for c in close)})" if close else ""
+            raise ValueError(
+                f"label folder {folder!r} names no class of the classifier's {len(class_names)} classes{hint}; "
+                "rename the folder to its class name (or index), or use labels=False to explain the predicted class"
+            )
+    return mapping
