@@ -349,8 +349,10 @@ def test_an_explainer_with_a_cached_copy_pickles_and_deep_copies(tiny_cnn, image
 # ----------------------------------------------------------------------------- same masks as the plain path
 
 
-@pytest.mark.parametrize("settings", [BLUR_AREA, {}, SHARP], ids=["blur_area", "paper", "sharp"])
+@pytest.mark.parametrize("settings", [BLUR_AREA, {}], ids=["blur_area", "paper"])
 def test_fast_path_masks_equal_plain_path_masks(settings: dict, image_factory) -> None:
+    """At these temperatures (0.3) a mask step is a smooth function of the logits, so the fast copy's float32
+    rounding (1e-6 relative) stays far below FAST_TOLERANCE after 25 steps, on any CPU's kernels."""
     model = resnet18()
     images = image_factory(3, 32)
     plain_path = {"fold_batchnorm": False, "pack_convolutions": False}
@@ -359,6 +361,16 @@ def test_fast_path_masks_equal_plain_path_masks(settings: dict, image_factory) -
     assert fast.masks.shape == plain.masks.shape
     assert (fast.masks - plain.masks).abs().max() < FAST_TOLERANCE
     torch.testing.assert_close(fast.prob_original, plain.prob_original, rtol=0, atol=1e-6)  # original model
+
+
+def test_fast_path_masks_at_a_low_temperature_equal_in_float64(image_factory) -> None:
+    """SHARP's temperature (0.05) amplifies float32 rounding (a mask = sigmoid(w / 0.05)): which kernel sums first
+    decides some pixels, differently on each CPU. In float64 (folding only: packed convolutions are float32) the
+    copy's rounding (1e-16) stays below 1e-9 after 25 steps, so the masks are the same."""
+    model, images = resnet18().double(), image_factory(3, 32).double()
+    plain = NeuroMask(model, "paper", 25, SHARP, fast_path={"fold_batchnorm": False}).explain(images)
+    fast = NeuroMask(model, "paper", 25, SHARP).explain(images)
+    torch.testing.assert_close(fast.masks, plain.masks, rtol=0, atol=1e-9)
 
 
 @pytest.mark.slow

@@ -222,28 +222,36 @@ class FastClassifier:
             module, self.folded, self.packed = classifier, 0, 0
         if self.options.compile:
             mode = "reduce-overhead" if self.options.records_cuda_graphs(images.device) else "default"
-            module = torch.compile(module, mode=mode)
+            compiled = torch.compile(module, mode=mode)
+            # Checked too: a compiled kernel is cached on disk, and one cached under other CPU kernels
+            # (ATEN_CPU_CAPABILITY) has given NaN here (torch 2.14): fall back rather than learn NaN masks.
+            if _same_logits(classifier, compiled, images[:2], channels_last, "compiled"):
+                module = compiled
         return _ChannelsLast(module) if channels_last else module
 
 
-def _same_logits(classifier: nn.Module, fast: nn.Module, sample: Tensor, channels_last: bool) -> bool:
-    """Whether the fast copy gives the classifier's logits on ``sample`` (up to float rounding); warns if not.
+def _same_logits(
+    classifier: nn.Module, fast: nn.Module, sample: Tensor, channels_last: bool, what: str = "fast"
+) -> bool:
+    """Whether the ``what`` copy gives the classifier's logits on ``sample`` (up to float rounding); warns if not.
 
     Checked without autocast, also under mixed precision: folding and packing are exact up to float rounding.
     """
+    fallback = "the uncompiled copy" if what == "compiled" else "the classifier as it is"
     with torch.no_grad(), torch.autocast(sample.device.type, enabled=False):
         reference = classifier(sample)
         try:
             candidate = fast(sample.contiguous(memory_format=torch.channels_last) if channels_last else sample)
         except Exception as error:  # noqa: BLE001 - any failure of the copy means: use the original
-            log.warning("the fast copy of the classifier failed (%s); using the classifier as it is", error)
+            log.warning("the %s copy of the classifier failed (%s); using %s", what, error, fallback)
             return False
     if isinstance(candidate, Tensor) and _close(candidate, reference):
         return True
     log.warning(
-        "the fast copy of the classifier (BatchNorm folded, packed convolutions) changes its logits beyond float "
-        "rounding; using the classifier as it is (fast_path={'fold_batchnorm': False, 'pack_convolutions': False} "
-        "silences this)"
+        "the %s copy of the classifier changes its logits beyond float rounding; using %s "
+        "(fast_path={'fold_batchnorm': False, 'pack_convolutions': False, 'compile': False} silences this)",
+        what,
+        fallback,
     )
     return False
 
