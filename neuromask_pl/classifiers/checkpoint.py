@@ -1,0 +1,196 @@
+"""Lightning checkpoints (``.ckpt``) as classifiers: ``LightningModule.load_from_checkpoint`` with readable errors."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import pickle
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities.migration import migrate_checkpoint, pl_legacy_patch
+from torch import nn
+
+from neuromask_pl.classifiers.files import existing_file, load_failure_reason, read_class_names
+from neuromask_pl.classifiers.imports import import_object
+from neuromask_pl.classifiers.weights import load_state_dict_strict
+from neuromask_pl.classifiers.wrappers import ClassifierWrapper, Normalize
+
+logger = logging.getLogger(__name__)
+
+# Instantiators that Lightning itself trusts in checkpoints written under LightningCLI.
+_LIGHTNING_INSTANTIATORS = ("pytorch_lightning.cli.instantiate_module", "lightning.pytorch.cli.instantiate_module")
+
+
+class LightningCheckpointClassifier(ClassifierWrapper):
+    """A LightningModule restored from a Lightning checkpoint (``.ckpt``), loaded on CPU.
+
+    The class is imported, built from the checkpoint's ``hyper_parameters`` (what
+    ``save_hyperparameters()`` recorded; under LightningCLI through Lightning's own
+    instantiator) and given its ``state_dict`` with ``strict=True``, as
+    ``LightningModule.load_from_checkpoint`` does, but with a readable error for each way
+    this can fail. ``on_load_checkpoint`` and ``configure_model`` are called if overridden.
+
+    Args:
+        module_class: the LightningModule class, ``"package.module.ClassName"`` or
+            ``"package.module:ClassName"``.
+        checkpoint: the ``.ckpt`` file (``Trainer.save_checkpoint`` or ``ModelCheckpoint``).
+        weights_only: unpickle only tensors and plain containers (safe). Checkpoints whose
+            hyper-parameters hold other Python objects need ``False``, which runs any code the
+            file asks for: use it only for a file you trust.
+        model_attribute: dotted attribute of the LightningModule to explain (e.g. ``"net"``)
+            instead of the LightningModule's own forward.
+        output: index or key of the logits if the model returns a tuple or dict.
+        mean: per-channel input mean, or None for no normalisation.
+        std: per-channel input standard deviation, or None.
+        class_names: list of names, a text file with one name per line, or None.
+    """
+
+    def __init__(
+        self,
+        module_class: str,
+        checkpoint: str,
+        weights_only: bool = True,
+        model_attribute: str | None = None,
+        output: int | str | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        class_names: list[str] | str | None = None,
+    ) -> None:
+        cls = _lightning_module_class(module_class)
+        path = _checkpoint_file(checkpoint)
+        names = read_class_names(class_names)
+        ckpt = _load_lightning_checkpoint(path, bool(weights_only))
+        module = _instantiate_from_checkpoint(cls, ckpt, path)
+        if type(module).configure_model is not pl.LightningModule.configure_model:
+            module.configure_model()
+        module.on_load_checkpoint(ckpt)
+        load_state_dict_strict(module, ckpt["state_dict"], path)
+        model = _submodule(module, model_attribute) if model_attribute else module
+        super().__init__(model, Normalize(mean, std), names, source_file=path, output=output)
+
+
+def _lightning_module_class(spec: str) -> type[pl.LightningModule]:
+    """Import the LightningModule class named ``"package.module.Class"`` or ``"package.module:Class"``."""
+    cls = import_object(spec, "module_class")
+    if not isinstance(cls, type) or not issubclass(cls, pl.LightningModule):
+        kind = "a torch.nn.Module class" if isinstance(cls, type) and issubclass(cls, nn.Module) else type(cls).__name__
+        raise TypeError(
+            f"module_class {spec!r} names {kind}, not a LightningModule subclass; for a plain nn.Module "
+            "with a state_dict file use FactoryClassifier(factory, kwargs, weights)"
+        )
+    return cls
+
+
+def _checkpoint_file(path: str | os.PathLike[str]) -> str:
+    """The checkpoint path, checked to be a single file."""
+    resolved = os.path.expanduser(os.fspath(path))
+    if os.path.isdir(resolved):
+        raise ValueError(
+            f"checkpoint {resolved!r} is a directory (a sharded DeepSpeed/FSDP checkpoint?); consolidate it into "
+            "a single .ckpt file first (see Lightning's docs on consolidating sharded checkpoints)"
+        )
+    return existing_file(resolved, "checkpoint")
+
+
+def _load_lightning_checkpoint(path: str, weights_only: bool) -> dict[str, Any]:
+    """Load and migrate a Lightning checkpoint on CPU; it must hold a ``state_dict``."""
+    try:
+        with pl_legacy_patch():
+            ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as e:
+        text = str(e)
+        rejected = weights_only and isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in text
+        found = sorted(set(re.findall(r"GLOBAL ([\w.]+)", text))) if rejected else []
+        if found:
+            raise ValueError(
+                f"{path} holds pickled Python objects that are not tensors or plain containers (first found: "
+                f"{', '.join(found)}), e.g. in its hyper-parameters. Loading it needs full unpickling, which can "
+                "run arbitrary code: pass weights_only=False (weights_only: false in a config) only for a file "
+                "you trust"
+            ) from e
+        if rejected:
+            detail = text.partition("WeightsUnpickler error:")[2].strip().split("\n")[0] or "unknown reason"
+            reason = f"the safe (weights_only) unpickler rejected it ({detail[:200]})"
+            trust = (
+                " If it is a checkpoint you trust, weights_only=False reads it with full unpickling, which can "
+                "run arbitrary code."
+            )
+        elif isinstance(e, pickle.UnpicklingError):  # full unpickling of something that is not a pickle
+            reason, trust = f"UnpicklingError: {text.splitlines()[0][:200] if text else 'not a pickle'}", ""
+        else:
+            reason, trust = load_failure_reason(e), ""
+        raise ValueError(
+            f"could not load {path}: {reason}; is it a Lightning checkpoint (written by "
+            f"Trainer.save_checkpoint or ModelCheckpoint), complete and uncorrupted?{trust}"
+        ) from e
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), Mapping):
+        keys = f"its keys are {list(ckpt)[:10]}" if isinstance(ckpt, dict) else f"it holds a {type(ckpt).__name__}"
+        raise ValueError(
+            f"{path} is not a Lightning checkpoint: it has no 'state_dict' ({keys}); for a plain state_dict "
+            "file use FactoryClassifier(factory, kwargs, weights) or TorchvisionClassifier(arch, weights)"
+        )
+    ckpt, _ = migrate_checkpoint(ckpt)
+    return ckpt
+
+
+def _instantiate_from_checkpoint(cls: type[pl.LightningModule], ckpt: dict[str, Any], path: str) -> pl.LightningModule:
+    """Build ``cls`` from the checkpoint's hyper-parameters, after checking that ``cls`` takes them."""
+    raw = ckpt.get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {}
+    hparams = dict(raw if isinstance(raw, Mapping) else vars(raw))  # vars: an argparse.Namespace (old checkpoints)
+    instantiator = hparams.pop("_instantiator", None)
+    class_path = hparams.pop("_class_path", None)
+    if class_path is not None and class_path != f"{cls.__module__}.{cls.__qualname__}":
+        logger.warning("%s was saved from %s; building %s as asked", path, class_path, cls.__qualname__)
+    if instantiator is not None and instantiator not in _LIGHTNING_INSTANTIATORS:
+        raise ValueError(
+            f"{path} asks for the instantiator {instantiator!r}, which is not Lightning's; refusing to call it"
+        )
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # without self
+    named = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    required = [p.name for p in params if p.name in named and p.default is p.empty]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
+    kwargs: dict[str, Any] = hparams
+    hparams_name = ckpt.get(cls.CHECKPOINT_HYPER_PARAMS_NAME)
+    if hparams_name and hparams_name in named:  # __init__(self, hparams) style: the dict is one argument
+        hp_type = ckpt.get(cls.CHECKPOINT_HYPER_PARAMS_TYPE)
+        kwargs = {hparams_name: hp_type(hparams) if callable(hp_type) else hparams}
+    unknown = [k for k in kwargs if k not in named]
+    missing = [n for n in required if n not in kwargs]
+    where = f"{cls.__qualname__}.__init__"
+    if unknown and not takes_any:
+        raise ValueError(
+            f"the hyper-parameters in {path} include {unknown}, which {where} does not accept (it takes "
+            f"{named}); is {cls.__qualname__} the class the checkpoint was saved from?"
+        )
+    if missing:
+        raise ValueError(
+            f"{where} needs {missing} but the hyper-parameters in {path} do not hold them (they hold "
+            f"{sorted(kwargs)}); save them with self.save_hyperparameters() in __init__, or check the class"
+        )
+    if instantiator is not None:
+        from pytorch_lightning.cli import instantiate_module
+
+        return instantiate_module(cls, kwargs)
+    return cls(**kwargs)
+
+
+def _submodule(module: nn.Module, attribute: str) -> nn.Module:
+    """``module``'s dotted attribute ``attribute``, which must be an nn.Module."""
+    obj: Any = module
+    for i, part in enumerate(str(attribute).split(".")):
+        if not hasattr(obj, part):
+            done = ".".join(attribute.split(".")[:i]) or type(module).__name__
+            children = [n for n, _ in obj.named_children()] if isinstance(obj, nn.Module) else []
+            raise ValueError(
+                f"model_attribute {attribute!r}: {done} has no attribute {part!r}"
+                + (f"; its sub-modules are {children}" if children else "")
+            )
+        obj = getattr(obj, part)
+    if not isinstance(obj, nn.Module):
+        raise TypeError(f"model_attribute {attribute!r} is of type {type(obj).__name__}, not a torch.nn.Module")
+    return obj
