@@ -391,3 +391,21 @@ def test_bad_normalisation():
     with pytest.raises(ValueError, match="mean has 3 values but std has 2"):
         Normalize(mean=(0.5,) * 3, std=(0.2, 0.2))
     assert torch.equal(Normalize()(torch.ones(1, 3, 2, 2)), torch.ones(1, 3, 2, 2))
+
+
+def test_every_public_name_keeps_its_import_path():
+    """The names imported from ``neuromask_pl.classifiers`` anywhere before it became a package still are."""
+    import neuromask_pl
+    from neuromask_pl import classifiers
+    from neuromask_pl.classifiers import (  # noqa: F401
+        DEMO_INSTALL_HINT,
+        LightningCheckpointClassifier,
+        file_sha256,
+        imagenet_class_names,
+        resolve_factory,
+        select_output,
+    )
+
+    for name in ["EfficientNetLite0", "TorchvisionClassifier", "TorchScriptClassifier", "FactoryClassifier"]:
+        assert getattr(neuromask_pl, name) is getattr(classifiers, name)
+    assert {"ClassifierWrapper", "Normalize", "LightningCheckpointClassifier"} <= set(classifiers.__all__)
