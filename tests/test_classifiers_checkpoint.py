@@ -151,7 +151,9 @@ def test_pickled_hyper_parameter_needs_weights_only_false(trained, images, tmp_p
         assert torch.equal(clf(images), model(images))
 
 
-def test_lightning_cli_instantiator_is_used_and_others_refused(trained, images, tmp_path):
+def test_lightning_cli_checkpoint_with_plain_values_loads_and_other_instantiators_are_refused(
+    trained, images, tmp_path
+):
     model, path = trained
 
     def cli_hparams(ckpt):
@@ -176,6 +178,82 @@ def test_state_dict_round_trip_through_factory(trained, images, tmp_path):
     with torch.no_grad():
         assert torch.equal(plain(images), model(images))
         assert torch.equal(from_ckpt(images), model(images))
+
+
+# --- untrusted checkpoints run no code ------------------------------------------------------
+
+
+def record_call(path: str) -> nn.Module:
+    """Stands in for ``os.system``: a callable a hostile checkpoint names; it leaves a file behind when called."""
+    Path(path).touch()
+    return nn.Identity()
+
+
+class TypedHost(pl.LightningModule):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+
+class UntypedHost(pl.LightningModule):
+    def __init__(self, net) -> None:  # noqa: ANN001 (untyped on purpose)
+        super().__init__()
+        self.net = net
+
+
+def hostile_checkpoint(path: Path, marker: Path) -> str:
+    """Only dicts and strings (it passes ``torch.load(weights_only=True)``), yet under LightningCLI's instantiator
+    its ``net`` builds ``FactoryClassifier(factory=<callable>, kwargs=...)``, which calls the callable."""
+    factory = {"factory": f"{__name__}:record_call", "kwargs": {"path": str(marker)}}
+    torch.save(
+        {
+            "state_dict": {},
+            "pytorch-lightning_version": pl.__version__,
+            "hyper_parameters": {
+                "_instantiator": "pytorch_lightning.cli.instantiate_module",
+                "net": {"class_path": "neuromask_pl.classifiers.FactoryClassifier", "init_args": factory},
+            },
+        },
+        path,
+    )
+    torch.load(path, weights_only=True)  # the safe unpickler finds nothing wrong with it
+    return str(path)
+
+
+@pytest.mark.parametrize("host", ["TypedHost", "UntypedHost"])
+def test_a_class_path_in_the_hyper_parameters_is_not_instantiated_by_default(tmp_path, host):
+    marker = tmp_path / "the_checkpoint_ran_code"
+    path = hostile_checkpoint(tmp_path / "hostile.ckpt", marker)
+    message = (
+        r"hostile\.ckpt.*hyper-parameter 'net' names the class 'neuromask_pl\.classifiers\.FactoryClassifier' "
+        r"\(class_path\).*weights_only=False"
+    )
+    with pytest.raises(ValueError, match=message):
+        LightningCheckpointClassifier(f"{__name__}.{host}", path)
+    assert not marker.exists()
+
+
+def test_weights_only_false_trusts_the_file_as_lightning_does(tmp_path):
+    """The trust boundary, shown: told the file is trusted, the loader builds what it names."""
+    marker = tmp_path / "the_checkpoint_ran_code"
+    path = hostile_checkpoint(tmp_path / "hostile.ckpt", marker)
+    clf = LightningCheckpointClassifier(f"{__name__}.TypedHost", path, weights_only=False)
+    assert marker.exists() and type(clf.model.net).__name__ == "FactoryClassifier"
+
+
+def test_a_nested_class_path_is_named_by_its_key(trained, tmp_path):
+    marker = tmp_path / "the_checkpoint_ran_code"
+    hostile = {"class_path": f"{__name__}.record_call", "init_args": {"path": str(marker)}}
+
+    def nest(ckpt):
+        ckpt["hyper_parameters"].update(
+            _instantiator="pytorch_lightning.cli.instantiate_module", note={"layers": [1, {"inner": hostile}]}
+        )
+
+    path = edited_checkpoint(trained[1], tmp_path / "nested.ckpt", nest)
+    with pytest.raises(ValueError, match=r"hyper-parameter 'note\.layers\[1\]\.inner' names the class"):
+        LightningCheckpointClassifier(CLASS, path)
+    assert not marker.exists()
 
 
 # --- bad input -----------------------------------------------------------------------------

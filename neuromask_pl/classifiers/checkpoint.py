@@ -17,6 +17,7 @@ from torch import nn
 
 from neuromask_pl.classifiers.files import existing_file, load_failure_reason, read_class_names
 from neuromask_pl.classifiers.imports import import_object
+from neuromask_pl.classifiers.trust import find_class_paths
 from neuromask_pl.classifiers.weights import load_state_dict_strict
 from neuromask_pl.classifiers.wrappers import ClassifierWrapper, Normalize
 
@@ -30,18 +31,24 @@ class LightningCheckpointClassifier(ClassifierWrapper):
     """A LightningModule restored from a Lightning checkpoint (``.ckpt``), loaded on CPU.
 
     The class is imported, built from the checkpoint's ``hyper_parameters`` (what
-    ``save_hyperparameters()`` recorded; under LightningCLI through Lightning's own
-    instantiator) and given its ``state_dict`` with ``strict=True``, as
+    ``save_hyperparameters()`` recorded) and given its ``state_dict`` with ``strict=True``, as
     ``LightningModule.load_from_checkpoint`` does, but with a readable error for each way
     this can fail. ``on_load_checkpoint`` and ``configure_model`` are called if overridden.
+
+    The checkpoint is data unless you say it is trusted: by default nothing it names is
+    imported or called. The module is built as ``module_class(**hyper_parameters)`` from plain
+    values; a ``class_path`` in the hyper-parameters (a LightningCLI checkpoint whose module
+    takes a class) is refused with the key that holds it. With ``weights_only=False`` the file
+    is trusted as Lightning trusts it: full unpickling, and LightningCLI's instantiator builds
+    the classes it names.
 
     Args:
         module_class: the LightningModule class, ``"package.module.ClassName"`` or
             ``"package.module:ClassName"``.
         checkpoint: the ``.ckpt`` file (``Trainer.save_checkpoint`` or ``ModelCheckpoint``).
-        weights_only: unpickle only tensors and plain containers (safe). Checkpoints whose
-            hyper-parameters hold other Python objects need ``False``, which runs any code the
-            file asks for: use it only for a file you trust.
+        weights_only: treat the file as data: unpickle only tensors and plain containers, and
+            instantiate no class path found in it (safe). ``False`` trusts the file, which can then
+            run any code it asks for: use it only for a file you trust.
         model_attribute: dotted attribute of the LightningModule to explain (e.g. ``"net"``)
             instead of the LightningModule's own forward.
         output: index or key of the logits if the model returns a tuple or dict.
@@ -65,7 +72,7 @@ class LightningCheckpointClassifier(ClassifierWrapper):
         path = _checkpoint_file(checkpoint)
         names = read_class_names(class_names)
         ckpt = _load_lightning_checkpoint(path, bool(weights_only))
-        module = _instantiate_from_checkpoint(cls, ckpt, path)
+        module = _instantiate_from_checkpoint(cls, ckpt, path, trust_all=not weights_only)
         if type(module).configure_model is not pl.LightningModule.configure_model:
             module.configure_model()
         module.on_load_checkpoint(ckpt)
@@ -138,8 +145,16 @@ def _load_lightning_checkpoint(path: str, weights_only: bool) -> dict[str, Any]:
     return ckpt
 
 
-def _instantiate_from_checkpoint(cls: type[pl.LightningModule], ckpt: dict[str, Any], path: str) -> pl.LightningModule:
-    """Build ``cls`` from the checkpoint's hyper-parameters, after checking that ``cls`` takes them."""
+def _instantiate_from_checkpoint(
+    cls: type[pl.LightningModule], ckpt: dict[str, Any], path: str, trust_all: bool
+) -> pl.LightningModule:
+    """Build ``cls`` from the checkpoint's hyper-parameters, after checking that ``cls`` takes them.
+
+    Unless ``trust_all``, nothing the file names is imported or called: a ``class_path`` anywhere in
+    the hyper-parameters is refused, and the module is built as ``cls(**hyper_parameters)`` with
+    the plain values as they are (never through Lightning's instantiator, which imports what a
+    value names).
+    """
     raw = ckpt.get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {}
     hparams = dict(raw if isinstance(raw, Mapping) else vars(raw))  # vars: an argparse.Namespace (old checkpoints)
     instantiator = hparams.pop("_instantiator", None)
@@ -150,6 +165,17 @@ def _instantiate_from_checkpoint(cls: type[pl.LightningModule], ckpt: dict[str, 
         raise ValueError(
             f"{path} asks for the instantiator {instantiator!r}, which is not Lightning's; refusing to call it"
         )
+    specs = [] if trust_all else find_class_paths(hparams)
+    if specs:
+        named_classes = "; ".join(
+            f"hyper-parameter {key!r} names the class {spec!r} (class_path)" for key, spec in specs
+        )
+        raise ValueError(
+            f"{path}: {named_classes}. Loading would import and instantiate it, running code that the file "
+            "chooses, so it is refused for a file not marked as trusted. Only if you trust the file: "
+            "weights_only=False (weights_only: false in a config) builds it as LightningModule.load_from_checkpoint "
+            "does"
+        )
     params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # without self
     named = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     required = [p.name for p in params if p.name in named and p.default is p.empty]
@@ -158,7 +184,7 @@ def _instantiate_from_checkpoint(cls: type[pl.LightningModule], ckpt: dict[str, 
     hparams_name = ckpt.get(cls.CHECKPOINT_HYPER_PARAMS_NAME)
     if hparams_name and hparams_name in named:  # __init__(self, hparams) style: the dict is one argument
         hp_type = ckpt.get(cls.CHECKPOINT_HYPER_PARAMS_TYPE)
-        kwargs = {hparams_name: hp_type(hparams) if callable(hp_type) else hparams}
+        kwargs = {hparams_name: hp_type(hparams) if trust_all and callable(hp_type) else hparams}
     unknown = [k for k in kwargs if k not in named]
     missing = [n for n in required if n not in kwargs]
     where = f"{cls.__qualname__}.__init__"
@@ -172,7 +198,7 @@ def _instantiate_from_checkpoint(cls: type[pl.LightningModule], ckpt: dict[str, 
             f"{where} needs {missing} but the hyper-parameters in {path} do not hold them (they hold "
             f"{sorted(kwargs)}); save them with self.save_hyperparameters() in __init__, or check the class"
         )
-    if instantiator is not None:
+    if instantiator is not None and trust_all:
         from pytorch_lightning.cli import instantiate_module
 
         return instantiate_module(cls, kwargs)
