@@ -23,6 +23,11 @@ from neuromask_pl.cli import main
 from neuromask_pl.data import TensorDataModule
 from neuromask_pl.explainer import NeuroMask
 
+try:  # the unified package, as often used as pytorch_lightning (installed by the test extra)
+    import lightning.pytorch as lightning_pytorch
+except ImportError:
+    lightning_pytorch = None
+
 CLASS = f"{__name__}.LitNet"
 
 
@@ -58,6 +63,74 @@ class LitNet(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def make_net(width: int = 5, num_classes: int = 3) -> nn.Sequential:
+    """The network that ``NetHost`` holds (also a factory for the state_dict loaders)."""
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(width, num_classes),
+    )
+
+
+def net_host_class(base: type) -> type:
+    """A LightningModule on ``base`` as the most used project template writes one: the network is passed in
+    and saved among the hyper-parameters (``save_hyperparameters(logger=False)`` without ``ignore``)."""
+
+    class NetHost(base):
+        def __init__(self, net: nn.Module, lr: float = 0.5) -> None:
+            super().__init__()
+            self.save_hyperparameters(logger=False)
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            images, labels = batch
+            return F.cross_entropy(self(images), labels)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+    return NetHost
+
+
+# The template's choice, which Lightning warns about when NetHost is built: the network among the hyper-parameters.
+net_in_hparams = pytest.mark.filterwarnings("ignore:Attribute 'net' is an instance of `nn.Module`:UserWarning")
+PlNetHost = net_host_class(pl.LightningModule)
+PlNetHost.__qualname__ = PlNetHost.__name__ = "PlNetHost"
+if lightning_pytorch is not None:
+    LNetHost = net_host_class(lightning_pytorch.LightningModule)
+    LNetHost.__qualname__ = LNetHost.__name__ = "LNetHost"
+
+
+@pytest.fixture(scope="module", params=["pytorch_lightning", "lightning"])
+def host_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, nn.Module, Path]:
+    """A NetHost on either package trained for 2 steps by that package's Trainer: (class path, module, checkpoint)."""
+    if request.param == "lightning" and lightning_pytorch is None:
+        pytest.skip("the lightning package is not installed (pip install 'neuromask-pl[test]')")
+    package, name = (pl, "PlNetHost") if request.param == "pytorch_lightning" else (lightning_pytorch, "LNetHost")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = globals()[name](make_net())
+        data = torch.utils.data.TensorDataset(torch.rand(8, 3, 8, 8), torch.randint(0, 3, (8,)))
+        trainer = package.Trainer(
+            accelerator="cpu",
+            max_steps=2,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
+    path = tmp_path_factory.mktemp("host") / f"{request.param}.ckpt"
+    trainer.save_checkpoint(path)
+    return f"{__name__}.{name}", model.eval(), path
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +251,19 @@ def test_state_dict_round_trip_through_factory(trained, images, tmp_path):
     with torch.no_grad():
         assert torch.equal(plain(images), model(images))
         assert torch.equal(from_ckpt(images), model(images))
+
+
+# --- checkpoints of Lightning projects ----------------------------------------------------------
+
+
+@net_in_hparams
+def test_module_class_may_come_from_either_lightning_package(host_run, images):
+    name, model, path = host_run
+    clf = LightningCheckpointClassifier(name, str(path), weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(clf(images), model(images))
+        assert not torch.equal(make_net()(images), model(images))  # the 2 steps changed the weights
+    assert type(clf.model) is type(model) and not clf.model.training
 
 
 # --- untrusted checkpoints run no code ------------------------------------------------------

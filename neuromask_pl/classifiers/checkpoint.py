@@ -7,6 +7,7 @@ import logging
 import os
 import pickle
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -73,7 +74,7 @@ class LightningCheckpointClassifier(ClassifierWrapper):
         names = read_class_names(class_names)
         ckpt = _load_lightning_checkpoint(path, bool(weights_only))
         module = _instantiate_from_checkpoint(cls, ckpt, path, trust_all=not weights_only)
-        if type(module).configure_model is not pl.LightningModule.configure_model:
+        if type(module).configure_model is not _lightning_base(cls).configure_model:
             module.configure_model()
         module.on_load_checkpoint(ckpt)
         load_state_dict_strict(module, ckpt["state_dict"], path)
@@ -82,15 +83,30 @@ class LightningCheckpointClassifier(ClassifierWrapper):
 
 
 def _lightning_module_class(spec: str) -> type[pl.LightningModule]:
-    """Import the LightningModule class named ``"package.module.Class"`` or ``"package.module:Class"``."""
+    """Import the LightningModule class named ``"package.module.Class"`` or ``"package.module:Class"``.
+
+    A subclass of ``pytorch_lightning.LightningModule`` or of ``lightning.pytorch.LightningModule``
+    (two different classes) is accepted.
+    """
     cls = import_object(spec, "module_class")
-    if not isinstance(cls, type) or not issubclass(cls, pl.LightningModule):
+    if not isinstance(cls, type) or _lightning_base(cls) is None:
         kind = "a torch.nn.Module class" if isinstance(cls, type) and issubclass(cls, nn.Module) else type(cls).__name__
         raise TypeError(
             f"module_class {spec!r} names {kind}, not a LightningModule subclass; for a plain nn.Module "
             "with a state_dict file use FactoryClassifier(factory, kwargs, weights)"
         )
     return cls
+
+
+def _lightning_base(cls: type) -> type[pl.LightningModule] | None:
+    """The LightningModule class of either package that ``cls`` derives from, or None.
+
+    ``lightning`` is never imported here: a class derived from its LightningModule was defined
+    by code that imported it already.
+    """
+    unified = sys.modules.get("lightning.pytorch")
+    bases = [pl.LightningModule] + ([unified.LightningModule] if unified is not None else [])
+    return next((base for base in bases if issubclass(cls, base)), None)
 
 
 def _checkpoint_file(path: str | os.PathLike[str]) -> str:
