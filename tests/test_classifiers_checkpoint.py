@@ -213,8 +213,8 @@ def test_pickled_hyper_parameter_needs_weights_only_false(trained, images, tmp_p
     model, path = trained
     unsafe = edited_checkpoint(path, tmp_path / "note.ckpt", lambda c: c["hyper_parameters"].update(note=Note("hi")))
     message = (
-        rf"note\.ckpt holds pickled Python objects .*first found: {__name__}\.Note.*needs full unpickling, "
-        r"which can run arbitrary code: pass weights_only=False .* only for a file you trust"
+        rf"note\.ckpt holds pickled Python objects .*\({__name__}\.Note\).*trusted=\['{__name__}\.Note'\] .*"
+        r"or weights_only=False"
     )
     with pytest.raises(ValueError, match=message):
         LightningCheckpointClassifier(CLASS, unsafe)
@@ -266,6 +266,57 @@ def test_module_class_may_come_from_either_lightning_package(host_run, images):
     assert type(clf.model) is type(model) and not clf.model.training
 
 
+def pickled_classes(net: nn.Module) -> list[str]:
+    """What unpickling ``net`` imports: the class of each of its modules (the independent reference)."""
+    return sorted({f"{type(m).__module__}.{type(m).__qualname__}" for m in net.modules()})
+
+
+@net_in_hparams
+def test_a_network_in_the_hyper_parameters_is_refused_naming_both_ways_on(host_run):
+    name, model, path = host_run
+    with pytest.raises(ValueError) as refused:
+        LightningCheckpointClassifier(name, str(path))
+    message = str(refused.value)
+    assert f"trusted={pickled_classes(model.net)!r}" in message
+    assert "weights_only=False" in message and path.name in message
+
+
+@net_in_hparams
+def test_trusted_classes_load_it_with_weights_only(host_run, images):
+    name, model, path = host_run
+    clf = LightningCheckpointClassifier(name, str(path), trusted=pickled_classes(model.net))
+    with torch.no_grad():
+        assert torch.equal(clf(images), model(images))
+    assert type(clf.model.hparams.net) is nn.Sequential
+    # the short spellings name the same classes
+    short = ["torch.nn.Sequential", "torch.nn.Conv2d", "torch.nn.BatchNorm2d", "torch.nn.ReLU"]
+    short += ["torch.nn.AdaptiveAvgPool2d", "torch.nn.Flatten", "torch.nn.Linear"]
+    with torch.no_grad():
+        assert torch.equal(LightningCheckpointClassifier(name, str(path), trusted=short)(images), model(images))
+    # exactly those classes: one left out is still refused, and named
+    with pytest.raises(ValueError, match=r"torch\.nn\.modules\.linear\.Linear"):
+        LightningCheckpointClassifier(name, str(path), trusted=short[:-1])
+
+
+def test_trusted_names_are_checked(trained):
+    _, path = trained
+    with pytest.raises(ValueError, match="trusted= .* weights_only=False .*give one"):
+        LightningCheckpointClassifier(CLASS, str(path), trusted=["torch.nn.Linear"], weights_only=False)
+    with pytest.raises(TypeError, match="trusted must be a list of class paths"):
+        LightningCheckpointClassifier(CLASS, str(path), trusted="torch.nn.Linear")
+    with pytest.raises(ValueError, match=r"could not import module 'no_such_pkg_xyz' of trusted"):
+        LightningCheckpointClassifier(CLASS, str(path), trusted=["no_such_pkg_xyz.Net"])
+
+
+def test_trusted_pickled_object_in_the_hyper_parameters(trained, images, tmp_path):
+    model, path = trained
+    unsafe = edited_checkpoint(path, tmp_path / "note.ckpt", lambda c: c["hyper_parameters"].update(note=Note("hi")))
+    clf = LightningCheckpointClassifier(CLASS, unsafe, trusted=[f"{__name__}.Note"])
+    assert isinstance(clf.model.hparams.note, Note) and clf.model.hparams.note.text == "hi"
+    with torch.no_grad():
+        assert torch.equal(clf(images), model(images))
+
+
 # --- untrusted checkpoints run no code ------------------------------------------------------
 
 
@@ -312,7 +363,7 @@ def test_a_class_path_in_the_hyper_parameters_is_not_instantiated_by_default(tmp
     path = hostile_checkpoint(tmp_path / "hostile.ckpt", marker)
     message = (
         r"hostile\.ckpt.*hyper-parameter 'net' names the class 'neuromask_pl\.classifiers\.FactoryClassifier' "
-        r"\(class_path\).*weights_only=False"
+        r"\(class_path\).*trusted=\['neuromask_pl\.classifiers\.FactoryClassifier'\].*weights_only=False"
     )
     with pytest.raises(ValueError, match=message):
         LightningCheckpointClassifier(f"{__name__}.{host}", path)
@@ -324,6 +375,18 @@ def test_weights_only_false_trusts_the_file_as_lightning_does(tmp_path):
     marker = tmp_path / "the_checkpoint_ran_code"
     path = hostile_checkpoint(tmp_path / "hostile.ckpt", marker)
     clf = LightningCheckpointClassifier(f"{__name__}.TypedHost", path, weights_only=False)
+    assert marker.exists() and type(clf.model.net).__name__ == "FactoryClassifier"
+
+
+def test_a_trusted_class_path_is_built_and_no_other(tmp_path):
+    """The allow-list covers class paths in the hyper-parameters too: listed ones are built, others refused."""
+    marker = tmp_path / "the_checkpoint_ran_code"
+    path = hostile_checkpoint(tmp_path / "hostile.ckpt", marker)
+    with pytest.raises(ValueError, match=r"'net' names the class 'neuromask_pl\.classifiers\.FactoryClassifier'"):
+        LightningCheckpointClassifier(f"{__name__}.TypedHost", path, trusted=["torch.nn.Linear"])
+    assert not marker.exists()
+    trusted = ["neuromask_pl.classifiers.FactoryClassifier"]
+    clf = LightningCheckpointClassifier(f"{__name__}.UntypedHost", path, trusted=trusted)
     assert marker.exists() and type(clf.model.net).__name__ == "FactoryClassifier"
 
 

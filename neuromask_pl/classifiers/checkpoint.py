@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -18,7 +19,7 @@ from torch import nn
 
 from neuromask_pl.classifiers.files import existing_file, load_failure_reason, read_class_names
 from neuromask_pl.classifiers.imports import import_object
-from neuromask_pl.classifiers.trust import find_class_paths
+from neuromask_pl.classifiers.trust import build_class_paths, find_class_paths, resolve_trusted, unsafe_globals
 from neuromask_pl.classifiers.weights import load_state_dict_strict
 from neuromask_pl.classifiers.wrappers import ClassifierWrapper, Normalize
 
@@ -39,9 +40,10 @@ class LightningCheckpointClassifier(ClassifierWrapper):
     The checkpoint is data unless you say it is trusted: by default nothing it names is
     imported or called. The module is built as ``module_class(**hyper_parameters)`` from plain
     values; a ``class_path`` in the hyper-parameters (a LightningCLI checkpoint whose module
-    takes a class) is refused with the key that holds it. With ``weights_only=False`` the file
-    is trusted as Lightning trusts it: full unpickling, and LightningCLI's instantiator builds
-    the classes it names.
+    takes a class) is refused with the key that holds it. Two ways on, only for a file you trust:
+    ``trusted=[...]`` names the classes it may unpickle and build (``weights_only`` stays on), or
+    ``weights_only=False`` trusts the whole file as Lightning does: full unpickling, and
+    LightningCLI's instantiator builds the classes it names.
 
     Args:
         module_class: the LightningModule class, ``"package.module.ClassName"`` or
@@ -56,6 +58,10 @@ class LightningCheckpointClassifier(ClassifierWrapper):
         mean: per-channel input mean, or None for no normalisation.
         std: per-channel input standard deviation, or None.
         class_names: list of names, a text file with one name per line, or None.
+        trusted: classes (or functions) the checkpoint may hold pickled or name as a class_path,
+            e.g. the network's layers ``["torch.nn.Sequential", "torch.nn.Conv2d", ...]``; the file
+            is loaded with ``weights_only=True`` plus exactly these (the refusal lists the names
+            a file needs). Not with ``weights_only=False``, which trusts everything.
     """
 
     def __init__(
@@ -68,12 +74,19 @@ class LightningCheckpointClassifier(ClassifierWrapper):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         class_names: list[str] | str | None = None,
+        trusted: list[str] | None = None,
     ) -> None:
         cls = _lightning_module_class(module_class)
         path = _checkpoint_file(checkpoint)
         names = read_class_names(class_names)
-        ckpt = _load_lightning_checkpoint(path, bool(weights_only))
-        module = _instantiate_from_checkpoint(cls, ckpt, path, trust_all=not weights_only)
+        allowed = resolve_trusted(trusted)
+        if trusted and not weights_only:
+            raise ValueError(
+                "trusted= names the only classes a checkpoint may unpickle and build, with weights_only=True; "
+                "weights_only=False trusts every class instead: give one of them"
+            )
+        ckpt = _load_lightning_checkpoint(path, bool(weights_only), allowed)
+        module = _instantiate_from_checkpoint(cls, ckpt, path, trust_all=not weights_only, allowed=allowed)
         if type(module).configure_model is not _lightning_base(cls).configure_model:
             module.configure_model()
         module.on_load_checkpoint(ckpt)
@@ -120,21 +133,24 @@ def _checkpoint_file(path: str | os.PathLike[str]) -> str:
     return existing_file(resolved, "checkpoint")
 
 
-def _load_lightning_checkpoint(path: str, weights_only: bool) -> dict[str, Any]:
-    """Load and migrate a Lightning checkpoint on CPU; it must hold a ``state_dict``."""
+def _load_lightning_checkpoint(path: str, weights_only: bool, allowed: Mapping[str, Any]) -> dict[str, Any]:
+    """Load and migrate a Lightning checkpoint on CPU; it must hold a ``state_dict``.
+
+    With ``weights_only``, the objects in ``allowed`` (the user's trusted classes) may be unpickled too.
+    """
     try:
-        with pl_legacy_patch():
+        with pl_legacy_patch(), _safe_globals(list({id(v): v for v in allowed.values()}.values())):
             ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as e:
         text = str(e)
         rejected = weights_only and isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in text
-        found = sorted(set(re.findall(r"GLOBAL ([\w.]+)", text))) if rejected else []
-        if found:
+        found = (unsafe_globals(path) or sorted(set(re.findall(r"GLOBAL ([\w.]+)", text)))) if rejected else []
+        refused = [name for name in found if name not in allowed]
+        if refused:
             raise ValueError(
-                f"{path} holds pickled Python objects that are not tensors or plain containers (first found: "
-                f"{', '.join(found)}), e.g. in its hyper-parameters. Loading it needs full unpickling, which can "
-                "run arbitrary code: pass weights_only=False (weights_only: false in a config) only for a file "
-                "you trust"
+                f"{path} holds pickled Python objects that are not tensors or plain containers "
+                f"({', '.join(refused)}), e.g. a network saved among its hyper-parameters. Unpickling them runs "
+                f"code that the file chooses, {_ways_on(refused, allowed)}"
             ) from e
         if rejected:
             detail = text.partition("WeightsUnpickler error:")[2].strip().split("\n")[0] or "unknown reason"
@@ -161,15 +177,35 @@ def _load_lightning_checkpoint(path: str, weights_only: bool) -> dict[str, Any]:
     return ckpt
 
 
+def _safe_globals(objects: list[Any]) -> contextlib.AbstractContextManager[Any]:
+    """``torch.serialization.safe_globals(objects)``: what ``weights_only`` loading may unpickle besides tensors."""
+    if not objects:
+        return contextlib.nullcontext()
+    if not hasattr(torch.serialization, "safe_globals"):
+        raise ValueError(f"trusted= needs torch >= 2.5 (torch.serialization.safe_globals); this is {torch.__version__}")
+    return torch.serialization.safe_globals(objects)
+
+
+def _ways_on(names: list[str], allowed: Mapping[str, Any]) -> str:
+    """The end of a refusal: why, and the two ways to load the file anyway."""
+    already = {f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}" for obj in allowed.values()}
+    suggested = sorted(already | set(names))
+    return (
+        "so it is refused for a file not marked as trusted. Two ways on, only for a file you trust: "
+        f"trusted={suggested!r} allows exactly these classes (weights_only stays on), or weights_only=False "
+        "(weights_only: false in a config) trusts the whole file, as LightningModule.load_from_checkpoint does"
+    )
+
+
 def _instantiate_from_checkpoint(
-    cls: type[pl.LightningModule], ckpt: dict[str, Any], path: str, trust_all: bool
+    cls: type[pl.LightningModule], ckpt: dict[str, Any], path: str, trust_all: bool, allowed: Mapping[str, Any]
 ) -> pl.LightningModule:
     """Build ``cls`` from the checkpoint's hyper-parameters, after checking that ``cls`` takes them.
 
-    Unless ``trust_all``, nothing the file names is imported or called: a ``class_path`` anywhere in
-    the hyper-parameters is refused, and the module is built as ``cls(**hyper_parameters)`` with
-    the plain values as they are (never through Lightning's instantiator, which imports what a
-    value names).
+    Unless ``trust_all``, nothing the file names is imported or called: a ``class_path`` in the
+    hyper-parameters is built only if its class is in ``allowed`` (the user's trusted classes) and
+    refused otherwise, and the module is built as ``cls(**hyper_parameters)`` (never through
+    Lightning's instantiator, which imports whatever a value names).
     """
     raw = ckpt.get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {}
     hparams = dict(raw if isinstance(raw, Mapping) else vars(raw))  # vars: an argparse.Namespace (old checkpoints)
@@ -181,16 +217,12 @@ def _instantiate_from_checkpoint(
         raise ValueError(
             f"{path} asks for the instantiator {instantiator!r}, which is not Lightning's; refusing to call it"
         )
-    specs = [] if trust_all else find_class_paths(hparams)
+    specs = [] if trust_all else [(key, spec) for key, spec in find_class_paths(hparams) if spec not in allowed]
     if specs:
-        named_classes = "; ".join(
-            f"hyper-parameter {key!r} names the class {spec!r} (class_path)" for key, spec in specs
-        )
+        listing = "; ".join(f"hyper-parameter {key!r} names the class {spec!r} (class_path)" for key, spec in specs)
         raise ValueError(
-            f"{path}: {named_classes}. Loading would import and instantiate it, running code that the file "
-            "chooses, so it is refused for a file not marked as trusted. Only if you trust the file: "
-            "weights_only=False (weights_only: false in a config) builds it as LightningModule.load_from_checkpoint "
-            "does"
+            f"{path}: {listing}. Loading would import and instantiate it, running code that the file chooses, "
+            + _ways_on(sorted({spec for _, spec in specs}), allowed)
         )
     params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # without self
     named = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
@@ -200,7 +232,8 @@ def _instantiate_from_checkpoint(
     hparams_name = ckpt.get(cls.CHECKPOINT_HYPER_PARAMS_NAME)
     if hparams_name and hparams_name in named:  # __init__(self, hparams) style: the dict is one argument
         hp_type = ckpt.get(cls.CHECKPOINT_HYPER_PARAMS_TYPE)
-        kwargs = {hparams_name: hp_type(hparams) if trust_all and callable(hp_type) else hparams}
+        trusted_type = trust_all or any(hp_type is obj for obj in allowed.values())
+        kwargs = {hparams_name: hp_type(hparams) if trusted_type and callable(hp_type) else hparams}
     unknown = [k for k in kwargs if k not in named]
     missing = [n for n in required if n not in kwargs]
     where = f"{cls.__qualname__}.__init__"
@@ -218,7 +251,7 @@ def _instantiate_from_checkpoint(
         from pytorch_lightning.cli import instantiate_module
 
         return instantiate_module(cls, kwargs)
-    return cls(**kwargs)
+    return cls(**(kwargs if trust_all else build_class_paths(kwargs, allowed)))
 
 
 def _submodule(module: nn.Module, attribute: str) -> nn.Module:

@@ -1,15 +1,21 @@
-"""What a checkpoint could make us run, found without running it.
+"""What a checkpoint could make us run, found without running it, and the user's allow-list.
 
 A checkpoint is data until the user says it is trusted. Two things in one can name code: pickled
 Python objects (refused by ``torch.load(weights_only=True)``) and ``class_path`` entries in its
 hyper-parameters, plain dicts and strings that Lightning's instantiator (jsonargparse) imports and
-calls. This module finds both, so that a loader can refuse them with the key that holds them.
+calls. This module finds both, so that a loader can refuse them with the key that holds them, and
+builds exactly the classes a user has listed as trusted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import torch
+
+from neuromask_pl.classifiers.imports import import_object
 
 
 def find_class_paths(value: Any, key: str = "") -> list[tuple[str, str]]:
@@ -30,3 +36,57 @@ def find_class_paths(value: Any, key: str = "") -> list[tuple[str, str]]:
         for i, item in enumerate(value):
             found += find_class_paths(item, f"{key}[{i}]")
     return found
+
+
+def unsafe_globals(path: str | os.PathLike[str]) -> list[str]:
+    """The Python objects that unpickling a ``torch.save`` file would import beyond ``weights_only``'s
+    defaults, found by reading its pickle without running it; [] when the file cannot be scanned."""
+    scan = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.6
+    if scan is None:
+        return []
+    try:
+        return sorted(set(scan(os.fspath(path))))
+    except Exception:  # not a zip-format torch.save file: the load itself reports what is wrong
+        return []
+
+
+def resolve_trusted(names: Sequence[str] | None) -> dict[str, Any]:
+    """Import the classes (or functions) a user trusts, keyed by the name given and by their own path.
+
+    ``"torch.nn.Conv2d"`` is also found as ``"torch.nn.modules.conv.Conv2d"``, the name a pickle
+    and a class_path use.
+    """
+    if names is None:
+        return {}
+    if isinstance(names, (str, bytes)) or not all(isinstance(n, str) for n in names):
+        raise TypeError(
+            f"trusted must be a list of class paths such as ['torch.nn.Linear'], got {type(names).__name__} {names!r}"
+        )
+    allowed: dict[str, Any] = {}
+    for name in names:
+        obj = import_object(name, "trusted")
+        allowed[name] = obj
+        allowed[f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"] = obj
+    return allowed
+
+
+def build_class_paths(value: Any, allowed: Mapping[str, Any], key: str = "") -> Any:
+    """``value`` with every ``{"class_path": C, "init_args": {...}}`` replaced by ``C(**init_args)``.
+
+    Every class path must be in ``allowed`` (see :func:`resolve_trusted`); the init args are built
+    the same way, depth first. Plain values are returned as they are: nothing else is imported.
+    """
+    if not find_class_paths(value, key):
+        return value
+    if isinstance(value, Mapping) and "class_path" in value:
+        spec = str(value["class_path"])
+        if spec not in allowed:
+            raise ValueError(f"hyper-parameter {key!r} names the class {spec!r}, which is not in trusted")
+        extra = sorted(set(value) - {"class_path", "init_args", "dict_kwargs"})
+        if extra:
+            raise ValueError(f"hyper-parameter {key!r}: a class_path entry holds only init_args, not {extra}")
+        kwargs = {**(value.get("init_args") or {}), **(value.get("dict_kwargs") or {})}
+        return allowed[spec](**{name: build_class_paths(v, allowed, f"{key}.{name}") for name, v in kwargs.items()})
+    if isinstance(value, Mapping):
+        return {name: build_class_paths(v, allowed, f"{key}.{name}" if key else str(name)) for name, v in value.items()}
+    return type(value)(build_class_paths(v, allowed, f"{key}[{i}]") for i, v in enumerate(value))
