@@ -317,6 +317,37 @@ def test_trusted_pickled_object_in_the_hyper_parameters(trained, images, tmp_pat
         assert torch.equal(clf(images), model(images))
 
 
+class Tripwire:
+    """An object in a checkpoint's hyper-parameters that leaves a file behind if it is ever unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __setstate__(self, state: dict[str, str]) -> None:
+        Path(state["path"]).touch()
+
+
+@net_in_hparams
+def test_state_dict_prefix_takes_the_network_out_of_a_lightning_checkpoint(host_run, images, tmp_path):
+    """FactoryClassifier(weights=<.ckpt>, state_dict_prefix="net."): the network's weights, nothing else unpickled."""
+    _, model, path = host_run
+    marker = tmp_path / "unpickled"
+    ckpt = torch.load(path, weights_only=False)  # the test's own file
+    ckpt["hyper_parameters"]["trap"] = Tripwire(str(marker))
+    torch.save(ckpt, tmp_path / "trapped.ckpt")
+    for weights in (str(path), str(tmp_path / "trapped.ckpt")):
+        clf = FactoryClassifier(f"{__name__}:make_net", weights=weights, state_dict_prefix="net.")
+        with torch.no_grad():
+            assert torch.equal(clf(images), model.net(images))
+    assert not marker.exists()
+    torch.load(tmp_path / "trapped.ckpt", weights_only=False)  # the tripwire is live: full unpickling trips it
+    assert marker.exists()
+    with pytest.raises(ValueError, match=r"under the prefix 'net\.'.*state_dict_prefix='net\.'"):
+        FactoryClassifier(f"{__name__}:make_net", weights=str(path))
+    with pytest.raises(ValueError, match=r"no key .* starts with state_dict_prefix='encoder\.'.*'net\.'"):
+        FactoryClassifier(f"{__name__}:make_net", weights=str(path), state_dict_prefix="encoder.")
+
+
 # --- untrusted checkpoints run no code ------------------------------------------------------
 
 

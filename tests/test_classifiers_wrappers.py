@@ -121,6 +121,18 @@ def test_torchvision_accepts_checkpoint_dict_and_prefixed_keys(resnet, images, t
     assert clf.class_names is None
 
 
+def test_torchvision_state_dict_prefix_selects_one_attributes_weights(resnet, images, tmp_path):
+    """A LightningModule's checkpoint holds its network under ``net.`` beside other weights (a loss's buffer)."""
+    model, _ = resnet
+    state = {f"net.{k}": v for k, v in model.state_dict().items()} | {"criterion.weight": torch.ones(NUM_CLASSES)}
+    torch.save({"state_dict": state, "epoch": 1}, tmp_path / "last.ckpt")
+    clf = TorchvisionClassifier(
+        "resnet18", str(tmp_path / "last.ckpt"), num_classes=NUM_CLASSES, state_dict_prefix="net."
+    )
+    with torch.no_grad():
+        assert torch.equal(clf(images), model(normalize(images, list(IMAGENET_MEAN), list(IMAGENET_STD))))
+
+
 def test_torchvision_1000_classes_defaults_to_imagenet_names(tmp_path):
     torch.manual_seed(0)
     model = torchvision.models.get_model("squeezenet1_1", weights=None, num_classes=1000)

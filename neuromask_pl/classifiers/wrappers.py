@@ -199,6 +199,8 @@ class TorchvisionClassifier(ClassifierWrapper):
         std: per-channel input standard deviation.
         class_names: list of names, a text file with one name per line, or None (ImageNet
             names when ``num_classes == 1000``).
+        state_dict_prefix: take only the weights whose keys start with it (``"net."`` for a
+            LightningModule's ``net`` in a Lightning checkpoint).
     """
 
     def __init__(
@@ -209,6 +211,7 @@ class TorchvisionClassifier(ClassifierWrapper):
         mean: Sequence[float] | None = IMAGENET_MEAN,
         std: Sequence[float] | None = IMAGENET_STD,
         class_names: list[str] | str | None = None,
+        state_dict_prefix: str | None = None,
     ) -> None:
         valid = torchvision.models.list_models(module=torchvision.models)
         if arch not in valid:
@@ -225,7 +228,7 @@ class TorchvisionClassifier(ClassifierWrapper):
             class_names = imagenet_class_names()
         names = read_class_names(class_names, num_classes)
         model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-        load_weights(model, path)
+        load_weights(model, path, state_dict_prefix)
         super().__init__(model, Normalize(mean, std), names, source_file=path)
 
 
@@ -268,11 +271,14 @@ class FactoryClassifier(ClassifierWrapper):
     Args:
         factory: ``"package.module:callable"`` returning an ``nn.Module``.
         kwargs: keyword arguments for the callable.
-        weights: optional state_dict file loaded into the model (``strict=True``).
+        weights: optional state_dict file, or a checkpoint with a ``"state_dict"`` key, loaded
+            into the model (``strict=True``; other objects in the file are not unpickled).
         mean: per-channel input mean, or None for no normalisation.
         std: per-channel input standard deviation, or None.
         class_names: list of names, a text file with one name per line, or None.
         output: index or key of the logits if the model returns a tuple or dict.
+        state_dict_prefix: take only the weights whose keys start with it (``"net."`` for a
+            LightningModule's ``net`` in a Lightning checkpoint).
     """
 
     def __init__(
@@ -284,6 +290,7 @@ class FactoryClassifier(ClassifierWrapper):
         std: Sequence[float] | None = None,
         class_names: list[str] | str | None = None,
         output: int | str | None = None,
+        state_dict_prefix: str | None = None,
     ) -> None:
         if kwargs is not None and not isinstance(kwargs, Mapping):
             raise TypeError(f"kwargs must be a dict of keyword arguments, got {type(kwargs).__name__}")
@@ -293,7 +300,7 @@ class FactoryClassifier(ClassifierWrapper):
         if not isinstance(model, nn.Module):
             raise TypeError(f"factory {factory!r} returned {type(model).__name__}, expected a torch.nn.Module")
         if path is not None:
-            load_weights(model, path)
+            load_weights(model, path, state_dict_prefix)
         super().__init__(model, Normalize(mean, std), names, source_file=path, output=output)
 
 
