@@ -579,3 +579,12 @@ def test_output_from_the_command_line_is_an_index_or_a_key():
     required = ["--clf.module_class", CLASS, "--clf.checkpoint", "m.ckpt"]
     for given, parsed in [("0", 0), ("-1", -1), ("logits", "logits"), ("null", None)]:
         assert parser.parse_args([*required, "--clf.output", given]).clf.output == parsed
+
+
+def test_trusted_from_the_command_line_is_a_list_of_class_paths():
+    parser = ArgumentParser()
+    parser.add_class_arguments(LightningCheckpointClassifier, "clf")
+    required = ["--clf.module_class", CLASS, "--clf.checkpoint", "m.ckpt"]
+    parsed = parser.parse_args([*required, "--clf.trusted", "[torch.nn.Linear, torch.nn.ReLU]"]).clf
+    assert parsed.trusted == ["torch.nn.Linear", "torch.nn.ReLU"] and parsed.weights_only is True
+    assert parser.parse_args(required).clf.trusted is None
