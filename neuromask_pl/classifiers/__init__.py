@@ -8,13 +8,15 @@ runs, unless a Lightning checkpoint is explicitly trusted) and ``strict=True``; 
 dict is explained through ``output``, the index or key of its logits.
 
 Modules: ``wrappers`` (the wrappers and ``Normalize``), ``checkpoint`` (Lightning checkpoints),
-``weights`` (state_dict files), ``files`` (paths, class-name files, hashes), ``imports``
-(``module:factory`` and dotted class paths).
+``external`` (Hugging Face and timm models), ``weights`` (state_dict files), ``trust`` (what a
+checkpoint could make us run, and the user's allow-list), ``files`` (paths, class-name files,
+hashes), ``imports`` (``module:factory`` and dotted class paths).
 """
 
 from __future__ import annotations
 
 from neuromask_pl.classifiers.checkpoint import LightningCheckpointClassifier
+from neuromask_pl.classifiers.external import HuggingFaceClassifier, TimmClassifier
 from neuromask_pl.classifiers.files import file_sha256
 from neuromask_pl.classifiers.imports import resolve_factory
 from neuromask_pl.classifiers.wrappers import (
@@ -39,8 +41,10 @@ __all__ = [
     "ClassifierWrapper",
     "EfficientNetLite0",
     "FactoryClassifier",
+    "HuggingFaceClassifier",
     "LightningCheckpointClassifier",
     "Normalize",
+    "TimmClassifier",
     "TorchScriptClassifier",
     "TorchvisionClassifier",
     "describe_classifier",

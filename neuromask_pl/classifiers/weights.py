@@ -29,6 +29,8 @@ def load_weights(model: nn.Module, path: str, prefix: str | None = None) -> None
     """
     try:
         obj = _load_tensors(path)
+    except ImportError:
+        raise
     except Exception as e:
         raise ValueError(
             f"could not load {path}: {load_failure_reason(e)}; is it a PyTorch state_dict file (saved with "
@@ -79,7 +81,16 @@ class _StandIn:
 
 
 def _load_tensors(path: str) -> Any:
-    """``torch.load(path, weights_only=True)`` on CPU, with a stand-in for every other object the pickle names."""
+    """``torch.load(path, weights_only=True)`` on CPU, with a stand-in for every other object the pickle names.
+
+    A ``.safetensors`` file (tensors only, by design) is read with the ``safetensors`` package.
+    """
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:
+            raise ImportError(f"reading {path} needs the package safetensors: pip install safetensors") from e
+        return load_file(path, device="cpu")
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as refused:
