@@ -7,7 +7,6 @@ timm model is built with ``pretrained=False`` and given its weights from a local
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import json
 import logging
@@ -18,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from neuromask_pl.classifiers.files import existing_file, read_class_names
+from neuromask_pl.classifiers.imports import did_you_mean
 from neuromask_pl.classifiers.weights import load_weights
 from neuromask_pl.classifiers.wrappers import ClassifierWrapper, Normalize, imagenet_class_names
 
@@ -97,8 +97,7 @@ class TimmClassifier(ClassifierWrapper):
     ) -> None:
         timm = _import("timm", "TimmClassifier")
         if not timm.is_model(name):
-            close = difflib.get_close_matches(str(name), timm.list_models(), n=3)
-            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            hint = did_you_mean(name, timm.list_models())
             raise ValueError(f"unknown timm model {name!r}.{hint} List the valid names with timm.list_models().")
         options = dict(kwargs or {}) | ({"num_classes": num_classes} if num_classes is not None else {})
         model = timm.create_model(name, pretrained=False, **options)

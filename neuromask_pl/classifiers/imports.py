@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 
@@ -47,3 +48,9 @@ def import_attribute(module_name: str, attr: str, what: str) -> Any:
             raise ValueError(f"module {module_name!r} has no attribute {attr!r} ({what})")
         obj = getattr(obj, part)
     return obj
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """`` Did you mean 'a', 'b'?`` for up to three choices close to ``name``, or ``""``."""
+    close = difflib.get_close_matches(str(name), list(choices), n=3)
+    return f" Did you mean {', '.join(map(repr, close))}?" if close else ""

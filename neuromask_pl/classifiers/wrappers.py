@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -13,7 +12,7 @@ import torchvision
 from torch import Tensor, nn
 
 from neuromask_pl.classifiers.files import existing_file, file_sha256, load_failure_reason, read_class_names
-from neuromask_pl.classifiers.imports import resolve_factory
+from neuromask_pl.classifiers.imports import did_you_mean, resolve_factory
 from neuromask_pl.classifiers.weights import load_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -215,10 +214,8 @@ class TorchvisionClassifier(ClassifierWrapper):
     ) -> None:
         valid = torchvision.models.list_models(module=torchvision.models)
         if arch not in valid:
-            close = difflib.get_close_matches(str(arch), valid, n=3)
-            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
             raise ValueError(
-                f"unknown torchvision classification architecture {arch!r}.{hint} "
+                f"unknown torchvision classification architecture {arch!r}.{did_you_mean(arch, valid)} "
                 "List the valid names with torchvision.models.list_models(module=torchvision.models)."
             )
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
