@@ -3,10 +3,12 @@ the tests (no downloads); each test is skipped when its library is not installed
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 
-from neuromask_pl.classifiers import HuggingFaceClassifier, TimmClassifier
+from neuromask_pl.classifiers import HuggingFaceClassifier, TimmClassifier, describe_classifier
 from neuromask_pl.explainer import NeuroMask
 
 HF_MEAN, HF_STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
@@ -64,7 +66,9 @@ def test_hugging_face_folder_with_its_processor_config(images, tmp_path):
     clf = HuggingFaceClassifier(str(tmp_path / "vit"))
     with torch.no_grad():
         assert torch.equal(clf(images), model(normalised(images, HF_MEAN, HF_STD)).logits)
-    assert clf.source_file == str(tmp_path / "vit") and clf.class_names == ["cat", "dog", "owl"]
+    assert clf.class_names == ["cat", "dog", "owl"]
+    weights = tmp_path / "vit" / "model.safetensors"  # what the run records hash
+    assert describe_classifier(clf)["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
 def test_hugging_face_bad_folder(tmp_path):

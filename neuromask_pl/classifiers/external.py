@@ -34,7 +34,8 @@ class HuggingFaceClassifier(ClassifierWrapper):
     Args:
         model_or_path: the model (an ``nn.Module`` whose forward returns an output with
             ``logits``), or a local folder written by ``save_pretrained`` (loaded on CPU with
-            ``local_files_only=True``; no remote code).
+            ``local_files_only=True``; no remote code; ``source_file``, hashed in run records, is
+            its weights file).
         mean: per-channel input mean, overriding the model's own.
         std: per-channel input standard deviation, overriding the model's own.
         class_names: list of names, a text file with one name per line, or None (``id2label``).
@@ -63,7 +64,8 @@ class HuggingFaceClassifier(ClassifierWrapper):
             mean, std = _model_normalisation(config, processor, source or type(model).__name__)
         names = read_class_names(class_names) if class_names is not None else _id2label_names(config)
         channels = getattr(config, "num_channels", None)
-        super().__init__(model, Normalize(mean, std), names, source_file=source, in_channels=channels, output=output)
+        weights = _weights_file(source) if source is not None else None
+        super().__init__(model, Normalize(mean, std), names, source_file=weights, in_channels=channels, output=output)
 
 
 class TimmClassifier(ClassifierWrapper):
@@ -138,6 +140,12 @@ def _load_pretrained(folder: str) -> nn.Module:
             f"could not load an image classifier from {folder}: {str(e).splitlines()[0][:300]}; is it a folder "
             "written by save_pretrained of a model for image classification?"
         ) from e
+
+
+def _weights_file(folder: str) -> str | None:
+    """The weights file of a ``save_pretrained`` folder (the index of sharded weights), hashed in run records."""
+    names = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    return next((os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))), None)
 
 
 def _read_json(path: str) -> dict[str, Any]:
