@@ -18,10 +18,10 @@ from jsonargparse import ArgumentParser
 from PIL import Image
 from torch import nn
 
+from neuromask_pl import NeuroMask
 from neuromask_pl.classifiers import FactoryClassifier, LightningCheckpointClassifier, describe_classifier
 from neuromask_pl.cli import main
 from neuromask_pl.data import TensorDataModule
-from neuromask_pl.explainer import NeuroMask
 
 try:  # the unified package, as often used as pytorch_lightning (installed by the test extra)
     import lightning.pytorch as lightning_pytorch

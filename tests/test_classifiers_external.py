@@ -8,8 +8,8 @@ import hashlib
 import pytest
 import torch
 
+from neuromask_pl import NeuroMask
 from neuromask_pl.classifiers import HuggingFaceClassifier, TimmClassifier, describe_classifier
-from neuromask_pl.explainer import NeuroMask
 
 HF_MEAN, HF_STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 

@@ -12,6 +12,7 @@ import torchvision
 from torch import nn
 from torchvision.transforms.v2.functional import normalize
 
+from neuromask_pl import NeuroMask
 from neuromask_pl.classifiers import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -23,7 +24,6 @@ from neuromask_pl.classifiers import (
     TorchvisionClassifier,
     describe_classifier,
 )
-from neuromask_pl.explainer import NeuroMask
 
 NUM_CLASSES = 10
 
