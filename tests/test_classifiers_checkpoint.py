@@ -23,11 +23,6 @@ from neuromask_pl.classifiers import FactoryClassifier, LightningCheckpointClass
 from neuromask_pl.cli import main
 from neuromask_pl.data import TensorDataModule
 
-try:  # the unified package, as often used as pytorch_lightning (installed by the test extra)
-    import lightning.pytorch as lightning_pytorch
-except ImportError:
-    lightning_pytorch = None
-
 CLASS = f"{__name__}.LitNet"
 
 
@@ -63,6 +58,12 @@ class LitNet(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+try:  # the unified package, as often used as pytorch_lightning (installed by the test extra)
+    import lightning.pytorch as lightning_pytorch
+except ImportError:
+    lightning_pytorch = None
 
 
 def make_net(width: int = 5, num_classes: int = 3) -> nn.Sequential:
