@@ -66,12 +66,24 @@ except ImportError:
     lightning_pytorch = None
 
 
+class Scale(nn.Module):
+    """A project's own layer class (a network pickled into a checkpoint names it)."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
 def make_net(width: int = 5, num_classes: int = 3) -> nn.Sequential:
     """The network that ``NetHost`` holds (also a factory for the state_dict loaders)."""
     return nn.Sequential(
         nn.Conv2d(3, width, 3, padding=1),
         nn.BatchNorm2d(width),
         nn.ReLU(),
+        Scale(2.0),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Linear(width, num_classes),
@@ -278,25 +290,23 @@ def test_a_network_in_the_hyper_parameters_is_refused_naming_both_ways_on(host_r
     with pytest.raises(ValueError) as refused:
         LightningCheckpointClassifier(name, str(path))
     message = str(refused.value)
-    assert f"trusted={pickled_classes(model.net)!r}" in message
+    assert f"({', '.join(pickled_classes(model.net))})" in message  # every class the pickle holds
+    assert f"trusted=['{__name__}.Scale']" in message  # the project's own: torch.nn's layers come with it
     assert "weights_only=False" in message and path.name in message
 
 
 @net_in_hparams
 def test_trusted_classes_load_it_with_weights_only(host_run, images):
+    """The project's classes listed, torch.nn's own layer classes come with them; nothing else."""
     name, model, path = host_run
-    clf = LightningCheckpointClassifier(name, str(path), trusted=pickled_classes(model.net))
-    with torch.no_grad():
-        assert torch.equal(clf(images), model(images))
-    assert type(clf.model.hparams.net) is nn.Sequential
-    # the short spellings name the same classes
-    short = ["torch.nn.Sequential", "torch.nn.Conv2d", "torch.nn.BatchNorm2d", "torch.nn.ReLU"]
-    short += ["torch.nn.AdaptiveAvgPool2d", "torch.nn.Flatten", "torch.nn.Linear"]
-    with torch.no_grad():
-        assert torch.equal(LightningCheckpointClassifier(name, str(path), trusted=short)(images), model(images))
-    # exactly those classes: one left out is still refused, and named
-    with pytest.raises(ValueError, match=r"torch\.nn\.modules\.linear\.Linear"):
-        LightningCheckpointClassifier(name, str(path), trusted=short[:-1])
+    for trusted in ([f"{__name__}.Scale"], [f"{__name__}:Scale"], pickled_classes(model.net)):
+        clf = LightningCheckpointClassifier(name, str(path), trusted=trusted)
+        with torch.no_grad():
+            assert torch.equal(clf(images), model(images))
+        assert type(clf.model.hparams.net) is nn.Sequential and clf.model.hparams.net[3].factor == 2.0
+    # a class of the file left out is still refused, and named
+    with pytest.raises(ValueError, match=rf"\({__name__}\.Scale\)"):
+        LightningCheckpointClassifier(name, str(path), trusted=["torch.nn.Linear"])
 
 
 def test_trusted_names_are_checked(trained):

@@ -19,7 +19,13 @@ from torch import nn
 
 from neuromask_pl.classifiers.files import existing_file, load_failure_reason, read_class_names
 from neuromask_pl.classifiers.imports import import_object
-from neuromask_pl.classifiers.trust import build_class_paths, find_class_paths, resolve_trusted, unsafe_globals
+from neuromask_pl.classifiers.trust import (
+    build_class_paths,
+    find_class_paths,
+    resolve_trusted,
+    torch_layer_classes,
+    unsafe_globals,
+)
 from neuromask_pl.classifiers.weights import load_state_dict_strict
 from neuromask_pl.classifiers.wrappers import ClassifierWrapper, Normalize
 
@@ -41,7 +47,8 @@ class LightningCheckpointClassifier(ClassifierWrapper):
     imported or called. The module is built as ``module_class(**hyper_parameters)`` from plain
     values; a ``class_path`` in the hyper-parameters (a LightningCLI checkpoint whose module
     takes a class) is refused with the key that holds it. Two ways on, only for a file you trust:
-    ``trusted=[...]`` names the classes it may unpickle and build (``weights_only`` stays on), or
+    ``trusted=[...]`` names the classes it may unpickle and build (``weights_only`` stays on, and
+    torch.nn's own layer classes may be unpickled with them), or
     ``weights_only=False`` trusts the whole file as Lightning does: full unpickling, and
     LightningCLI's instantiator builds the classes it names.
 
@@ -59,9 +66,11 @@ class LightningCheckpointClassifier(ClassifierWrapper):
         std: per-channel input standard deviation, or None.
         class_names: list of names, a text file with one name per line, or None.
         trusted: classes (or functions) the checkpoint may hold pickled or name as a class_path,
-            e.g. the network's layers ``["torch.nn.Sequential", "torch.nn.Conv2d", ...]``; the file
-            is loaded with ``weights_only=True`` plus exactly these (the refusal lists the names
-            a file needs). Not with ``weights_only=False``, which trusts everything.
+            e.g. ``["my_project.models.SimpleConvNet"]`` for a network saved among the
+            hyper-parameters; the file is loaded with ``weights_only=True`` plus exactly these and
+            the torch.nn layer classes (``nn.Module`` subclasses of ``torch.nn``) it holds pickled
+            (the refusal names what a file needs). Not with ``weights_only=False``, which trusts
+            everything.
     """
 
     def __init__(
@@ -136,16 +145,20 @@ def _checkpoint_file(path: str | os.PathLike[str]) -> str:
 def _load_lightning_checkpoint(path: str, weights_only: bool, allowed: Mapping[str, Any]) -> dict[str, Any]:
     """Load and migrate a Lightning checkpoint on CPU; it must hold a ``state_dict``.
 
-    With ``weights_only``, the objects in ``allowed`` (the user's trusted classes) may be unpickled too.
+    With ``weights_only``, the objects in ``allowed`` (the user's trusted classes) may be unpickled too,
+    and with them the torch.nn layer classes that the file names.
     """
+    safe = dict(allowed)
+    if allowed and weights_only:
+        safe |= torch_layer_classes(unsafe_globals(path))
     try:
-        with pl_legacy_patch(), _safe_globals(list({id(v): v for v in allowed.values()}.values())):
+        with pl_legacy_patch(), _safe_globals(list({id(v): v for v in safe.values()}.values())):
             ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as e:
         text = str(e)
         rejected = weights_only and isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in text
         found = (unsafe_globals(path) or sorted(set(re.findall(r"GLOBAL ([\w.]+)", text)))) if rejected else []
-        refused = [name for name in found if name not in allowed]
+        refused = [name for name in found if name not in safe]
         if refused:
             raise ValueError(
                 f"{path} holds pickled Python objects that are not tensors or plain containers "
@@ -187,13 +200,18 @@ def _safe_globals(objects: list[Any]) -> contextlib.AbstractContextManager[Any]:
 
 
 def _ways_on(names: list[str], allowed: Mapping[str, Any]) -> str:
-    """The end of a refusal: why, and the two ways to load the file anyway."""
+    """The end of a refusal: why, and the two ways to load the file anyway.
+
+    The suggested allow-list leaves out torch.nn's layer classes, which come with any list.
+    """
     already = {f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}" for obj in allowed.values()}
-    suggested = sorted(already | set(names))
+    own = [name for name in names if name not in torch_layer_classes(names)]
+    suggested = sorted(already | set(own or names))
     return (
         "so it is refused for a file not marked as trusted. Two ways on, only for a file you trust: "
-        f"trusted={suggested!r} allows exactly these classes (weights_only stays on), or weights_only=False "
-        "(weights_only: false in a config) trusts the whole file, as LightningModule.load_from_checkpoint does"
+        f"trusted={suggested!r} allows exactly these classes and torch.nn's own layers (weights_only stays on), "
+        "or weights_only=False (weights_only: false in a config) trusts the whole file, as "
+        "LightningModule.load_from_checkpoint does"
     )
 
 

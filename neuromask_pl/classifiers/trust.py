@@ -10,10 +10,12 @@ builds exactly the classes a user has listed as trusted.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from neuromask_pl.classifiers.imports import import_object
 
@@ -48,6 +50,23 @@ def unsafe_globals(path: str | os.PathLike[str]) -> list[str]:
         return sorted(set(scan(os.fspath(path))))
     except Exception:  # not a zip-format torch.save file: the load itself reports what is wrong
         return []
+
+
+def torch_layer_classes(names: Iterable[str]) -> dict[str, type]:
+    """The names among ``names`` that are torch's own layer classes (``nn.Module`` subclasses of ``torch.nn``).
+
+    A network pickled into a checkpoint names the torch.nn layers it is built of; once a user trusts
+    the file's own classes, these come with them. Only modules loaded already are looked in: a name
+    never makes anything be imported.
+    """
+    layers: dict[str, type] = {}
+    for name in names:
+        module_name, _, attr = name.rpartition(".")
+        module = sys.modules.get(module_name) if module_name.startswith("torch.nn.") else None
+        obj = getattr(module, attr, None)
+        if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__ == module_name:
+            layers[name] = obj
+    return layers
 
 
 def resolve_trusted(names: Sequence[str] | None) -> dict[str, Any]:
