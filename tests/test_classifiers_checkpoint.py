@@ -1,5 +1,5 @@
-"""Tests for LightningCheckpointClassifier and the ``output`` option: a tiny LightningModule trained
-for three steps by a real CPU Trainer, checkpoints written under tmp_path, no downloads."""
+"""Tests for neuromask_pl.classifiers.checkpoint (LightningCheckpointClassifier): a tiny LightningModule
+trained for three steps by a real CPU Trainer, checkpoints written under tmp_path, no downloads."""
 
 from __future__ import annotations
 
@@ -60,20 +60,90 @@ class LitNet(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.5)
 
 
-class PairNet(nn.Module):
-    """Returns ``(logits, features)``, or ``{"features": ..., "logits": ...}`` with ``as_dict``."""
+try:  # the unified package, as often used as pytorch_lightning (installed by the test extra)
+    import lightning.pytorch as lightning_pytorch
+except ImportError:
+    lightning_pytorch = None
 
-    def __init__(self, as_dict: bool = False) -> None:
+
+class Scale(nn.Module):
+    """A project's own layer class (a network pickled into a checkpoint names it)."""
+
+    def __init__(self, factor: float) -> None:
         super().__init__()
-        torch.manual_seed(0)
-        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(4, 3)
-        self.as_dict = as_dict
+        self.factor = factor
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]:
-        features = self.features(x)
-        logits = self.head(features)
-        return {"features": features, "logits": logits} if self.as_dict else (logits, features)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+def make_net(width: int = 5, num_classes: int = 3) -> nn.Sequential:
+    """The network that ``NetHost`` holds (also a factory for the state_dict loaders)."""
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        Scale(2.0),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(width, num_classes),
+    )
+
+
+def net_host_class(base: type) -> type:
+    """A LightningModule on ``base`` as the most used project template writes one: the network is passed in
+    and saved among the hyper-parameters (``save_hyperparameters(logger=False)`` without ``ignore``)."""
+
+    class NetHost(base):
+        def __init__(self, net: nn.Module, lr: float = 0.5) -> None:
+            super().__init__()
+            self.save_hyperparameters(logger=False)
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            images, labels = batch
+            return F.cross_entropy(self(images), labels)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+    return NetHost
+
+
+# The template's choice, which Lightning warns about when NetHost is built: the network among the hyper-parameters.
+net_in_hparams = pytest.mark.filterwarnings("ignore:Attribute 'net' is an instance of `nn.Module`:UserWarning")
+PlNetHost = net_host_class(pl.LightningModule)
+PlNetHost.__qualname__ = PlNetHost.__name__ = "PlNetHost"
+if lightning_pytorch is not None:
+    LNetHost = net_host_class(lightning_pytorch.LightningModule)
+    LNetHost.__qualname__ = LNetHost.__name__ = "LNetHost"
+
+
+@pytest.fixture(scope="module", params=["pytorch_lightning", "lightning"])
+def host_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, nn.Module, Path]:
+    """A NetHost on either package trained for 2 steps by that package's Trainer: (class path, module, checkpoint)."""
+    if request.param == "lightning" and lightning_pytorch is None:
+        pytest.skip("the lightning package is not installed (pip install 'neuromask-pl[test]')")
+    package, name = (pl, "PlNetHost") if request.param == "pytorch_lightning" else (lightning_pytorch, "LNetHost")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = globals()[name](make_net())
+        data = torch.utils.data.TensorDataset(torch.rand(8, 3, 8, 8), torch.randint(0, 3, (8,)))
+        trainer = package.Trainer(
+            accelerator="cpu",
+            max_steps=2,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
+    path = tmp_path_factory.mktemp("host") / f"{request.param}.ckpt"
+    trainer.save_checkpoint(path)
+    return f"{__name__}.{name}", model.eval(), path
 
 
 @pytest.fixture(scope="module")
@@ -156,8 +226,8 @@ def test_pickled_hyper_parameter_needs_weights_only_false(trained, images, tmp_p
     model, path = trained
     unsafe = edited_checkpoint(path, tmp_path / "note.ckpt", lambda c: c["hyper_parameters"].update(note=Note("hi")))
     message = (
-        rf"note\.ckpt holds pickled Python objects .*first found: {__name__}\.Note.*needs full unpickling, "
-        r"which can run arbitrary code: pass weights_only=False .* only for a file you trust"
+        rf"note\.ckpt holds pickled Python objects .*\({__name__}\.Note\).*trusted=\['{__name__}\.Note'\] .*"
+        r"or weights_only=False"
     )
     with pytest.raises(ValueError, match=message):
         LightningCheckpointClassifier(CLASS, unsafe)
@@ -167,7 +237,9 @@ def test_pickled_hyper_parameter_needs_weights_only_false(trained, images, tmp_p
         assert torch.equal(clf(images), model(images))
 
 
-def test_lightning_cli_instantiator_is_used_and_others_refused(trained, images, tmp_path):
+def test_lightning_cli_checkpoint_with_plain_values_loads_and_other_instantiators_are_refused(
+    trained, images, tmp_path
+):
     model, path = trained
 
     def cli_hparams(ckpt):
@@ -194,46 +266,185 @@ def test_state_dict_round_trip_through_factory(trained, images, tmp_path):
         assert torch.equal(from_ckpt(images), model(images))
 
 
-# --- tuple and dict outputs ---------------------------------------------------------------
+# --- checkpoints of Lightning projects ----------------------------------------------------------
 
 
-@pytest.mark.parametrize(("as_dict", "output"), [(False, 0), (False, -2), (True, "logits")])
-def test_output_picks_the_logits(images, as_dict, output):
-    reference = PairNet(as_dict=False).eval()
-    clf = FactoryClassifier(f"{__name__}:PairNet", {"as_dict": as_dict}, output=output)
+@net_in_hparams
+def test_module_class_may_come_from_either_lightning_package(host_run, images):
+    name, model, path = host_run
+    clf = LightningCheckpointClassifier(name, str(path), weights_only=False)
     with torch.no_grad():
-        assert torch.equal(clf(images), reference(images)[0])
-    result = NeuroMask(clf, preset="paper", steps=2).explain(images)
-    assert torch.equal(result.targets, reference(images)[0].argmax(1))
+        assert torch.equal(clf(images), model(images))
+        assert not torch.equal(make_net()(images), model(images))  # the 2 steps changed the weights
+    assert type(clf.model) is type(model) and not clf.model.training
 
 
-@pytest.mark.parametrize(
-    ("as_dict", "output", "error", "message"),
-    [
-        (False, None, TypeError, r"returned a tuple of 2 items; set output=<index, 0\.\.1> to pick the logits"),
-        (True, None, TypeError, r"returned a dict with keys \['features', 'logits'\]; set output=<key>"),
-        (False, 2, ValueError, r"output=2 is out of range: the classifier returned a tuple of 2 items"),
-        (True, "logit", ValueError, r"output='logit' is not a key .* its keys are \['features', 'logits'\]"),
-        (False, "logits", TypeError, r"output='logits' is a key, but the classifier returned a tuple"),
-        (True, 0, TypeError, r"output=0 is an index, but the classifier returned a dict with keys"),
-    ],
-)
-def test_output_errors_say_what_exists(images, as_dict, output, error, message):
-    clf = FactoryClassifier(f"{__name__}:PairNet", {"as_dict": as_dict}, output=output)
-    with pytest.raises(error, match=message):
-        clf(images)
-    with pytest.raises(error, match=message):  # and through the explainer, unchanged
-        NeuroMask(clf, preset="paper", steps=2).explain(images)
+def pickled_classes(net: nn.Module) -> list[str]:
+    """What unpickling ``net`` imports: the class of each of its modules (the independent reference)."""
+    return sorted({f"{type(m).__module__}.{type(m).__qualname__}" for m in net.modules()})
 
 
-def test_output_on_a_single_tensor_or_of_a_wrong_type(trained, images):
+@net_in_hparams
+def test_a_network_in_the_hyper_parameters_is_refused_naming_both_ways_on(host_run):
+    name, model, path = host_run
+    with pytest.raises(ValueError) as refused:
+        LightningCheckpointClassifier(name, str(path))
+    message = str(refused.value)
+    assert f"({', '.join(pickled_classes(model.net))})" in message  # every class the pickle holds
+    assert f"trusted=['{__name__}.Scale']" in message  # the project's own: torch.nn's layers come with it
+    assert "weights_only=False" in message and path.name in message
+
+
+@net_in_hparams
+def test_trusted_classes_load_it_with_weights_only(host_run, images):
+    """The project's classes listed, torch.nn's own layer classes come with them; nothing else."""
+    name, model, path = host_run
+    for trusted in ([f"{__name__}.Scale"], [f"{__name__}:Scale"], pickled_classes(model.net)):
+        clf = LightningCheckpointClassifier(name, str(path), trusted=trusted)
+        with torch.no_grad():
+            assert torch.equal(clf(images), model(images))
+        assert type(clf.model.hparams.net) is nn.Sequential and clf.model.hparams.net[3].factor == 2.0
+    # a class of the file left out is still refused, and named
+    with pytest.raises(ValueError, match=rf"\({__name__}\.Scale\)"):
+        LightningCheckpointClassifier(name, str(path), trusted=["torch.nn.Linear"])
+
+
+def test_trusted_names_are_checked(trained):
     _, path = trained
-    with pytest.raises(
-        TypeError, match=r"output=0 is set but the classifier returned a single tensor of shape \(3, 3\)"
-    ):
-        LightningCheckpointClassifier(CLASS, str(path), output=0)(images)
-    with pytest.raises(TypeError, match="output must be an index .* got bool True"):
-        FactoryClassifier(f"{__name__}:PairNet", output=True)
+    with pytest.raises(ValueError, match="trusted= .* weights_only=False .*give one"):
+        LightningCheckpointClassifier(CLASS, str(path), trusted=["torch.nn.Linear"], weights_only=False)
+    with pytest.raises(TypeError, match="trusted must be a list of class paths"):
+        LightningCheckpointClassifier(CLASS, str(path), trusted="torch.nn.Linear")
+    with pytest.raises(ValueError, match=r"could not import module 'no_such_pkg_xyz' of trusted"):
+        LightningCheckpointClassifier(CLASS, str(path), trusted=["no_such_pkg_xyz.Net"])
+
+
+def test_trusted_pickled_object_in_the_hyper_parameters(trained, images, tmp_path):
+    model, path = trained
+    unsafe = edited_checkpoint(path, tmp_path / "note.ckpt", lambda c: c["hyper_parameters"].update(note=Note("hi")))
+    clf = LightningCheckpointClassifier(CLASS, unsafe, trusted=[f"{__name__}.Note"])
+    assert isinstance(clf.model.hparams.note, Note) and clf.model.hparams.note.text == "hi"
+    with torch.no_grad():
+        assert torch.equal(clf(images), model(images))
+
+
+class Tripwire:
+    """An object in a checkpoint's hyper-parameters that leaves a file behind if it is ever unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __setstate__(self, state: dict[str, str]) -> None:
+        Path(state["path"]).touch()
+
+
+@net_in_hparams
+def test_state_dict_prefix_takes_the_network_out_of_a_lightning_checkpoint(host_run, images, tmp_path):
+    """FactoryClassifier(weights=<.ckpt>, state_dict_prefix="net."): the network's weights, nothing else unpickled."""
+    _, model, path = host_run
+    marker = tmp_path / "unpickled"
+    ckpt = torch.load(path, weights_only=False)  # the test's own file
+    ckpt["hyper_parameters"]["trap"] = Tripwire(str(marker))
+    torch.save(ckpt, tmp_path / "trapped.ckpt")
+    for weights in (str(path), str(tmp_path / "trapped.ckpt")):
+        clf = FactoryClassifier(f"{__name__}:make_net", weights=weights, state_dict_prefix="net.")
+        with torch.no_grad():
+            assert torch.equal(clf(images), model.net(images))
+    assert not marker.exists()
+    torch.load(tmp_path / "trapped.ckpt", weights_only=False)  # the tripwire is live: full unpickling trips it
+    assert marker.exists()
+    with pytest.raises(ValueError, match=r"under the prefix 'net\.'.*state_dict_prefix='net\.'"):
+        FactoryClassifier(f"{__name__}:make_net", weights=str(path))
+    with pytest.raises(ValueError, match=r"no key .* starts with state_dict_prefix='encoder\.'.*'net\.'"):
+        FactoryClassifier(f"{__name__}:make_net", weights=str(path), state_dict_prefix="encoder.")
+
+
+# --- untrusted checkpoints run no code ------------------------------------------------------
+
+
+def record_call(path: str) -> nn.Module:
+    """Stands in for ``os.system``: a callable a hostile checkpoint names; it leaves a file behind when called."""
+    Path(path).touch()
+    return nn.Identity()
+
+
+class TypedHost(pl.LightningModule):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+
+class UntypedHost(pl.LightningModule):
+    def __init__(self, net) -> None:  # noqa: ANN001 (untyped on purpose)
+        super().__init__()
+        self.net = net
+
+
+def hostile_checkpoint(path: Path, marker: Path) -> str:
+    """Only dicts and strings (it passes ``torch.load(weights_only=True)``), yet under LightningCLI's instantiator
+    its ``net`` builds ``FactoryClassifier(factory=<callable>, kwargs=...)``, which calls the callable."""
+    factory = {"factory": f"{__name__}:record_call", "kwargs": {"path": str(marker)}}
+    torch.save(
+        {
+            "state_dict": {},
+            "pytorch-lightning_version": pl.__version__,
+            "hyper_parameters": {
+                "_instantiator": "pytorch_lightning.cli.instantiate_module",
+                "net": {"class_path": "neuromask_pl.classifiers.FactoryClassifier", "init_args": factory},
+            },
+        },
+        path,
+    )
+    torch.load(path, weights_only=True)  # the safe unpickler finds nothing wrong with it
+    return str(path)
+
+
+@pytest.mark.parametrize("host", ["TypedHost", "UntypedHost"])
+def test_a_class_path_in_the_hyper_parameters_is_not_instantiated_by_default(tmp_path, host):
+    marker = tmp_path / "the_checkpoint_ran_code"
+    path = hostile_checkpoint(tmp_path / "hostile.ckpt", marker)
+    message = (
+        r"hostile\.ckpt.*hyper-parameter 'net' names the class 'neuromask_pl\.classifiers\.FactoryClassifier' "
+        r"\(class_path\).*trusted=\['neuromask_pl\.classifiers\.FactoryClassifier'\].*weights_only=False"
+    )
+    with pytest.raises(ValueError, match=message):
+        LightningCheckpointClassifier(f"{__name__}.{host}", path)
+    assert not marker.exists()
+
+
+def test_weights_only_false_trusts_the_file_as_lightning_does(tmp_path):
+    """The trust boundary, shown: told the file is trusted, the loader builds what it names."""
+    marker = tmp_path / "the_checkpoint_ran_code"
+    path = hostile_checkpoint(tmp_path / "hostile.ckpt", marker)
+    clf = LightningCheckpointClassifier(f"{__name__}.TypedHost", path, weights_only=False)
+    assert marker.exists() and type(clf.model.net).__name__ == "FactoryClassifier"
+
+
+def test_a_trusted_class_path_is_built_and_no_other(tmp_path):
+    """The allow-list covers class paths in the hyper-parameters too: listed ones are built, others refused."""
+    marker = tmp_path / "the_checkpoint_ran_code"
+    path = hostile_checkpoint(tmp_path / "hostile.ckpt", marker)
+    with pytest.raises(ValueError, match=r"'net' names the class 'neuromask_pl\.classifiers\.FactoryClassifier'"):
+        LightningCheckpointClassifier(f"{__name__}.TypedHost", path, trusted=["torch.nn.Linear"])
+    assert not marker.exists()
+    trusted = ["neuromask_pl.classifiers.FactoryClassifier"]
+    clf = LightningCheckpointClassifier(f"{__name__}.UntypedHost", path, trusted=trusted)
+    assert marker.exists() and type(clf.model.net).__name__ == "FactoryClassifier"
+
+
+def test_a_nested_class_path_is_named_by_its_key(trained, tmp_path):
+    marker = tmp_path / "the_checkpoint_ran_code"
+    hostile = {"class_path": f"{__name__}.record_call", "init_args": {"path": str(marker)}}
+
+    def nest(ckpt):
+        ckpt["hyper_parameters"].update(
+            _instantiator="pytorch_lightning.cli.instantiate_module", note={"layers": [1, {"inner": hostile}]}
+        )
+
+    path = edited_checkpoint(trained[1], tmp_path / "nested.ckpt", nest)
+    with pytest.raises(ValueError, match=r"hyper-parameter 'note\.layers\[1\]\.inner' names the class"):
+        LightningCheckpointClassifier(CLASS, path)
+    assert not marker.exists()
 
 
 # --- bad input -----------------------------------------------------------------------------
@@ -379,3 +590,12 @@ def test_output_from_the_command_line_is_an_index_or_a_key():
     required = ["--clf.module_class", CLASS, "--clf.checkpoint", "m.ckpt"]
     for given, parsed in [("0", 0), ("-1", -1), ("logits", "logits"), ("null", None)]:
         assert parser.parse_args([*required, "--clf.output", given]).clf.output == parsed
+
+
+def test_trusted_from_the_command_line_is_a_list_of_class_paths():
+    parser = ArgumentParser()
+    parser.add_class_arguments(LightningCheckpointClassifier, "clf")
+    required = ["--clf.module_class", CLASS, "--clf.checkpoint", "m.ckpt"]
+    parsed = parser.parse_args([*required, "--clf.trusted", "[torch.nn.Linear, torch.nn.ReLU]"]).clf
+    assert parsed.trusted == ["torch.nn.Linear", "torch.nn.ReLU"] and parsed.weights_only is True
+    assert parser.parse_args(required).clf.trusted is None
