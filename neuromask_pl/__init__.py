@@ -6,6 +6,7 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
+DEMO_INSTALL_HINT = "pip install 'neuromask-pl[demo]'"  # what the demo's extra packages need
 
 # Public names and the module that defines each; imported on first use so that
 # `import neuromask_pl` stays light.
@@ -22,6 +23,10 @@ _EXPORTS = {
     "TorchScriptClassifier": "neuromask_pl.classifiers",
     "FactoryClassifier": "neuromask_pl.classifiers",
     "LightningCheckpointClassifier": "neuromask_pl.classifiers",
+    "ClassifierWrapper": "neuromask_pl.classifiers",
+    "Normalize": "neuromask_pl.classifiers",
+    "HuggingFaceClassifier": "neuromask_pl.classifiers",
+    "TimmClassifier": "neuromask_pl.classifiers",
     "MaskWriter": "neuromask_pl.callbacks",
     "ExplanationLogger": "neuromask_pl.callbacks",
     "ExplainDuringTraining": "neuromask_pl.callbacks",
@@ -32,7 +37,7 @@ _EXPORTS = {
     "load_benchmark_classifier": "neuromask_pl.data.localisation",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [*_EXPORTS, "DEMO_INSTALL_HINT", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

@@ -409,8 +409,8 @@ def test_every_public_name_keeps_its_import_path():
     """The names imported from ``neuromask_pl.classifiers`` anywhere before it became a package still are."""
     import neuromask_pl
     from neuromask_pl import classifiers
+    from neuromask_pl import DEMO_INSTALL_HINT  # noqa: F401  (one home for the package, data and classifiers)
     from neuromask_pl.classifiers import (  # noqa: F401
-        DEMO_INSTALL_HINT,
         LightningCheckpointClassifier,
         file_sha256,
         imagenet_class_names,

@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from neuromask_pl.classifiers import Normalize
+from neuromask_pl.classifiers import Normalize, submodule
 from neuromask_pl.data import check_images, unpack_batch
 from neuromask_pl.explanation import Explanation
 from neuromask_pl.maths.fastpath import FastPath
@@ -245,21 +245,10 @@ class ExplainDuringTraining(Callback):
     def _classifier(self, pl_module: pl.LightningModule) -> torch.nn.Module:
         if self.model_attribute is None:
             return pl_module
-        module: Any = pl_module
-        for name in self.model_attribute.split("."):
-            if not hasattr(module, name):
-                raise ValueError(
-                    f"ExplainDuringTraining(model_attribute={self.model_attribute!r}): "
-                    f"{type(module).__name__} has no attribute {name!r}; name the classifier inside your "
-                    "LightningModule with a dotted attribute path, or None for the module itself"
-                )
-            module = getattr(module, name)
-        if not isinstance(module, torch.nn.Module):
-            raise TypeError(
-                f"ExplainDuringTraining(model_attribute={self.model_attribute!r}) is a {type(module).__name__}, "
-                "not a torch.nn.Module"
-            )
-        return module
+        try:
+            return submodule(pl_module, self.model_attribute)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"ExplainDuringTraining: {error}") from error
 
     def _log(self, trainer: pl.Trainer, explanation: Explanation) -> None:
         step, epoch = trainer.global_step, trainer.current_epoch

@@ -15,12 +15,11 @@ hashes), ``imports`` (``module:factory`` and dotted class paths).
 
 from __future__ import annotations
 
-from neuromask_pl.classifiers.checkpoint import LightningCheckpointClassifier
+from neuromask_pl.classifiers.checkpoint import LightningCheckpointClassifier, submodule
 from neuromask_pl.classifiers.external import HuggingFaceClassifier, TimmClassifier
 from neuromask_pl.classifiers.files import file_sha256
 from neuromask_pl.classifiers.imports import resolve_factory
 from neuromask_pl.classifiers.wrappers import (
-    DEMO_INSTALL_HINT,
     IMAGENET_MEAN,
     IMAGENET_STD,
     ClassifierWrapper,
@@ -35,7 +34,6 @@ from neuromask_pl.classifiers.wrappers import (
 )
 
 __all__ = [
-    "DEMO_INSTALL_HINT",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ClassifierWrapper",
@@ -52,4 +50,5 @@ __all__ = [
     "imagenet_class_names",
     "resolve_factory",
     "select_output",
+    "submodule",
 ]

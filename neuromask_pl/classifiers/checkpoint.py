@@ -100,7 +100,7 @@ class LightningCheckpointClassifier(ClassifierWrapper):
             module.configure_model()
         module.on_load_checkpoint(ckpt)
         load_state_dict_strict(module, ckpt["state_dict"], path)
-        model = _submodule(module, model_attribute) if model_attribute else module
+        model = submodule(module, model_attribute) if model_attribute else module
         super().__init__(model, Normalize(mean, std), names, source_file=path, output=output)
 
 
@@ -272,7 +272,7 @@ def _instantiate_from_checkpoint(
     return cls(**(kwargs if trust_all else build_class_paths(kwargs, allowed)))
 
 
-def _submodule(module: nn.Module, attribute: str) -> nn.Module:
+def submodule(module: nn.Module, attribute: str) -> nn.Module:
     """``module``'s dotted attribute ``attribute``, which must be an nn.Module."""
     obj: Any = module
     for i, part in enumerate(str(attribute).split(".")):

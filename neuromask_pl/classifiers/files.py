@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import pickle
 from pathlib import Path
+
+from neuromask_pl.store.io import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +69,4 @@ def file_sha256(path: str | os.PathLike[str]) -> str | None:
 
 @functools.lru_cache(maxsize=64)
 def _sha256_cached(path: str, mtime_ns: int, size: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(path)

@@ -11,13 +11,13 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from neuromask_pl import DEMO_INSTALL_HINT
 from neuromask_pl.classifiers.files import existing_file, file_sha256, load_failure_reason, read_class_names
 from neuromask_pl.classifiers.imports import did_you_mean, resolve_factory
 from neuromask_pl.classifiers.weights import load_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEMO_INSTALL_HINT = "pip install 'neuromask-pl[demo]'"
 
 
 def imagenet_class_names() -> list[str]:

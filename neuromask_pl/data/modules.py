@@ -24,13 +24,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms.v2 import functional as F
 
+from neuromask_pl import DEMO_INSTALL_HINT
 from neuromask_pl.data.batch import collate_samples
 from neuromask_pl.data.images import read_image
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-DEMO_INSTALL_HINT = "pip install 'neuromask-pl[demo]'"
 
 
 # --------------------------------------------------------------------------- transform and collate
