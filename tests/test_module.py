@@ -568,3 +568,24 @@ def test_submodule_needs_inference_mode_off(tiny_cnn, image_factory, trainer_fac
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(image_factory(2)), batch_size=2)
     with pytest.raises(RuntimeError, match="inference_mode=False"):
         trainer_factory(inference_mode=True).predict(ClassifyAndExplain(tiny_cnn), loader)
+
+
+class Classify(pl.LightningModule):
+    """The same user's module before it held an explainer."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+
+def test_a_host_modules_checkpoints_are_the_same_with_an_explainer(tiny_cnn, cnn_factory, tmp_path) -> None:
+    with_explainer, without = ClassifyAndExplain(tiny_cnn), Classify(tiny_cnn)
+    assert with_explainer.state_dict().keys() == without.state_dict().keys()  # no explainer.classifier.* copy
+    torch.save(without.state_dict(), tmp_path / "host.pt")
+    old = torch.load(tmp_path / "host.pt", weights_only=True)
+    ClassifyAndExplain(cnn_factory(1)).load_state_dict(old, strict=True)  # a checkpoint from before loads
+    # and a classifier named `classifier` inside the user's network is still checked strictly
+    host = ClassifyAndExplain(nn.Sequential())
+    host.net.add_module("classifier", nn.Linear(2, 2))
+    with pytest.raises(RuntimeError, match="Missing key.*net.classifier.weight"):
+        host.load_state_dict({}, strict=True)
