@@ -136,3 +136,24 @@ def test_both_wrappers_can_be_named_in_a_config():
     parsed = parser.parse_args([*args, "--timm.kwargs", "{in_chans: 1}"])
     assert parsed.hf.model_or_path == "models/vit" and parsed.hf.output == "logits"
     assert parsed.timm.name == "resnet18d" and parsed.timm.kwargs == {"in_chans": 1}
+
+
+def test_a_fixed_size_model_takes_other_sizes_with_resize_to(image_factory) -> None:
+    """A ViT that takes only 32 x 32 raises its own error at 16 x 16: NeuroMask adds the size hint; resize_to makes
+    it work, with masks at the images' own resolution."""
+    transformers = pytest.importorskip("transformers")
+    from neuromask_pl import NeuroMask
+    from neuromask_pl.classifiers import HuggingFaceClassifier
+
+    config = transformers.ViTConfig(
+        image_size=32, patch_size=8, num_channels=3, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16, num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(config).eval()
+    with pytest.raises(ValueError, match=r"image size the classifier expects.*fixed-size"):
+        NeuroMask(HuggingFaceClassifier(model), steps=2).explain(image_factory(2, 16))
+    result = NeuroMask(HuggingFaceClassifier(model, resize_to=32), steps=2).explain(image_factory(2, 16))
+    assert result.masks.shape == (2, 1, 16, 16) and torch.isfinite(result.masks).all()
+    with pytest.raises(ValueError, match="resize_to"):
+        HuggingFaceClassifier(model, resize_to=(32, 0))

@@ -41,6 +41,7 @@ class HuggingFaceClassifier(ClassifierWrapper):
         class_names: list of names, a text file with one name per line, or None (``id2label``).
         output: where the logits are in the model's output (``"logits"``; an index if its
             config has ``return_dict=False``).
+        resize_to: the size a fixed-size model takes (e.g. 224 for a ViT); see :class:`ClassifierWrapper`.
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class HuggingFaceClassifier(ClassifierWrapper):
         std: Sequence[float] | None = None,
         class_names: list[str] | str | None = None,
         output: int | str | None = "logits",
+        resize_to: int | tuple[int, int] | None = None,
     ) -> None:
         source = None
         processor: dict[str, Any] = {}
@@ -65,7 +67,10 @@ class HuggingFaceClassifier(ClassifierWrapper):
         names = read_class_names(class_names) if class_names is not None else _id2label_names(config)
         channels = getattr(config, "num_channels", None)
         weights = _weights_file(source) if source is not None else None
-        super().__init__(model, Normalize(mean, std), names, source_file=weights, in_channels=channels, output=output)
+        super().__init__(
+            model, Normalize(mean, std), names, source_file=weights, in_channels=channels, output=output,
+            resize_to=resize_to,
+        )  # fmt: skip
 
 
 class TimmClassifier(ClassifierWrapper):
@@ -84,6 +89,7 @@ class TimmClassifier(ClassifierWrapper):
             when the model has 1000 classes).
         kwargs: further keyword arguments of ``timm.create_model`` (e.g. ``in_chans``).
         state_dict_prefix: take only the weights whose keys start with it (e.g. ``"net."``).
+        resize_to: the size a fixed-size model takes; see :class:`ClassifierWrapper`.
     """
 
     def __init__(
@@ -96,6 +102,7 @@ class TimmClassifier(ClassifierWrapper):
         class_names: list[str] | str | None = None,
         kwargs: dict[str, Any] | None = None,
         state_dict_prefix: str | None = None,
+        resize_to: int | tuple[int, int] | None = None,
     ) -> None:
         timm = _import("timm", "TimmClassifier")
         if not timm.is_model(name):
@@ -113,7 +120,10 @@ class TimmClassifier(ClassifierWrapper):
         if class_names is None and classes == 1000:
             class_names = imagenet_class_names()
         names = read_class_names(class_names, classes)
-        super().__init__(model, Normalize(mean, std), names, source_file=weights, in_channels=options.get("in_chans"))
+        super().__init__(
+            model, Normalize(mean, std), names, source_file=weights, in_channels=options.get("in_chans"),
+            resize_to=resize_to,
+        )  # fmt: skip
 
 
 def _import(package: str, needed_by: str) -> Any:

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
@@ -15,6 +16,7 @@ from neuromask_pl import DEMO_INSTALL_HINT
 from neuromask_pl.classifiers.files import existing_file, file_sha256, load_failure_reason, read_class_names
 from neuromask_pl.classifiers.imports import did_you_mean, resolve_factory
 from neuromask_pl.classifiers.weights import load_weights
+from neuromask_pl.data.checks import expected_channels
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -75,6 +77,9 @@ class ClassifierWrapper(nn.Module):
         in_channels: number of image channels the model expects (default: inferred).
         output: where the logits are when ``model`` returns several outputs: an index into a
             tuple or list, or a key of a dict; None if it returns the logits tensor itself.
+        resize_to: ``size`` or ``(height, width)`` a fixed-size model (ViT, LeViT, MaxViT) takes: images of
+            another size are resized to it (bilinear, antialiased) inside the classifier, so masks keep the
+            images' own resolution; None passes images as they are.
     """
 
     def __init__(
@@ -85,6 +90,7 @@ class ClassifierWrapper(nn.Module):
         source_file: str | None = None,
         in_channels: int | None = None,
         output: int | str | None = None,
+        resize_to: int | tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         if output is not None and (isinstance(output, bool) or not isinstance(output, (int, str))):
@@ -96,11 +102,14 @@ class ClassifierWrapper(nn.Module):
         self.normalize = normalize if normalize is not None else Normalize()
         self.class_names = class_names
         self.source_file = source_file
-        self.in_channels = in_channels or self.normalize.num_channels or _first_conv_channels(model) or 3
+        self.in_channels = in_channels or self.normalize.num_channels or expected_channels(model) or 3
+        self.resize_to = _size(resize_to)
         self.eval()
 
     def forward(self, images: Tensor) -> Tensor:
         """Map [0, 1] images B x C x H x W to logits B x K."""
+        if self.resize_to is not None and tuple(images.shape[-2:]) != self.resize_to:
+            images = F.interpolate(images, size=self.resize_to, mode="bilinear", align_corners=False, antialias=True)
         return select_output(self.model(self.normalize(images)), self.output)
 
     def extra_repr(self) -> str:
@@ -345,9 +354,11 @@ def _floats(values: Sequence[float] | float, name: str) -> list[float]:
     return out
 
 
-def _first_conv_channels(model: nn.Module) -> int | None:
-    """Input channels of the first 4-D weight (the first convolution), if any."""
-    for p in model.parameters():
-        if p.dim() == 4:
-            return int(p.shape[1])
-    return None
+def _size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    """``resize_to`` as (height, width), or None."""
+    if size is None:
+        return None
+    pair = (size, size) if isinstance(size, int) else tuple(size)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
+        raise ValueError(f"resize_to must be a positive int or (height, width), got {size!r}")
+    return pair
