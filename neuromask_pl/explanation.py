@@ -38,8 +38,7 @@ class Explanation:
             ``total`` (weighted sum), each (B,).
         mask_area: mean mask value per sample, shape (B,).
         preserved: whether the masked image is still classified as the target, shape (B,).
-        steps: optimisation steps each mask got (fewer than the setting when it stopped early), shape (B,),
-            or None (results saved before this field existed).
+        steps: optimisation steps each mask got (fewer than the setting when it stopped early), shape (B,).
         images: the original images in [0, 1], shape (B, C, H, W), or None.
         paths: source file of each sample, or None for in-memory data.
         skipped: samples of the batch that could not be read: dicts with
@@ -56,7 +55,7 @@ class Explanation:
     loss: dict[str, Tensor]
     mask_area: Tensor
     preserved: Tensor
-    steps: Tensor | None = None
+    steps: Tensor
     images: Tensor | None = None
     paths: list[str] | None = None
     skipped: list[dict[str, Any]] = field(default_factory=list)
@@ -128,7 +127,7 @@ class Explanation:
                 "prob_masked": float(self.prob_masked[i]),
                 "preserved": bool(self.preserved[i]),
                 "mask_area": float(self.mask_area[i]),
-                "steps": int(self.steps[i]) if self.steps is not None else "",
+                "steps": int(self.steps[i]),
                 "status": "failed" if self.errors and self.errors[i] else "ok",
                 "error": self.errors[i] if self.errors else "",
             }
@@ -145,4 +144,4 @@ class Explanation:
             return {}
         values = [*(self.loss[t] for t in LOSS_TERMS), self.mask_area, self.preserved, self.prob_original,
                   self.prob_masked, self.steps]  # fmt: skip
-        return {key: float(v[ok.to(v.device)].float().mean()) for key, v in zip(SUMMARY_KEYS, values) if v is not None}
+        return {key: float(v[ok.to(v.device)].float().mean()) for key, v in zip(SUMMARY_KEYS, values)}

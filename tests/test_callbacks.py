@@ -127,6 +127,7 @@ class FakeExplainer(pl.LightningModule):
             loss=loss,
             mask_area=masks.mean((1, 2, 3)),
             preserved=p_mask.argmax(-1) == targets,
+            steps=torch.full_like(ids, 5),
             images=images,
             paths=batch.get("path"),
             skipped=batch["skipped"],
