@@ -148,8 +148,9 @@ def write_cli_config(
     return path
 
 
-def make_trainer(**overrides: Any) -> pl.Trainer:
-    """A quiet single-process CPU Trainer that NeuroMask can run under (inference_mode=False)."""
+def make_trainer(package: Any = pl, **overrides: Any) -> pl.Trainer:
+    """A quiet single-process CPU Trainer that NeuroMask can run under (inference_mode=False), of ``package``
+    (``pytorch_lightning`` or ``lightning``); every test's Trainer comes from here, ``overrides`` set the rest."""
     kwargs: dict[str, Any] = dict(
         accelerator="cpu",
         devices=1,
@@ -160,7 +161,7 @@ def make_trainer(**overrides: Any) -> pl.Trainer:
         enable_checkpointing=False,
     )
     kwargs.update(overrides)
-    return pl.Trainer(**kwargs)
+    return package.Trainer(**kwargs)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from conftest import write_cli_config
+from conftest import make_trainer, write_cli_config
 from jsonargparse import ArgumentParser
 from PIL import Image
 from torch import nn
@@ -153,14 +153,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[LitNet, Path]:
         torch.manual_seed(0)
         model = LitNet(width=6)
         data = torch.utils.data.TensorDataset(torch.rand(12, 3, 8, 8), torch.randint(0, 3, (12,)))
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            max_steps=3,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
+        trainer = make_trainer(max_steps=3, inference_mode=True)
         trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
     path = tmp_path_factory.mktemp("ckpt") / "m.ckpt"
     trainer.save_checkpoint(path)

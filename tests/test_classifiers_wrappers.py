@@ -408,8 +408,10 @@ def test_bad_normalisation():
 def test_every_public_name_keeps_its_import_path():
     """The names imported from ``neuromask_pl.classifiers`` anywhere before it became a package still are."""
     import neuromask_pl
-    from neuromask_pl import classifiers
-    from neuromask_pl import DEMO_INSTALL_HINT  # noqa: F401  (one home for the package, data and classifiers)
+    from neuromask_pl import (
+        DEMO_INSTALL_HINT,  # noqa: F401  (one home for the package, data and classifiers)
+        classifiers,
+    )
     from neuromask_pl.classifiers import (  # noqa: F401
         LightningCheckpointClassifier,
         file_sha256,

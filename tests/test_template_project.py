@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_trainer
 from PIL import Image
 
 L = pytest.importorskip("lightning")
@@ -40,9 +41,9 @@ def project():
 def train(project, root: Path, callbacks: list) -> tuple[dict[str, torch.Tensor], L.Trainer]:
     L.seed_everything(0)
     module = project["module"](net=project["net"]())
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=2, default_root_dir=root, callbacks=callbacks,
-        enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+    trainer = make_trainer(
+        L, max_epochs=2, default_root_dir=root, callbacks=callbacks, deterministic=True, inference_mode=True,
+        logger=True, enable_checkpointing=True,
     )  # fmt: skip
     trainer.fit(module, datamodule=project["data"]())
     return {k: v.clone() for k, v in module.state_dict().items()}, trainer
@@ -135,7 +136,7 @@ def test_neuromask_runs_under_the_lightning_trainer(project, trained) -> None:
     classifier = torch.nn.Sequential(Normalize([project["mean"]], [project["std"]]), net).eval()
     images, _ = project["digits"](300)
     loader = torch.utils.data.DataLoader(images[-4:], batch_size=2)
-    trainer = L.Trainer(accelerator="cpu", devices=1, inference_mode=False, logger=False, enable_progress_bar=False)
+    trainer = make_trainer(L)
     parts = trainer.predict(NeuroMask(classifier, steps=10, settings={"mask_size": 14}), loader)
     masks = torch.cat([p.masks for p in parts])
     alone = NeuroMask(classifier, steps=10, settings={"mask_size": 14}).explain(images[-4:])

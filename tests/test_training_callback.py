@@ -12,7 +12,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from conftest import make_images
+from conftest import make_images, make_trainer
 from PIL import Image
 from pytorch_lightning.loggers import Logger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -101,18 +101,8 @@ def fit(callbacks: list, logger: Any = False, epochs: int = 2, dict_batches: boo
     val = DataLoader(
         TensorDataset(VAL_IMAGES, VAL_LABELS), batch_size=4, collate_fn=dict_collate if dict_batches else None
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        logger=logger,
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        log_every_n_steps=1,
-        **trainer_args,
-    )
+    trainer_args = {"inference_mode": True, **trainer_args}  # Lightning's default while training
+    trainer = make_trainer(max_epochs=epochs, logger=logger, callbacks=callbacks, log_every_n_steps=1, **trainer_args)
     trainer.fit(module, train, val)
     return module, trainer
 
@@ -326,13 +316,8 @@ def test_sanity_check_is_not_collected_and_bad_images_stop_before_training():
     bad = DataLoader(TensorDataset(VAL_IMAGES * 2 - 1, VAL_LABELS), batch_size=4)  # normalised to [-1, 1]
     seed_all(0)
     module = Classifier()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        callbacks=[ExplainDuringTraining(num_images=2, steps=STEPS)],
-        enable_progress_bar=False,
-        enable_checkpointing=False,
+    trainer = make_trainer(
+        max_epochs=1, inference_mode=True, callbacks=[ExplainDuringTraining(num_images=2, steps=STEPS)]
     )
     train = DataLoader(TensorDataset(TRAIN_IMAGES, TRAIN_LABELS), batch_size=BATCH)
     with pytest.raises(ValueError, match=r"validation images.*\[0, 1\].*images=\.\.\."):
@@ -374,14 +359,7 @@ def test_trainer_validate_explains_under_inference_mode(inference_mode):
     module = Classifier()
     logger = ImageOnlyLogger()
     callback = ExplainDuringTraining(num_images=4, steps=STEPS)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        logger=logger,
-        callbacks=[callback],
-        inference_mode=inference_mode,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = make_trainer(logger=logger, callbacks=[callback], inference_mode=inference_mode)
     trainer.validate(module, DataLoader(TensorDataset(VAL_IMAGES, VAL_LABELS), batch_size=3), verbose=False)
     assert torch.equal(callback.images, VAL_IMAGES[:4]) and not callback.images.is_inference()
     reference = independent_explanation(module.state_dict(), VAL_IMAGES[:4])
