@@ -373,7 +373,6 @@ def test_fast_path_masks_at_a_low_temperature_equal_in_float64(image_factory) ->
     torch.testing.assert_close(fast.masks, plain.masks, rtol=0, atol=1e-9)
 
 
-@pytest.mark.slow
 def test_fast_path_with_the_annealed_default(image_factory) -> None:
     """The default ends at temperature 0.01, which amplifies float32 rounding about 100x, so a few pixels near
     0.5 may land on the other side; in float64 (folding only: packed convolutions are float32) it is exact."""

@@ -204,7 +204,6 @@ def test_one_forward_pass_holds_the_masked_and_the_deleted_images(tiny_cnn) -> N
     assert "delete" in result.loss and result.loss["delete"].shape == (3,)
 
 
-@pytest.mark.slow
 def test_the_deletion_game_makes_hiding_the_mask_remove_the_class() -> None:
     """On the localisation benchmark's classifier: with l_delete the class probability falls faster as the
     mask's pixels are deleted (deletion AUC), and the hidden-region loss is lower."""
