@@ -112,6 +112,7 @@ def test_cpu_out_of_memory_splits_the_batch_like_cuda(tiny_cnn, image_factory, m
 # ----------------------------------------------------------------------------- dataset jobs
 
 import json  # noqa: E402
+import os  # noqa: E402
 import zlib  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -197,6 +198,11 @@ def test_a_folder_of_random_corrupt_files_completes_with_a_correct_manifest(
     good = write_pngs(root, 4, seed=seed)
     grey16 = root / "grey16.png"
     Image.fromarray((rng.random((16, 16)) * 65535).astype(np.uint16)).save(grey16)
+    unusual = [grey16, root / os.fsdecode(b"caf\xe9.png"), root / "palette.gif", root / "cmyk.tif"]
+    rgb = Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8))
+    rgb.save(unusual[1])  # a file name that is not UTF-8
+    rgb.convert("P").save(unusual[2])
+    rgb.convert("CMYK").save(unusual[3])
     good_bytes = good[0].read_bytes()
     bad = {
         "truncated.png": good_bytes[: int(rng.integers(20, len(good_bytes) - 10))],
@@ -215,7 +221,7 @@ def test_a_folder_of_random_corrupt_files_completes_with_a_correct_manifest(
 
     with load_results(tmp_path / "out") as results:
         rows = {Path(row["path"]).name: row for row in results.rows}
-        assert sorted(rows) == sorted([p.name for p in [*good, grey16]] + list(bad))  # every file exactly once
+        assert sorted(rows) == sorted([p.name for p in [*good, *unusual]] + list(bad))  # every file exactly once
         assert {n for n, r in rows.items() if r["status"] == "skipped"} == set(bad)
         assert all(rows[n]["error"] for n in bad)
         # The readable files' masks are those of explaining them directly with the same ids.
