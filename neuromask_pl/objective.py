@@ -74,6 +74,11 @@ class MaskSettings:
             perturbation). It runs the classifier on twice the images; 0 = off (reference).
         upsample_weights: upsample the weights, not the mask, to the image before the sigmoid (a binary
             mask at every pixel, with smooth contours, at a low temperature).
+        lr_end: if > 0, the learning rate is annealed geometrically from ``lr`` (first step) to ``lr_end``
+            (last step), as the temperature with ``temperature_start``; 0 = a fixed learning rate. With the
+            temperature annealed and ``lr_end / lr`` about ``temperature / temperature_start``, a step moves the
+            mask's logits ``w / T`` by about the same amount all along, instead of 200 times more at the end,
+            where float rounding would then decide which pixels flip.
     """
 
     steps: int = 1000
@@ -102,6 +107,7 @@ class MaskSettings:
     l_detail: float = 0.0
     l_delete: float = 0.0
     upsample_weights: bool = False
+    lr_end: float = 0.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -122,6 +128,7 @@ class MaskSettings:
             (self.mask_coarse >= 0, f"mask_coarse must be >= 0 cells (0 = one grid), got {self.mask_coarse}"),
             (self.l_detail >= 0, f"l_detail must be >= 0, got {self.l_detail}"),
             (self.l_delete >= 0, f"l_delete must be >= 0 (0 = off), got {self.l_delete}"),
+            (self.lr_end >= 0, f"lr_end must be >= 0 (0 = fixed learning rate), got {self.lr_end}"),
             (
                 self.l_detail == 0 or self.mask_coarse > 0,
                 f"l_detail={self.l_detail} penalises the fine grid of a two-scale mask: set mask_coarse > 0 too",
@@ -291,6 +298,15 @@ def temperature_at(settings: MaskSettings, step: int | None) -> float:
         return settings.temperature
     frac = min(max(step / (settings.steps - 1), 0.0), 1.0)
     return settings.temperature_start * (settings.temperature / settings.temperature_start) ** frac
+
+
+def lr_at(settings: MaskSettings, step: int) -> float:
+    """The learning rate of optimisation step ``step`` (0-based): ``lr``, or with ``lr_end > 0`` geometric from
+    ``lr`` at step 0 to ``lr_end`` at the last step."""
+    if not settings.lr_end or settings.steps == 1:
+        return settings.lr
+    frac = min(max(step / (settings.steps - 1), 0.0), 1.0)
+    return settings.lr * (settings.lr_end / settings.lr) ** frac
 
 
 def settings_at(settings: MaskSettings, step: int | None) -> MaskSettings:
