@@ -79,6 +79,8 @@ class MaskSettings:
             temperature annealed and ``lr_end / lr`` about ``temperature / temperature_start``, a step moves the
             mask's logits ``w / T`` by about the same amount all along, instead of 200 times more at the end,
             where float rounding would then decide which pixels flip.
+        lr_hold: with ``lr_end > 0``, the share of the steps (in [0, 1)) run at ``lr`` before the annealing
+            starts: the mask forms at the full rate, then settles.
     """
 
     steps: int = 1000
@@ -108,6 +110,7 @@ class MaskSettings:
     l_delete: float = 0.0
     upsample_weights: bool = False
     lr_end: float = 0.0
+    lr_hold: float = 0.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -129,6 +132,7 @@ class MaskSettings:
             (self.l_detail >= 0, f"l_detail must be >= 0, got {self.l_detail}"),
             (self.l_delete >= 0, f"l_delete must be >= 0 (0 = off), got {self.l_delete}"),
             (self.lr_end >= 0, f"lr_end must be >= 0 (0 = fixed learning rate), got {self.lr_end}"),
+            (0 <= self.lr_hold < 1, f"lr_hold must be in [0, 1) (a share of the steps), got {self.lr_hold}"),
             (
                 self.l_detail == 0 or self.mask_coarse > 0,
                 f"l_detail={self.l_detail} penalises the fine grid of a two-scale mask: set mask_coarse > 0 too",
@@ -301,11 +305,12 @@ def temperature_at(settings: MaskSettings, step: int | None) -> float:
 
 
 def lr_at(settings: MaskSettings, step: int) -> float:
-    """The learning rate of optimisation step ``step`` (0-based): ``lr``, or with ``lr_end > 0`` geometric from
-    ``lr`` at step 0 to ``lr_end`` at the last step."""
+    """The learning rate of optimisation step ``step`` (0-based): ``lr``, or with ``lr_end > 0`` ``lr`` for the
+    first ``lr_hold`` of the steps, then geometric to ``lr_end`` at the last step."""
     if not settings.lr_end or settings.steps == 1:
         return settings.lr
     frac = min(max(step / (settings.steps - 1), 0.0), 1.0)
+    frac = max(frac - settings.lr_hold, 0.0) / (1.0 - settings.lr_hold)
     return settings.lr * (settings.lr_end / settings.lr) ** frac
 
 

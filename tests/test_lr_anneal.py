@@ -24,6 +24,14 @@ def test_lr_schedule_is_geometric_from_lr_to_lr_end() -> None:
         MaskSettings(lr_end=-1.0)
 
 
+def test_lr_hold_runs_the_first_share_of_the_steps_at_lr() -> None:
+    settings = MaskSettings(steps=5, lr=0.1, lr_end=0.001, lr_hold=0.5)
+    # Steps 0..2 (fractions 0, 0.25, 0.5) at lr; then (f - 0.5) / 0.5 of the way: 0.5 -> 10**-1, 1 -> 10**-2.
+    assert [lr_at(settings, k) for k in range(5)] == pytest.approx([0.1, 0.1, 0.1, 0.01, 0.001], rel=1e-12)
+    with pytest.raises(ValueError, match="lr_hold must be in"):
+        MaskSettings(lr_end=0.001, lr_hold=1.0)
+
+
 def test_the_loop_steps_with_the_annealed_learning_rate() -> None:
     """Adam's first step moves each weight by lr (times the sign of its gradient, up to eps): measure it."""
     torch.manual_seed(0)
