@@ -85,3 +85,24 @@ def test_argv_without_drops_options_and_their_values(stability):
     argv = ["--n", "4", "--stability", "all", "--out=r.json", "--set", "lr=0.1", "--dump-maps", "m.pt"]
     got = stability.argv_without(argv, {"--stability", "--out", "--dump-maps"})
     assert got == ["--n", "4", "--set", "lr=0.1"]
+
+
+def test_compare_methods_reports_stability_of_every_row(tmp_path):
+    """Two benchmark images, 3 steps: every variant runs (avx2 in a subprocess), and the pieces and areas
+    reported agree with the maps the command saved."""
+    pytest.importorskip("captum")
+    compare = load_script("compare_methods.py")
+    stability = load_script("stability.py")
+    dump = tmp_path / "maps.pt"
+    argv = ["--n", "2", "--methods", "neuromask,saliency", "--presets", "default", "--steps-list", "3"]
+    result = compare.main(argv + ["--stability", "all", "--dump-maps", str(dump), "--out", str(tmp_path / "r.json")])
+    maps = torch.load(dump)
+    rows = {row["name"]: row for row in result["rows"]}
+    mask_row, saliency_row = rows["neuromask:default@3"], rows["saliency"]
+    masks = maps["neuromask:default@3"] > stability.THRESHOLD
+    assert mask_row["stability"]["pieces"] == stability.count_pieces(masks).tolist()
+    for variant in stability.VARIANTS:  # every variant of a NeuroMask row is measured
+        assert 0.0 <= mask_row["stability"][variant]["iou_worst"] <= mask_row["stability"][variant]["iou_mean"] <= 1
+    # The saliency map keeps the top-k pixels, k the NeuroMask mask's share: the same area.
+    assert saliency_row["stability"]["area_mean"] == pytest.approx(mask_row["stability"]["area_mean"], abs=1 / 4096)
+    assert "plain" not in saliency_row["stability"] and "avx2" in saliency_row["stability"]
