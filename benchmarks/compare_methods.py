@@ -151,6 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="JSON output path")
     parser.add_argument("--markdown", default=None, help="markdown output path")
     parser.add_argument("--no-per-image", action="store_true", help="leave per-image values out of the JSON")
+    parser.add_argument(
+        "--stability",
+        default=None,
+        help="thresholded-map IoU against variants of each run: comma list of alone,plain,avx2,seed or 'all' "
+        "(benchmarks/stability.py)",
+    )
+    parser.add_argument(
+        "--stability-area", type=float, default=0.05, help="top-k share for saliency maps when no NeuroMask row runs"
+    )
+    parser.add_argument("--dump-maps", default=None, help="save every row's maps to this .pt file")
     return parser
 
 
@@ -226,13 +236,13 @@ def extremal_maps(model: nn.Module, images: Tensor, targets: Tensor, args: argpa
     return torch.cat(maps)
 
 
-def rise_maps(model: nn.Module, images: Tensor, targets: Tensor, args: argparse.Namespace) -> Tensor:
+def rise_maps(model: nn.Module, images: Tensor, targets: Tensor, args: argparse.Namespace, seed: int = 0) -> Tensor:
     """TorchRay RISE maps B x 1 x H x W for each image's target class (masks shared by all images)."""
     from torchray.attribution.rise import rise
 
     maps = []
     for i in range(0, len(images), args.batch_size):
-        sal = rise(model, images[i : i + args.batch_size], num_masks=args.rise_masks, batch_size=250, seed=0)
+        sal = rise(model, images[i : i + args.batch_size], num_masks=args.rise_masks, batch_size=250, seed=seed)
         t = targets[i : i + args.batch_size]
         maps.append(sal[torch.arange(len(t)), t][:, None])
     return torch.cat(maps)
@@ -248,6 +258,79 @@ def neuromask_maps(
         masks.append(result.masks)
         steps.append(result.steps)
     return torch.cat(masks).detach(), torch.cat(steps)
+
+
+def variant_maps(
+    variant: str,
+    row: dict[str, Any],
+    classifier: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    ids: Tensor,
+    args: argparse.Namespace,
+) -> Tensor | None:
+    """A row's maps under a stability variant of ``benchmarks/stability.py`` (not ``avx2``, which reruns the whole
+    command in a subprocess), or None where the variant cannot differ (a deterministic method's seed, a peer's
+    plain path, extremal perturbation alone: it already runs one image at a time)."""
+    from stability import PLAIN_PATH
+
+    n, method = row["n"], row["method"]
+    images, targets, ids = images[:n], targets[:n], ids[:n]
+    alone = argparse.Namespace(**{**vars(args), "batch_size": 1})
+    if method == "neuromask":
+        preset, overrides = row["settings"]["preset"], row["settings"]["overrides"]
+        steps, seed, batch = row["settings"]["resolved"]["steps"], args.seed, args.batch_size
+        fast_path = PLAIN_PATH if variant == "plain" else None
+        seed, batch = (seed + 1, batch) if variant == "seed" else (seed, 1 if variant == "alone" else batch)
+        explainer = NeuroMask(classifier, preset, steps, overrides, seed=seed, fast_path=fast_path)
+        return neuromask_maps(explainer, images, targets, ids, batch)[0]
+    if method == "rise" and variant in ("alone", "seed"):
+        return rise_maps(classifier, images, targets, alone if variant == "alone" else args, int(variant == "seed"))
+    if variant == "alone" and method not in ("extremal_perturbation", "rise"):
+        return captum_maps(method, classifier, images, targets, alone)
+    return None
+
+
+def measure_stability(
+    rows: list[dict[str, Any]],
+    maps: dict[str, Tensor],
+    classifier: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    ids: Tensor,
+    args: argparse.Namespace,
+    argv: list[str],
+) -> str:
+    """Add each row's ``stability`` (``benchmarks/stability.py``); the markdown table of them."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import stability
+
+    variants = stability.parse_variants(args.stability)
+    avx2: dict[str, Tensor] = {}
+    if "avx2" in variants:
+        rest = stability.argv_without(argv, {"--stability", "--out", "--markdown", "--dump-maps"})
+        avx2 = stability.maps_in_subprocess(__file__, rest, stability.AVX2_ENV)
+    masks = [maps[r["name"]] for r in rows if r["method"] == "neuromask"]
+    areas = (masks[0] > stability.THRESHOLD).flatten(1).float().mean(1) if masks else None
+    for row in rows:
+        n = row["n"]
+
+        def remake(variant: str, row: dict[str, Any] = row) -> Tensor | None:
+            if variant == "avx2":
+                return avx2.get(row["name"])
+            return variant_maps(variant, row, classifier, images, targets, ids, args)
+
+        def keep(masks: Tensor, n: int = n) -> Tensor:
+            return stability.keeps_class(classifier, images[:n], masks, targets[:n])
+
+        area = torch.full((n,), args.stability_area) if areas is None else areas[:n]
+        is_mask = row["method"] == "neuromask"
+        with frozen(classifier):
+            row["stability"] = stability.stability_of(
+                row["name"], maps[row["name"]], is_mask, remake, variants, area, keep
+            )
+        log.info("  stability: %s", stability.markdown_table([row["stability"]], variants).splitlines()[-1])
+    return stability.markdown_table([r["stability"] for r in rows], variants)
 
 
 # ----------------------------------------------------------------------------------------- metrics
@@ -497,6 +580,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         import torchray.attribution.rise  # noqa: F401
 
     rows: list[dict[str, Any]] = []
+    all_maps: dict[str, Tensor] = {}
     for name, method, fn, n, is_mask, settings in runs:
         log.info("running %s on %d images ...", name, n)
         start = time.perf_counter()
@@ -508,6 +592,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise RuntimeError(
                 f"{name} returned maps of shape {tuple(maps.shape)}, expected {(n, 1, *images.shape[-2:])}"
             )
+        all_maps[name] = maps
         per_image = evaluate(classifier, data, maps, predicted[:n], is_mask, args.tolerance, args.batch_size)
         metrics = aggregate(per_image, cue_subset)
         row = {
@@ -526,6 +611,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows.append(row)
         log.info("  %.1f s (%.4f s/img): %s", seconds, seconds / n, {k: round(v, 4) for k, v in metrics.items()})
 
+    if args.dump_maps:
+        torch.save(all_maps, args.dump_maps)
+    argv_used = argv if argv is not None else sys.argv[1:]
+    stability_md = ""
+    if args.stability:
+        stability_md = measure_stability(rows, all_maps, classifier, images, predicted, ids, args, argv_used)
     reference = args.reference
     if reference is None and presets and "neuromask" in methods:
         ref_steps = resolve_settings(presets[0], None, overrides).steps
@@ -548,7 +639,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             " Cue columns: over the `n cue` images with prediction == cue_label != label; `cue energy>0.5` = share "
             "with more than half the shifted saliency energy on the cue square."
         )
-    markdown = "\n\n".join(x for x in [f"Command: `{command}`", notes, table, targets_markdown(targets)] if x) + "\n"
+    parts = [f"Command: `{command}`", notes, table, targets_markdown(targets), stability_md]
+    markdown = "\n\n".join(x for x in parts if x) + "\n"
     print(markdown)
 
     result = {

@@ -72,6 +72,13 @@ class MaskSettings:
             perturbation). It runs the classifier on twice the images; 0 = off (reference).
         upsample_weights: upsample the weights, not the mask, to the image before the sigmoid (a binary
             mask at every pixel, with smooth contours, at a low temperature).
+        lr_end: if > 0, the learning rate is annealed geometrically from ``lr`` (first step) to ``lr_end``
+            (last step), as the temperature with ``temperature_start``; 0 = a fixed learning rate. With the
+            temperature annealed and ``lr_end / lr`` about ``temperature / temperature_start``, a step moves the
+            mask's logits ``w / T`` by about the same amount all along, instead of 200 times more at the end,
+            where float rounding would then decide which pixels flip.
+        lr_hold: with ``lr_end > 0``, the share of the steps (in [0, 1)) run at ``lr`` before the annealing
+            starts: the mask forms at the full rate, then settles.
     """
 
     steps: int = 1000
@@ -100,6 +107,8 @@ class MaskSettings:
     l_detail: float = 0.0
     l_delete: float = 0.0
     upsample_weights: bool = False
+    lr_end: float = 0.0
+    lr_hold: float = 0.0
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -121,6 +130,8 @@ class MaskSettings:
             (self.mask_coarse >= 0, f"mask_coarse must be >= 0 cells (0 = one grid), got {self.mask_coarse}"),
             (self.l_detail >= 0, f"l_detail must be >= 0, got {self.l_detail}"),
             (self.l_delete >= 0, f"l_delete must be >= 0 (0 = off), got {self.l_delete}"),
+            (self.lr_end >= 0, f"lr_end must be >= 0 (0 = fixed learning rate), got {self.lr_end}"),
+            (0 <= self.lr_hold < 1, f"lr_hold must be in [0, 1) (a share of the steps), got {self.lr_hold}"),
             (
                 self.l_detail == 0 or self.mask_coarse > 0,
                 f"l_detail={self.l_detail} penalises the fine grid of a two-scale mask: set mask_coarse > 0 too",

@@ -54,6 +54,16 @@ def temperature_at(settings: MaskSettings, step: int | None) -> float:
     return settings.temperature_start * (settings.temperature / settings.temperature_start) ** frac
 
 
+def lr_at(settings: MaskSettings, step: int) -> float:
+    """The learning rate of optimisation step ``step`` (0-based): ``lr``, or with ``lr_end > 0`` ``lr`` for the
+    first ``lr_hold`` of the steps, then geometric to ``lr_end`` at the last step."""
+    if not settings.lr_end or settings.steps == 1:
+        return settings.lr
+    frac = min(max(step / (settings.steps - 1), 0.0), 1.0)
+    frac = max(frac - settings.lr_hold, 0.0) / (1.0 - settings.lr_hold)
+    return settings.lr * (settings.lr_end / settings.lr) ** frac
+
+
 def settings_at(settings: MaskSettings, step: int | None) -> MaskSettings:
     """The settings in force at step ``step``: the annealed temperature replaces ``temperature``."""
     temperature = temperature_at(settings, step)

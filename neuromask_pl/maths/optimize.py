@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from neuromask_pl.maths.losses import laplacian_kernel, laplacian_size, loss_terms, settings_at, temperature_at
+from neuromask_pl.maths.losses import laplacian_kernel, laplacian_size, loss_terms, lr_at, settings_at, temperature_at
 from neuromask_pl.maths.mask import (
     apply_mask,
     blur_kernel_size,
@@ -246,6 +246,9 @@ class MaskOptimisation:
         self.weights.grad = grad
         # Only when some sample may have to sit this step out (no host sync otherwise).
         keep = None if self._all_active and self.loss_scale is None else self.weights.detach().clone()
+        if settings.lr_end:  # the annealed learning rate of this step
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(settings, self._step)
         self.optimizer.step()
         if keep is not None:  # samples that stopped (or overflowed) keep their weights
             with torch.no_grad():
