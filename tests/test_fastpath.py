@@ -510,10 +510,16 @@ def test_fastest_variant_takes_each_ones_fastest_timed_step_and_breaks_ties_by_o
     clock = SimpleNamespace(now=0.0)
     monkeypatch.setattr(fastpath, "time", SimpleNamespace(perf_counter=lambda: clock.now))
     images = torch.rand(2, 3, 4, 4)
-    # warm-up, then 3 rounds: the warm-up's 0.1 is not counted; each variant's time is its fastest round
+    # warm-up, then 3 rounds (they took more than MEASURED_SECONDS): the warm-up's 0.1 is not counted; each
+    # variant's time is its fastest round
     variants = {"plain": Costly(clock, [9, 5, 3, 4]), "folded": Costly(clock, [0.1, 4, 4, 4])}
-    assert fastpath.MEASURED_ROUNDS == 3
+    assert fastpath.MEASURED_ROUNDS == 3 and fastpath.MEASURED_SECONDS < 24
     assert REAL_FASTEST_VARIANT(variants, images) == ("plain", {"plain": 3, "folded": 4})
+    # cheap steps: rounds go on until MEASURED_SECONDS, at most MAX_MEASURED_ROUNDS
+    cheap = {"plain": Costly(clock, [0.01] * 11), "folded": Costly(clock, [0.01] * 6 + [0.001] * 5)}
+    name, seconds = REAL_FASTEST_VARIANT(cheap, images)  # (an 11th round would exhaust the costs and fail)
+    assert name == "folded" and seconds == pytest.approx({"plain": 0.01, "folded": 0.001})
+    assert fastpath.MAX_MEASURED_ROUNDS == 10 and fastpath.MEASURED_SECONDS > 0.2  # 10 rounds x 0.02 s
     tie = {"plain": Costly(clock, [1, 2, 2, 2]), "folded": Costly(clock, [1, 2, 2, 2])}
     assert REAL_FASTEST_VARIANT(tie, images)[0] == "plain"
 

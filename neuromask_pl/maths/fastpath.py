@@ -28,7 +28,9 @@ __all__ = ["FastClassifier", "FastPath", "FrozenConv2d", "fastest_variant", "fol
 
 log = logging.getLogger(__name__)
 
-MEASURED_ROUNDS = 3  # timed forward + backward steps per variant when choosing (after one warm-up each)
+# Timed forward + backward steps per variant when choosing (after one warm-up each): at least MEASURED_ROUNDS, more
+# while all rounds so far took less than MEASURED_SECONDS (cheap models: more samples, hence a steadier choice).
+MEASURED_ROUNDS, MAX_MEASURED_ROUNDS, MEASURED_SECONDS = 3, 10, 0.5
 
 
 @dataclass(frozen=True)
@@ -259,9 +261,10 @@ def _sharing_tensors(module: nn.Module) -> nn.Module:
 def fastest_variant(variants: Mapping[str, nn.Module], images: Tensor) -> tuple[str, dict[str, float]]:
     """The name of the variant whose forward + backward-to-input on ``images`` is fastest, and each one's seconds.
 
-    Each variant runs one warm-up step (packing happens there), then :data:`MEASURED_ROUNDS` timed steps,
-    interleaved over the variants so that a busy machine slows them alike; a variant's time is its fastest step,
-    and a tie goes to the earlier variant (``plain`` first). A variant that fails is left out.
+    Each variant runs one warm-up step (packing happens there), then timed steps in rounds, interleaved over the
+    variants so that a busy machine slows them alike: :data:`MEASURED_ROUNDS` rounds, more (up to
+    :data:`MAX_MEASURED_ROUNDS`) while they took less than :data:`MEASURED_SECONDS` in all. A variant's time is its
+    fastest step, and a tie goes to the earlier variant (``plain`` first). A variant that fails is left out.
     """
     steps = {name: _forward_backward(module, images) for name, module in variants.items()}
     for name in list(steps):
@@ -273,13 +276,17 @@ def fastest_variant(variants: Mapping[str, nn.Module], images: Tensor) -> tuple[
     if not steps:
         return next(iter(variants)), {}
     seconds = {name: float("inf") for name in steps}
-    for _ in range(MEASURED_ROUNDS):
+    spent = 0.0
+    for round_ in range(MAX_MEASURED_ROUNDS):
+        if round_ >= MEASURED_ROUNDS and spent >= MEASURED_SECONDS:
+            break
         for name, step in steps.items():
             _synchronize(images.device)
             start = time.perf_counter()
             step()
             _synchronize(images.device)
-            seconds[name] = min(seconds[name], time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            seconds[name], spent = min(seconds[name], elapsed), spent + elapsed
     return min(seconds, key=seconds.__getitem__), seconds
 
 
