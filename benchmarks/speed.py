@@ -146,7 +146,8 @@ def build_model(spec: str, num_classes: int, kwargs: dict[str, Any] | None = Non
         model = getattr(torchvision.models, spec)(num_classes=num_classes, **kwargs)
     else:
         raise ValueError(
-            f"unknown --model {spec!r}: give a torchvision name, timm:<name>, module:factory, or one of {sorted(BUILT_IN)}"
+            f"unknown --model {spec!r}: give a torchvision name, timm:<name>, module:factory, "
+            f"or one of {sorted(BUILT_IN)}"
         )
     for module in model.modules():
         if is_batchnorm(module):
@@ -399,8 +400,9 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
     print(f"\n{args.size} px, batch {args.batch}, {args.precision}, preset {args.preset}, {machine(args)['device']}, "
           f"{torch.get_num_threads()} thread(s), {args.rounds} rounds x {args.steps} steps; ratio = median over "
           "rounds of (ms per image and step) / floor's in the same round\n")  # fmt: skip
-    print("| model | floor ms | BN folded | convs packed | default runs | plain | folded | (folded+)packed | **default** "
-          "| default / plain | target | met |\n|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|")  # fmt: skip
+    print("| model | floor ms | BN folded | convs packed | default runs | plain | folded | (folded+)packed "
+          "| **default** | default / plain | target | met |\n"
+          "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|")  # fmt: skip
     for result in models:
         ratios = {row["variant"]: row["ratio_to_floor"] for row in result["rows"]}
         report, pinned = result["fast_path"], list(result["pinned"].values())
@@ -408,11 +410,12 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
         packed = max([r["packed_convolutions"] for r in pinned], default=0)
         packed_name = next((name for name in result["pinned"] if "packed" in name), None)
         folded_name = next((name for name in result["pinned"] if "packed" not in name), None)
-        cell = lambda name: f"{ratios[name]:.2f}" if name in ratios else "-"  # noqa: E731
+        cells = {name: f"{ratio:.2f}" for name, ratio in ratios.items()}
         versus = result["default_to_plain"]
         print(f"| {result['label']} | {result['floor_ms_per_image_step']:.1f} | "
               f"{folded}/{report['batchnorm_layers']} | {packed}/{report['convolutions']} | {report['variant']} | "
-              f"{cell('plain')} | {cell(folded_name)} | {cell(packed_name)} | **{cell('default')}** | "
+              f"{cells['plain']} | {cells.get(folded_name, '-')} | {cells.get(packed_name, '-')} | "
+              f"**{cells['default']}** | "
               f"{versus['median']:.2f} "
               f"[{versus['min']:.2f}, {versus['max']:.2f}] | {result['target']:.2f} | "
               f"{'yes' if result['met'] else 'NO'} |")  # fmt: skip

@@ -181,6 +181,23 @@ def test_batchnorm1d_after_a_linear_folds_only_when_it_normalises_the_linears_ou
     check(tokens, torch.randn(5, 9, 6), folds=0)
 
 
+class WideLinearNorm(nn.Module):
+    """A Linear with 2C outputs whose BatchNorm1d(C) sees them as twice the rows: not folded (nor an error)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.bn, self.head = nn.Linear(6, 8), nn.BatchNorm1d(4), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.linear(x)
+        return self.head(self.bn(y.reshape(-1, 4)).reshape_as(y))
+
+
+def test_a_batchnorm1d_over_reshaped_rows_of_a_wider_linear_is_left_alone() -> None:
+    torch.manual_seed(10)
+    check(WideLinearNorm(), torch.randn(5, 6), folds=0)
+
+
 # ----------------------------------------------------------------------------- BatchNorm before a layer
 
 

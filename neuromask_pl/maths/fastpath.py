@@ -143,7 +143,8 @@ class FastClassifier:
         """What the speed of a variant depends on: the model, the images but their number, the arithmetic, where."""
         device = images.device
         autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-        machine = torch.cuda.get_device_name(device) if device.type == "cuda" else torch.backends.cpu.get_cpu_capability()
+        cpu = torch.backends.cpu.get_cpu_capability()
+        machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
         model = (type(classifier).__qualname__, sum(p.numel() for p in classifier.parameters()))
         return (model, tuple(images.shape[1:]), images.dtype, autocast, str(device), machine, torch.get_num_threads())
 
@@ -244,7 +245,8 @@ class FastClassifier:
                 continue
             fast = variant.module
             if options.compile:
-                fast = torch.compile(fast, mode="reduce-overhead" if options.records_cuda_graphs(images.device) else "default")
+                graphs = options.records_cuda_graphs(images.device)
+                fast = torch.compile(fast, mode="reduce-overhead" if graphs else "default")
             fast = _ChannelsLast(fast) if channels_last else fast
             parts = ["folded"] * bool(variant.folded) + ["packed"] * bool(variant.packed)
             parts += ["channels_last"] * channels_last + ["compiled"] * options.compile

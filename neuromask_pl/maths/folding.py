@@ -73,8 +73,9 @@ def is_batchnorm(module: nn.Module) -> bool:
     ``FrozenBatchNormAct2d``)."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return True
-    names = {name for name, _ in module.named_buffers(recurse=False)}
-    return {"running_mean", "running_var", "weight", "bias"} <= names and isinstance(getattr(module, "eps", None), float)
+    buffers = {name for name, _ in module.named_buffers(recurse=False)}
+    frozen_statistics = {"running_mean", "running_var", "weight", "bias"} <= buffers
+    return frozen_statistics and isinstance(getattr(module, "eps", None), float)
 
 
 def _norm_of(module: nn.Module) -> _Norm | None:
@@ -125,8 +126,8 @@ def _is_plain_conv(module: nn.Module, spatial: int) -> bool:
 
 def _fold_after(layer: nn.Module, norm: _Norm, norm_input_ndims: set[int]) -> nn.Module | None:
     """``layer`` with ``norm`` (which follows it) folded in, or None where that is not exact."""
-    if layer.training:
-        return None
+    if layer.training or getattr(layer, "weight", None) is None or layer.weight.shape[0] != norm.mean.shape[0]:
+        return None  # (a Linear's outputs reshaped to other rows: channel j is its output j mod C; not folded)
     if _is_plain_conv(layer, norm.spatial):
         fused = copy.deepcopy(layer)
         fused.weight, fused.bias = fuse_conv_bn_weights(
@@ -142,13 +143,13 @@ def _fold_after(layer: nn.Module, norm: _Norm, norm_input_ndims: set[int]) -> nn
         )  # fmt: skip
     else:
         return None
-    return fused.requires_grad_(False) if fused.weight.shape[0] == norm.mean.shape[0] else None
+    return fused.requires_grad_(False)
 
 
 def _fold_before(norm: _Norm, layer: nn.Module, norm_input_ndims: set[int]) -> nn.Module | None:
     """``layer`` with ``norm`` (which precedes it) folded in, or None where that is not exact: a convolution must
     not pad (its border outputs would see zeros, not the shift), a Linear must act on the BatchNorm's channels."""
-    if norm.tail is not None or layer.training:
+    if norm.tail is not None or layer.training or getattr(layer, "weight", None) is None:
         return None
     if _is_plain_conv(layer, norm.spatial):
         if isinstance(layer.padding, str):
