@@ -531,6 +531,27 @@ def test_fastest_variant_takes_each_ones_fastest_timed_step_and_breaks_ties_by_o
     assert REAL_FASTEST_VARIANT({"plain": Costly(clock, [1, 5, 5, 5]), "packed": Fails()}, images)[0] == "plain"
 
 
+class FitsTwo(nn.Module):
+    """Runs out of memory, as CUDA would, on more than 2 images with gradients."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        self.sizes.append(x.shape[0])
+        return x.flatten(1)[:, :3]
+
+
+def test_a_batch_too_large_to_time_is_timed_on_fewer_images() -> None:
+    variants = {"plain": FitsTwo(), "folded": FitsTwo()}
+    name, seconds = REAL_FASTEST_VARIANT(variants, torch.rand(5, 3, 4, 4))
+    assert set(seconds) == {"plain", "folded"} and name in seconds
+    assert set(variants["plain"].sizes) == {2}  # 5 fail, 2 run (warm-up and timed rounds)
+
+
 def test_timing_changes_no_mask_no_random_state_and_not_the_classifier(monkeypatch, image_factory) -> None:
     """Timed for real: whichever variant wins, its masks are bit-identical to that variant's run without timing."""
     monkeypatch.setattr(fastpath, "fastest_variant", REAL_FASTEST_VARIANT)

@@ -266,15 +266,13 @@ def fastest_variant(variants: Mapping[str, nn.Module], images: Tensor) -> tuple[
     Each variant runs one warm-up step (packing happens there), then timed steps in rounds, interleaved over the
     variants so that a busy machine slows them alike: :data:`MEASURED_ROUNDS` rounds, more (up to
     :data:`MAX_MEASURED_ROUNDS`) while they took less than :data:`MEASURED_SECONDS` in all. A variant's time is its
-    fastest step, and a tie goes to the earlier variant (``plain`` first). A variant that fails is left out.
+    fastest step, and a tie goes to the earlier variant (``plain`` first). A variant that fails is left out; where
+    all fail (e.g. the batch does not fit in memory with gradients), they are timed on half the images, down to one.
     """
-    steps = {name: _forward_backward(module, images) for name, module in variants.items()}
-    for name in list(steps):
-        try:
-            steps[name]()
-        except Exception as error:  # noqa: BLE001 - a variant that cannot run is not chosen
-            log.debug("fast path variant %s fails (%s); left out", name, error)
-            del steps[name]
+    steps = _running(variants, images)
+    while not steps and len(images) > 1:
+        images = images[: len(images) // 2]
+        steps = _running(variants, images)
     if not steps:
         return next(iter(variants)), {}
     seconds = {name: float("inf") for name in steps}
@@ -290,6 +288,20 @@ def fastest_variant(variants: Mapping[str, nn.Module], images: Tensor) -> tuple[
             elapsed = time.perf_counter() - start
             seconds[name], spent = min(seconds[name], elapsed), spent + elapsed
     return min(seconds, key=seconds.__getitem__), seconds
+
+
+def _running(variants: Mapping[str, nn.Module], images: Tensor) -> dict[str, Callable[[], None]]:
+    """The forward + backward step of each variant that runs on ``images`` (after running it once)."""
+    steps = {}
+    for name, module in variants.items():
+        step = _forward_backward(module, images)
+        try:
+            step()
+        except Exception as error:  # noqa: BLE001 - a variant that cannot run is not chosen
+            log.debug("fast path variant %s fails on %d images (%s); left out", name, len(images), error)
+            continue
+        steps[name] = step
+    return steps
 
 
 def _forward_backward(module: nn.Module, images: Tensor) -> Callable[[], None]:
