@@ -106,6 +106,12 @@ class NeuroMask(pl.LightningModule):
         )
 
     @property
+    def fast_path_report(self) -> dict[str, Any]:
+        """What the fast path ran for the last batch: the variant, BatchNorms folded and convolutions packed (of
+        all), and the timings it was chosen by with ``auto`` (see FastClassifier.report)."""
+        return self._fast_classifier.report()
+
+    @property
     def class_names(self) -> list[str] | None:
         """The classifier's class names, when it has them."""
         return getattr(self.classifier, "class_names", None)

@@ -1,9 +1,15 @@
 """neuromask_pl.maths.fastpath, the fast copy of the frozen classifier: BatchNorm folding, packed convolutions,
-channels_last and compile, each checked against the plain path or autograd; the user's model untouched."""
+channels_last and compile, each checked against the plain path or autograd; the user's model untouched; and the
+choice of the variant by timing (``FastPath.auto``). Tests that compare masks pin the variant (``auto=False``):
+the variants agree up to float rounding only, and which one is fastest depends on the machine's load. The folding
+patterns are tested in test_folding.py, on real timm and torchvision classes in test_fastpath_models.py."""
 
 from __future__ import annotations
 
+import copy
 import logging
+import pickle
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +20,7 @@ from torch import Tensor, nn
 
 from neuromask_pl import NeuroMask
 from neuromask_pl.data import TensorDataModule
+from neuromask_pl.maths import fastpath
 from neuromask_pl.maths.fastpath import FastClassifier, FastPath, FrozenConv2d, fold_batchnorm
 from neuromask_pl.maths.optimize import learn_masks
 
@@ -185,16 +192,20 @@ def test_conv_subclasses_with_their_own_forward_are_folded() -> None:
     torch.testing.assert_close(folded(images), net(images), rtol=1e-4, atol=1e-5)
 
 
-def test_a_conv_that_folding_breaks_is_caught_and_the_classifier_used(caplog) -> None:
-    net = conv_bn_net(StandardisedConv)
-    fast = FastClassifier(FastPath())
+def test_a_conv_whose_forward_is_not_a_plain_convolution_is_not_folded_into(caplog) -> None:
+    net = conv_bn_net(StandardisedConv)  # folding the BatchNorm into its weight would not be exact
+    folded, count = fold_batchnorm(net)
+    assert count == 0
+    images = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(folded(images), net(images), rtol=0, atol=0)
+    fast = FastClassifier(FastPath(auto=False))
     with caplog.at_level(logging.WARNING, logger="neuromask_pl.maths.fastpath"):
-        assert fast.get(net, torch.rand(2, 3, 8, 8)) is net
-    assert "changes its logits" in caplog.text
+        assert fast.get(net, images) is net  # nothing to fold or pack: the classifier itself
+    assert caplog.text == ""
 
 
 def test_fast_copy_is_cached_until_the_weights_change(tiny_cnn, image_factory) -> None:
-    fast = FastClassifier(FastPath())
+    fast = FastClassifier(FastPath(auto=False))
     images = image_factory(2, 16)
     tiny_cnn.requires_grad_(False)
     first = fast.get(tiny_cnn, images)
@@ -215,13 +226,13 @@ def test_fast_copy_off_returns_the_classifier(tiny_cnn, image_factory) -> None:
 def test_a_copy_that_changes_the_logits_falls_back_to_the_classifier(
     tiny_cnn, image_factory, monkeypatch, caplog
 ) -> None:
-    def broken_fold(module: nn.Module) -> tuple[nn.Module, int]:
+    def broken_fold(module: nn.Module, example: Tensor | None = None) -> tuple[nn.Module, int]:
         copy = nn.Sequential(module, nn.Identity())
         copy.forward = lambda x: module(x) + 1.0  # type: ignore[method-assign]
         return copy, 1
 
     monkeypatch.setattr("neuromask_pl.maths.fastpath.fold_batchnorm", broken_fold)
-    fast = FastClassifier(FastPath())
+    fast = FastClassifier(FastPath(auto=False))
     with caplog.at_level(logging.WARNING, logger="neuromask_pl.maths.fastpath"):
         assert fast.get(tiny_cnn, image_factory(2, 16)) is tiny_cnn
     assert "changes its logits" in caplog.text and fast.folded == 0
@@ -287,7 +298,7 @@ def test_a_conv_that_pads_in_its_forward_runs_packed(layer, padding, groups: int
 @needs_onednn
 def test_resnet18_convolutions_are_packed_and_its_gradients_kept() -> None:
     model = resnet18()
-    fast = FastClassifier(FastPath())
+    fast = FastClassifier(FastPath(auto=False))
     images = torch.rand(2, 3, 64, 64)
     copy = fast.get(model, images)
     assert fast.folded == 20 and fast.packed == 20
@@ -302,7 +313,7 @@ def test_efficientnet_lite0_convolutions_are_packed_and_gradients_kept() -> None
 
     model = EfficientNetLite0().eval().requires_grad_(False)
     images = torch.rand(2, 3, 96, 96)
-    fast = FastClassifier(FastPath())
+    fast = FastClassifier(FastPath(auto=False))
     copy = fast.get(model, images)
     # All 49 convolutions: 32 pointwise, 16 depthwise and the stem. The stem and the 4 strided depthwise convs
     # pad one more row and column at the end (uneven), the others symmetrically.
@@ -357,7 +368,7 @@ def test_fast_path_masks_equal_plain_path_masks(settings: dict, image_factory) -
     images = image_factory(3, 32)
     plain_path = {"fold_batchnorm": False, "pack_convolutions": False}
     plain = NeuroMask(model, "paper", 25, settings, fast_path=plain_path).explain(images)
-    fast = NeuroMask(model, "paper", 25, settings).explain(images)
+    fast = NeuroMask(model, "paper", 25, settings, fast_path={"auto": False}).explain(images)  # folded + packed
     assert fast.masks.shape == plain.masks.shape
     assert (fast.masks - plain.masks).abs().max() < FAST_TOLERANCE
     torch.testing.assert_close(fast.prob_original, plain.prob_original, rtol=0, atol=1e-6)  # original model
@@ -379,12 +390,12 @@ def test_fast_path_with_the_annealed_default(image_factory) -> None:
     model = resnet18()
     images = image_factory(3, 32)
     plain = NeuroMask(model, steps=25, fast_path={"fold_batchnorm": False, "pack_convolutions": False}).explain(images)
-    fast = NeuroMask(model, steps=25).explain(images)
+    fast = NeuroMask(model, steps=25, fast_path={"auto": False}).explain(images)
     assert (fast.masks - plain.masks).abs().mean() < 5e-3
     assert ((fast.masks > 0.5) == (plain.masks > 0.5)).float().mean() > 0.995
     model64, images64 = model.double(), images.double()
     plain64 = NeuroMask(model64, steps=25, fast_path={"fold_batchnorm": False}).explain(images64)
-    fast64 = NeuroMask(model64, steps=25).explain(images64)
+    fast64 = NeuroMask(model64, steps=25, fast_path={"auto": False}).explain(images64)
     torch.testing.assert_close(fast64.masks, plain64.masks, rtol=0, atol=1e-6)
 
 
@@ -393,7 +404,7 @@ def test_channels_last_on_cpu_gives_the_same_masks(tiny_cnn, image_factory) -> N
     plain = NeuroMask(tiny_cnn, steps=20, fast_path={"fold_batchnorm": False, "pack_convolutions": False}).explain(
         images
     )
-    fast = NeuroMask(tiny_cnn, steps=20, fast_path={"channels_last": True}).explain(images)
+    fast = NeuroMask(tiny_cnn, steps=20, fast_path={"channels_last": True, "auto": False}).explain(images)
     assert (fast.masks - plain.masks).abs().max() < FAST_TOLERANCE
 
 
@@ -418,6 +429,157 @@ def test_fast_path_through_a_trainer_leaves_the_classifier_bit_identical(tiny_cn
     assert any(isinstance(m, nn.BatchNorm2d) for m in tiny_cnn.modules())
 
 
+# ----------------------------------------------------------------------------- choosing the variant (auto)
+
+REAL_FASTEST_VARIANT = fastpath.fastest_variant  # the suite may pin the choice; tests of the timing use the real one
+PINNED = {  # each variant, as switches that run it without timing
+    "plain": {"fold_batchnorm": False, "pack_convolutions": False},
+    "folded": {"pack_convolutions": False, "auto": False},
+    "folded+packed": {"auto": False},
+}
+
+
+def choose(monkeypatch, name: str) -> list[tuple[list[str], tuple[int, ...]]]:
+    """Make the timing pick ``name``; returns the calls made to it (variant names, images' shape)."""
+    calls = []
+
+    def fastest(variants, images):
+        calls.append((list(variants), tuple(images.shape)))
+        return name, {variant: 1e-3 for variant in variants}
+
+    monkeypatch.setattr("neuromask_pl.maths.fastpath.fastest_variant", fastest)
+    return calls
+
+
+@needs_onednn
+def test_auto_times_plain_folded_and_packed_once_per_image_shape_and_runs_the_choice(monkeypatch) -> None:
+    calls = choose(monkeypatch, "folded")
+    model, fast = resnet18(), FastClassifier(FastPath(auto=True))
+    chosen = fast.get(model, torch.rand(2, 3, 32, 32))
+    assert calls == [(["plain", "folded", "folded+packed"], (2, 3, 32, 32))]
+    assert chosen is not model and not any(isinstance(m, (FrozenConv2d, nn.BatchNorm2d)) for m in chosen.modules())
+    assert fast.report() == {
+        "variant": "folded", "folded_batchnorm": 20, "batchnorm_layers": 20, "packed_convolutions": 0,
+        "convolutions": 20, "measured": True,
+        "forward_backward_ms": {"plain": 1.0, "folded": 1.0, "folded+packed": 1.0},
+    }  # fmt: skip
+    assert fast.get(model, torch.rand(5, 3, 32, 32)) is chosen and len(calls) == 1  # another batch size: kept
+    fast.get(model, torch.rand(2, 3, 48, 48))  # another image size: timed again
+    assert len(calls) == 2
+
+
+def test_auto_runs_the_classifier_itself_when_it_measures_fastest(monkeypatch, tiny_cnn, image_factory) -> None:
+    choose(monkeypatch, "plain")
+    fast = FastClassifier(FastPath(auto=True))
+    assert fast.get(tiny_cnn, image_factory(2, 16)) is tiny_cnn
+    assert fast.report()["variant"] == "plain" and fast.folded == fast.packed == 0
+
+
+def test_without_auto_or_with_compile_nothing_is_timed(monkeypatch, tiny_cnn, image_factory) -> None:
+    calls = choose(monkeypatch, "plain")
+    fast = FastClassifier(FastPath(auto=False))
+    assert fast.get(tiny_cnn, image_factory(2, 16)) is not tiny_cnn
+    assert fast.report()["variant"] == ("folded+packed" if torch.backends.mkldnn.is_available() else "folded")
+    assert not fast.report()["measured"] and calls == []
+    assert not FastPath(auto=True, compile=True).measures() and FastPath(auto=True).measures() and not FastPath().measures()
+    assert FastClassifier(FastPath(**PINNED["plain"])).get(tiny_cnn, image_factory(2, 16)) is tiny_cnn
+
+
+@needs_onednn
+def test_packed_variants_are_not_timed_where_they_would_not_run(monkeypatch) -> None:
+    """Packed convolutions run float32 only, outside autocast: elsewhere they are the folded variant again."""
+    calls = choose(monkeypatch, "folded")
+    model = resnet18()
+    FastClassifier(FastPath(auto=True)).get(model.double(), torch.rand(2, 3, 32, 32, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        FastClassifier(FastPath(auto=True)).get(resnet18(), torch.rand(2, 3, 32, 32))
+    assert [names for names, _ in calls] == [["plain", "folded"], ["plain", "folded"]]
+
+
+def test_the_choice_survives_pickling_and_deep_copies(monkeypatch, tiny_cnn, image_factory) -> None:
+    calls = choose(monkeypatch, "folded")
+    fast = FastClassifier(FastPath(auto=True))
+    fast.get(tiny_cnn, image_factory(2, 16))
+    for clone in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
+        clone.get(tiny_cnn, image_factory(2, 16))
+        assert clone.report()["variant"] == "folded"
+    assert len(calls) == 1
+
+
+class Costly(nn.Module):
+    """Advances a fake clock by the next of its ``costs`` at every call (warm-up first)."""
+
+    def __init__(self, clock: SimpleNamespace, costs: list[float]) -> None:
+        super().__init__()
+        self.clock, self.costs = clock, iter(costs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.clock.now += next(self.costs)
+        return x.flatten(1)[:, :3] * 2.0
+
+
+def test_fastest_variant_takes_each_ones_fastest_timed_step_and_breaks_ties_by_order(monkeypatch) -> None:
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(fastpath, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    images = torch.rand(2, 3, 4, 4)
+    # warm-up, then 3 rounds (they took more than MEASURED_SECONDS): the warm-up's 0.1 is not counted; each
+    # variant's time is its fastest round
+    variants = {"plain": Costly(clock, [9, 5, 3, 4]), "folded": Costly(clock, [0.1, 4, 4, 4])}
+    assert fastpath.MEASURED_ROUNDS == 3 and fastpath.MEASURED_SECONDS < 24
+    assert REAL_FASTEST_VARIANT(variants, images) == ("plain", {"plain": 3, "folded": 4})
+    # cheap steps: rounds go on until MEASURED_SECONDS, at most MAX_MEASURED_ROUNDS
+    cheap = {"plain": Costly(clock, [0.01] * 11), "folded": Costly(clock, [0.01] * 6 + [0.001] * 5)}
+    name, seconds = REAL_FASTEST_VARIANT(cheap, images)  # (an 11th round would exhaust the costs and fail)
+    assert name == "folded" and seconds == pytest.approx({"plain": 0.01, "folded": 0.001})
+    assert fastpath.MAX_MEASURED_ROUNDS == 10 and fastpath.MEASURED_SECONDS > 0.2  # 10 rounds x 0.02 s
+    tie = {"plain": Costly(clock, [1, 2, 2, 2]), "folded": Costly(clock, [1, 2, 2, 2])}
+    assert REAL_FASTEST_VARIANT(tie, images)[0] == "plain"
+
+    class Fails(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            raise RuntimeError("cannot run")
+
+    assert REAL_FASTEST_VARIANT({"plain": Costly(clock, [1, 5, 5, 5]), "packed": Fails()}, images)[0] == "plain"
+
+
+class FitsTwo(nn.Module):
+    """Runs out of memory, as CUDA would, on more than 2 images with gradients."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        self.sizes.append(x.shape[0])
+        return x.flatten(1)[:, :3]
+
+
+def test_a_batch_too_large_to_time_is_timed_on_fewer_images() -> None:
+    variants = {"plain": FitsTwo(), "folded": FitsTwo()}
+    name, seconds = REAL_FASTEST_VARIANT(variants, torch.rand(5, 3, 4, 4))
+    assert set(seconds) == {"plain", "folded"} and name in seconds
+    assert set(variants["plain"].sizes) == {2}  # 5 fail, 2 run (warm-up and timed rounds)
+
+
+def test_timing_changes_no_mask_no_random_state_and_not_the_classifier(monkeypatch, image_factory) -> None:
+    """Timed for real: whichever variant wins, its masks are bit-identical to that variant's run without timing."""
+    monkeypatch.setattr(fastpath, "fastest_variant", REAL_FASTEST_VARIANT)
+    model, images = resnet18(), image_factory(2, 32)
+    before, rng = state(model), torch.get_rng_state()
+    fast = FastClassifier(FastPath(auto=True))
+    fast.get(model, images)
+    assert fast.report()["measured"] and set(fast.report()["forward_backward_ms"]) >= {"plain", "folded"}
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, before[k]) for k, v in state(model).items())
+    explainer = NeuroMask(model, "paper", 8, SHARP)
+    timed = explainer.explain(images)
+    variant = explainer._fast_classifier.report()["variant"]
+    pinned = NeuroMask(model, "paper", 8, SHARP, fast_path=PINNED[variant]).explain(images)
+    assert torch.equal(timed.masks, pinned.masks), variant
+
+
 # ----------------------------------------------------------------------------- CUDA (scripts/gpu_checks.sh)
 
 
@@ -428,11 +590,12 @@ def test_cuda_fast_path_and_compile_give_the_plain_masks(precision: str, image_f
     images = image_factory(4, 32).cuda()
     dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
     results = {}
-    for name, options in {"plain": dict(fold_batchnorm=False), "default": {}, "compiled": dict(compile=True)}.items():
+    variants = {"plain": dict(fold_batchnorm=False), "default": dict(auto=False), "compiled": dict(compile=True)}
+    for name, options in variants.items():
         with torch.autocast("cuda", dtype=dtype, enabled=precision != "32"):
             # blur_area: a fixed temperature, so float rounding is not amplified (see the annealed-default test)
             results[name] = (
-                NeuroMask(model, preset="paper", steps=25, settings=BLUR_AREA, **options).explain(images).masks
+                NeuroMask(model, preset="paper", steps=25, settings=BLUR_AREA, fast_path=options).explain(images).masks
             )
     tolerance = FAST_TOLERANCE if precision == "32" else 0.05  # bf16 rounds differently after folding
     for name in ("default", "compiled"):
@@ -458,7 +621,7 @@ def test_cuda_graphs_with_early_stopping_record_few_sizes_and_give_the_eager_mas
 def test_cuda_graphs_top_up_the_batch_under_early_stopping(tiny_cnn, image_factory, monkeypatch) -> None:
     assert FastPath(compile=True).records_cuda_graphs(torch.device("cuda"))
     assert not FastPath(compile=True).records_cuda_graphs(torch.device("cpu"))  # dynamic shapes: no top-up needed
-    assert not FastPath().records_cuda_graphs(torch.device("cuda"))
+    assert not FastPath(auto=True).records_cuda_graphs(torch.device("cuda"))
     seen = []
     original = learn_masks
 

@@ -64,6 +64,10 @@ class ExplanationLogger(Callback):
             return
         metrics = {f"explain/run/{n}": float(v) / samples for n, v in zip(names, total[:-1].tolist())}
         metrics["explain/run/samples"] = samples
+        report = getattr(trainer.lightning_module, "fast_path_report", None) or {}
+        for key in ("folded_batchnorm", "batchnorm_layers", "packed_convolutions", "convolutions"):
+            if isinstance(report.get(key), int):
+                metrics[f"explain/fast_path/{key}"] = float(report[key])
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=self._batches)
 

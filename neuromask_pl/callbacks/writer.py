@@ -344,6 +344,7 @@ class MaskWriter(BasePredictionWriter):
             "hparams": dict(pl_module.hparams),
             "datamodule_hparams": dict(datamodule.hparams) if datamodule is not None else None,
             "class_to_idx": getattr(datamodule, "class_to_idx", None),
+            "fast_path": getattr(pl_module, "fast_path_report", None) if counts is not None else None,
             "cli_config": config.read_text(encoding="utf-8") if config is not None and config.is_file() else None,
             "trainer": {
                 "precision": str(trainer.precision),

@@ -1,27 +1,36 @@
-"""A faster copy of a frozen classifier: BatchNorm folded, channels_last, optionally compiled.
+"""A faster copy of a frozen classifier: BatchNorm folded, convolutions packed, channels_last, optionally compiled.
 
-A mask step is one forward and one backward-to-input of a classifier whose weights never change.
-That allows what a training step cannot use: an eval-mode BatchNorm is an affine map, so it folds
-into the convolution before it. Everything here works on a *copy*; the user's model is untouched.
+A mask step is one forward and one backward-to-input of a classifier whose weights never change. That allows
+what a training step cannot use: an eval-mode BatchNorm is an affine map, so it folds into the layer beside it
+(:mod:`~neuromask_pl.maths.folding`), and a frozen CPU convolution can keep its weights packed for oneDNN and skip
+its weight gradient (:mod:`~neuromask_pl.maths.packing`). Which of these pays depends on the model and the CPU, so
+by default the copies the switches allow are timed on the first batch and the fastest runs. Everything here works
+on *copies*; the user's model is untouched.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
-import torch.fx
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from neuromask_pl.maths.folding import fold_batchnorm, is_batchnorm
+from neuromask_pl.maths.packing import FrozenConv2d, pack_convolutions
+
+__all__ = ["FastClassifier", "FastPath", "FrozenConv2d", "fastest_variant", "fold_batchnorm", "pack_convolutions"]
 
 log = logging.getLogger(__name__)
 
-_CONV_BN = ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d))
+# Timed forward + backward steps per variant when choosing (after one warm-up each): at least MEASURED_ROUNDS, more
+# while all rounds so far took less than MEASURED_SECONDS (cheap models: more samples, hence a steadier choice).
+MEASURED_ROUNDS, MAX_MEASURED_ROUNDS, MEASURED_SECONDS = 3, 10, 0.5
 
 
 @dataclass(frozen=True)
@@ -29,20 +38,28 @@ class FastPath:
     """How the frozen classifier is run while masks are learned (none of it changes the maths).
 
     Attributes:
-        fold_batchnorm: fold eval-mode BatchNorm layers into the convolutions before them (in a copy).
+        fold_batchnorm: fold eval-mode BatchNorm layers into the layers beside them (in a copy).
         channels_last: run the copy in channels_last memory format; None = on CUDA only
             (measured slower on the CPU).
         compile: ``torch.compile`` the copy (mode ``reduce-overhead``, i.e. with CUDA graphs, on CUDA).
         pack_convolutions: on the CPU, run the convolutions :meth:`FrozenConv2d.padding_of` accepts as
-            :class:`FrozenConv2d` (weights
-            packed once for oneDNN; backward to the input only); None = on for the CPU when oneDNN is
-            available and ``compile`` is off. Float32 only: under autocast the layers run as they are.
+            :class:`FrozenConv2d` (weights packed once for oneDNN; backward to the input only); None = on for the
+            CPU when oneDNN is available and ``compile`` is off. Float32 only: under autocast the layers run as
+            they are.
+        auto: time, on the first batch of each image shape and dtype, the variants the switches above allow (the
+            classifier as it is, BatchNorm folded, folded and packed: a few forward + backward steps of each) and
+            run the fastest, so the fast path is never slower than the plain one. Off by default: the variants
+            differ by float rounding, and at the ``default`` preset's final temperature rounding can move a mask
+            (docs/results/STABILITY.md), so a choice made by timing would make masks depend on the machine's load
+            from run to run; False runs the switches as given (bit-reproducible from run to run). Not with
+            ``compile``, which runs as given.
     """
 
     fold_batchnorm: bool = True
     channels_last: bool | None = None
     compile: bool = False
     pack_convolutions: bool | None = None
+    auto: bool = False
 
     @classmethod
     def of(cls, value: FastPath | Mapping[str, Any] | None) -> FastPath:
@@ -71,89 +88,18 @@ class FastPath:
             return False
         return self.pack_convolutions if self.pack_convolutions is not None else not self.compile
 
-
-def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
-    return (
-        any(isinstance(conv, c) and type(bn) is b for c, b in _CONV_BN)
-        and not conv.training
-        and not bn.training
-        and bn.track_running_stats
-        and bn.running_mean is not None
-        and bn.running_var is not None
-    )
+    def measures(self) -> bool:
+        """Whether the variant to run is chosen by timing them (``auto``, without ``compile``)."""
+        return self.auto and not self.compile
 
 
-class _ConvBatchNormLeaves(torch.fx.Tracer):
-    """fx tracer that keeps every convolution and BatchNorm a module call, also subclasses defined
-    outside torch (e.g. ``Conv2dStaticSamePadding``), so that conv -> BN pairs are visible."""
+@dataclass(frozen=True)
+class _Variant:
+    """One way to run the classifier: the module, and how many BatchNorms are folded and convolutions packed."""
 
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        leaves = tuple(cls for pair in _CONV_BN for cls in pair)
-        return isinstance(module, leaves) or super().is_leaf_module(module, qualified_name)
-
-
-def _fold_traced(module: nn.Module) -> tuple[nn.Module, int]:
-    """Fold conv -> BN pairs in the fx graph of ``module`` (in place on its submodules)."""
-    graph_module = torch.fx.GraphModule(module, _ConvBatchNormLeaves().trace(module))
-    modules = dict(graph_module.named_modules())
-    folded = 0
-    for node in list(graph_module.graph.nodes):
-        if node.op != "call_module" or len(node.args) != 1 or not isinstance(node.args[0], torch.fx.Node):
-            continue
-        producer = node.args[0]
-        if producer.op != "call_module" or len(producer.users) != 1:
-            continue
-        conv, bn = modules[producer.target], modules[node.target]
-        if not _foldable(conv, bn):
-            continue
-        fused = fuse_conv_bn_eval(conv, bn)
-        fused.requires_grad_(False)
-        parent_name, _, name = producer.target.rpartition(".")
-        setattr(graph_module.get_submodule(parent_name) if parent_name else graph_module, name, fused)
-        modules[producer.target] = fused
-        node.replace_all_uses_with(producer)
-        graph_module.graph.erase_node(node)
-        folded += 1
-    graph_module.graph.lint()
-    graph_module.delete_all_unused_submodules()
-    graph_module.recompile()
-    return graph_module, folded
-
-
-def _fold_sequential(module: nn.Sequential) -> int:
-    """Fold adjacent conv, BN children of a Sequential (for models fx cannot trace)."""
-    names = list(module._modules)
-    folded = 0
-    for first, second in zip(names, names[1:]):
-        conv, bn = module._modules[first], module._modules[second]
-        if conv is not None and bn is not None and _foldable(conv, bn):
-            module._modules[first] = fuse_conv_bn_eval(conv, bn).requires_grad_(False)
-            module._modules[second] = nn.Identity()
-            folded += 1
-    return folded
-
-
-def _fold_in_place(module: nn.Module) -> tuple[nn.Module, int]:
-    if not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) for m in module.modules()):
-        return module, 0
-    try:
-        return _fold_traced(module)
-    except Exception as error:  # noqa: BLE001 - untraceable python: fold inside the children instead
-        log.debug("fx cannot trace %s (%s); folding inside its children", type(module).__name__, error)
-    folded = _fold_sequential(module) if isinstance(module, nn.Sequential) else 0
-    for name, child in list(module.named_children()):
-        new_child, count = _fold_in_place(child)
-        if new_child is not child:
-            setattr(module, name, new_child)
-        folded += count
-    return module, folded
-
-
-def fold_batchnorm(module: nn.Module) -> tuple[nn.Module, int]:
-    """A copy of an eval-mode ``module`` with every BatchNorm that directly follows a convolution
-    folded into it; returns ``(copy, number of folded layers)``. Where fx cannot trace a module,
-    its children are folded separately (and adjacent conv, BN pairs of Sequentials)."""
-    return _fold_in_place(copy.deepcopy(module))
+    module: nn.Module
+    folded: int
+    packed: int
 
 
 def _close(fast: Tensor, reference: Tensor) -> bool:
@@ -164,48 +110,115 @@ def _close(fast: Tensor, reference: Tensor) -> bool:
 
 
 class FastClassifier:
-    """Builds and caches the fast copy of a frozen classifier.
+    """Builds and caches the fast copies of a frozen classifier, and chooses which one runs.
 
-    The cache is keyed by the classifier's identity, device and the in-place version counters of its
+    The copies are keyed by the classifier's identity, device and the in-place version counters of its
     parameters and buffers, so a classifier that was trained further (e.g. between the epochs of
-    :class:`~neuromask_pl.callbacks.ExplainDuringTraining`) gets a fresh copy.
+    :class:`~neuromask_pl.callbacks.ExplainDuringTraining`) gets fresh copies. With ``FastPath.auto``, the choice
+    is measured once per model architecture, image shape (without the batch size), dtype, autocast dtype, device
+    and thread count, and kept (also through pickling and deep copies, so a copy of an explainer runs what the
+    original chose).
     """
 
     def __init__(self, options: FastPath) -> None:
         self.options = options
         self._key: tuple | None = None
-        self._module: nn.Module | None = None
-        self.folded = 0  # BatchNorm layers folded into the current copy
-        self.packed = 0  # convolutions of the current copy run as FrozenConv2d
+        self._variants: dict[str, _Variant] = {}
+        self._choices: dict[tuple, str] = {}  # input key -> variant name
+        self._timings: dict[tuple, dict[str, float]] = {}  # input key -> seconds per forward + backward
+        self._last: tuple[str, tuple | None] = ("plain", None)  # the variant last returned, and its input key
+        self._totals = (0, 0)  # BatchNorm layers and 2-D convolutions of the classifier
+        self.folded = 0  # BatchNorm layers folded into the copy last returned
+        self.packed = 0  # convolutions of the copy last returned run as FrozenConv2d
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickle (and deepcopy) the options only: the cached copy is rebuilt where it is needed."""
-        return {"options": self.options, "_key": None, "_module": None, "folded": 0, "packed": 0}
+        """Pickle (and deepcopy) the options and choices only: the copies are rebuilt where they are needed."""
+        return {**self.__dict__, "_key": None, "_variants": {}}
 
     @staticmethod
     def _state_key(classifier: nn.Module, device: torch.device) -> tuple:
         tensors = [*classifier.parameters(), *classifier.buffers()]
         return (id(classifier), str(device), tuple((t.data_ptr(), t._version) for t in tensors))
 
-    def get(self, classifier: nn.Module, images: Tensor) -> nn.Module:
-        """The module to run in the mask steps: the fast copy, or ``classifier`` itself when no option applies.
+    @staticmethod
+    def _input_key(classifier: nn.Module, images: Tensor) -> tuple:
+        """What the speed of a variant depends on: the model, the images but their number, the arithmetic, where."""
+        device = images.device
+        autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        cpu = torch.backends.cpu.get_cpu_capability()
+        machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
+        model = (type(classifier).__qualname__, sum(p.numel() for p in classifier.parameters()))
+        return (model, tuple(images.shape[1:]), images.dtype, autocast, str(device), machine, torch.get_num_threads())
 
-        ``classifier`` must already be frozen (eval mode, no parameter gradients); ``images``
-        is a batch used to check the copy against the original.
+    def get(self, classifier: nn.Module, images: Tensor) -> nn.Module:
+        """The module to run in the mask steps: a fast copy, or ``classifier`` itself when no option applies or
+        (``auto``) when it measured fastest.
+
+        ``classifier`` must already be frozen (eval mode, no parameter gradients); ``images`` is a batch used to
+        check the copies against the original and, with ``auto``, to time them. Timing runs each variant's forward
+        and backward on detached images and changes no state, so no mask depends on it beyond float rounding.
         """
         options = self.options
         channels_last = options.uses_channels_last(images.device) and images.ndim == 4
         pack = options.packs_convolutions(images.device)
         if not (options.fold_batchnorm or channels_last or options.compile or pack):
-            return classifier
+            return self._use("plain", _Variant(classifier, 0, 0), None)
         key = self._state_key(classifier, images.device)
         if key != self._key:
-            self._module, self._key = self._build(classifier, images, channels_last, pack), key
-        return self._module  # type: ignore[return-value]
+            self._variants, self._key = self._build(classifier, images, channels_last, pack), key
+            self._totals = (
+                sum(is_batchnorm(m) for m in classifier.modules()),
+                sum(isinstance(m, nn.Conv2d) for m in classifier.modules()),
+            )
+        if len(self._variants) == 1:
+            name = next(iter(self._variants))
+            return self._use(name, self._variants[name], None)
+        input_key = self._input_key(classifier, images)
+        usable = self._usable(images)
+        if len(usable) == 1:
+            return self._use(usable[0], self._variants[usable[0]], None)
+        if input_key not in self._choices or self._choices[input_key] not in usable:
+            candidates = {name: self._variants[name].module for name in usable}
+            self._choices[input_key], seconds = fastest_variant(candidates, images)
+            self._timings[input_key] = seconds
+            log.info(
+                "fast path for %s: %s (forward + backward ms: %s)", type(classifier).__name__,
+                self._choices[input_key], ", ".join(f"{k} {1e3 * v:.2f}" for k, v in seconds.items()),
+            )  # fmt: skip
+        name = self._choices[input_key]
+        return self._use(name, self._variants[name], input_key)
 
-    def _build(self, classifier: nn.Module, images: Tensor, channels_last: bool, pack: bool) -> nn.Module:
+    def _usable(self, images: Tensor) -> list[str]:
+        """The variants worth timing for these images: packed convolutions only run on float32 outside autocast."""
+        float32 = images.dtype == torch.float32 and not torch.is_autocast_enabled(images.device.type)
+        return [name for name, variant in self._variants.items() if float32 or not variant.packed]
+
+    def _use(self, name: str, variant: _Variant, input_key: tuple | None) -> nn.Module:
+        self._last = (name, input_key)
+        self.folded, self.packed = variant.folded, variant.packed
+        return variant.module
+
+    def report(self) -> dict[str, Any]:
+        """What the last :meth:`get` ran, for logs and run records: the variant (``plain``, ``folded``,
+        ``folded+packed``, ...), BatchNorms folded of all, convolutions packed of all 2-D ones, whether it was
+        measured, and the measured forward + backward milliseconds of each variant (empty if not measured)."""
+        name, input_key = self._last
+        return {
+            "variant": name,
+            "folded_batchnorm": self.folded,
+            "batchnorm_layers": self._totals[0],
+            "packed_convolutions": self.packed,
+            "convolutions": self._totals[1],
+            "measured": input_key is not None,
+            "forward_backward_ms": {k: 1e3 * v for k, v in self._timings.get(input_key, {}).items()},
+        }
+
+    def _build(self, classifier: nn.Module, images: Tensor, channels_last: bool, pack: bool) -> dict[str, _Variant]:
+        """The variants to choose from, in order: ``plain`` (with ``auto``), folded, folded and packed; without
+        ``auto`` only the last. A copy that changes the classifier's logits beyond rounding is left out."""
+        options, plain = self.options, {"plain": _Variant(classifier, 0, 0)}
         try:
-            module, self.folded = fold_batchnorm(classifier) if self.options.fold_batchnorm else (classifier, 0)
+            module, folded = fold_batchnorm(classifier, images[:2]) if options.fold_batchnorm else (classifier, 0)
             if module is classifier and (pack or channels_last):
                 module = copy.deepcopy(classifier)
         except Exception as error:  # noqa: BLE001 - e.g. a module holding tensors that cannot be deep-copied
@@ -213,21 +226,102 @@ class FastClassifier:
                 "the classifier cannot be copied for the fast path (%s); using it as it is "
                 "(fast_path={'fold_batchnorm': False, 'pack_convolutions': False} silences this)", error
             )
-            self.folded = self.packed = 0
-            return classifier
-        self.packed = pack_convolutions(module) if pack else 0
-        if channels_last:
-            module = module.to(memory_format=torch.channels_last)
-        if module is not classifier and not _same_logits(classifier, module, images[:2], channels_last):
-            module, self.folded, self.packed = classifier, 0, 0
-        if self.options.compile:
-            mode = "reduce-overhead" if self.options.records_cuda_graphs(images.device) else "default"
-            compiled = torch.compile(module, mode=mode)
-            # Checked too: a compiled kernel is cached on disk, and one cached under other CPU kernels
-            # (ATEN_CPU_CAPABILITY) has given NaN here (torch 2.14): fall back rather than learn NaN masks.
-            if _same_logits(classifier, compiled, images[:2], channels_last, "compiled"):
-                module = compiled
-        return _ChannelsLast(module) if channels_last else module
+            return plain
+        copies: list[_Variant] = []
+        if options.measures() and (folded or channels_last):
+            copies.append(_Variant(module, folded, 0))
+        if pack:
+            packed_module = _sharing_tensors(module) if options.measures() else module
+            packed = pack_convolutions(packed_module)
+            if packed or not options.measures():
+                copies.append(_Variant(packed_module, folded, packed))
+        elif not options.measures():
+            copies.append(_Variant(module, folded, 0))
+        variants = plain if options.measures() else {}
+        for variant in copies:
+            if not (variant.folded or variant.packed or channels_last or options.compile):
+                continue  # nothing changed: the classifier itself runs
+            if channels_last:
+                variant.module.to(memory_format=torch.channels_last)
+            if not _same_logits(classifier, variant.module, images[:2], channels_last):
+                continue
+            fast = variant.module
+            if options.compile:
+                graphs = options.records_cuda_graphs(images.device)
+                compiled = torch.compile(fast, mode="reduce-overhead" if graphs else "default")
+                # Checked too: a compiled kernel is cached on disk, and one cached under other CPU kernels
+                # (ATEN_CPU_CAPABILITY) has given NaN here (torch 2.14): fall back rather than learn NaN masks.
+                if _same_logits(classifier, compiled, images[:2], channels_last, "compiled"):
+                    fast = compiled
+            fast = _ChannelsLast(fast) if channels_last else fast
+            parts = ["folded"] * bool(variant.folded) + ["packed"] * bool(variant.packed)
+            parts += ["channels_last"] * channels_last + ["compiled"] * options.compile
+            variants["+".join(parts)] = _Variant(fast, variant.folded, variant.packed)
+        return variants or plain
+
+
+def _sharing_tensors(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` that shares its parameters and buffers (its own modules, the same weights)."""
+    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, memo)
+
+
+def fastest_variant(variants: Mapping[str, nn.Module], images: Tensor) -> tuple[str, dict[str, float]]:
+    """The name of the variant whose forward + backward-to-input on ``images`` is fastest, and each one's seconds.
+
+    Each variant runs one warm-up step (packing happens there), then timed steps in rounds, interleaved over the
+    variants so that a busy machine slows them alike: :data:`MEASURED_ROUNDS` rounds, more (up to
+    :data:`MAX_MEASURED_ROUNDS`) while they took less than :data:`MEASURED_SECONDS` in all. A variant's time is its
+    fastest step, and a tie goes to the earlier variant (``plain`` first). A variant that fails is left out; where
+    all fail (e.g. the batch does not fit in memory with gradients), they are timed on half the images, down to one.
+    """
+    steps = _running(variants, images)
+    while not steps and len(images) > 1:
+        images = images[: len(images) // 2]
+        steps = _running(variants, images)
+    if not steps:
+        return next(iter(variants)), {}
+    seconds = {name: float("inf") for name in steps}
+    spent = 0.0
+    for round_ in range(MAX_MEASURED_ROUNDS):
+        if round_ >= MEASURED_ROUNDS and spent >= MEASURED_SECONDS:
+            break
+        for name, step in steps.items():
+            _synchronize(images.device)
+            start = time.perf_counter()
+            step()
+            _synchronize(images.device)
+            elapsed = time.perf_counter() - start
+            seconds[name], spent = min(seconds[name], elapsed), spent + elapsed
+    return min(seconds, key=seconds.__getitem__), seconds
+
+
+def _running(variants: Mapping[str, nn.Module], images: Tensor) -> dict[str, Callable[[], None]]:
+    """The forward + backward step of each variant that runs on ``images`` (after running it once)."""
+    steps = {}
+    for name, module in variants.items():
+        step = _forward_backward(module, images)
+        try:
+            step()
+        except Exception as error:  # noqa: BLE001 - a variant that cannot run is not chosen
+            log.debug("fast path variant %s fails on %d images (%s); left out", name, len(images), error)
+            continue
+        steps[name] = step
+    return steps
+
+
+def _forward_backward(module: nn.Module, images: Tensor) -> Callable[[], None]:
+    def step() -> None:
+        inputs = images.detach().requires_grad_(True)
+        with torch.enable_grad():
+            torch.autograd.grad(module(inputs).float().logsumexp(-1).sum(), inputs)
+
+    return step
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _same_logits(
@@ -265,168 +359,3 @@ class _ChannelsLast(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.module(images.contiguous(memory_format=torch.channels_last))
-
-
-class _FrozenConvFunction(torch.autograd.Function):
-    """Convolution with packed weights; backward gives the input's gradient only (the weights are frozen)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, layer: FrozenConv2d) -> Tensor:  # type: ignore[override]
-        ctx.layer, ctx.input_size = layer, x.shape[-2:]
-        return layer.run(x, layer.packed_weight(x.shape), layer.bias, layer.padding, layer.stride)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        return ctx.layer.input_gradient(grad, ctx.input_size), None
-
-
-class FrozenConv2d(nn.Module):
-    """A frozen ``nn.Conv2d`` for the CPU: its weights packed once for oneDNN, and the gradient to its
-    input computed as cheaply as the layer allows (mathematically the same as autograd's):
-
-    - stride 1: a convolution of the gradient with the flipped, transposed kernel (packed too);
-    - strided with at most 4 input channels (an image stem): a matrix product and ``fold`` (col2im);
-    - other strided layers: ``conv_transpose2d``.
-
-    Grouped (e.g. depthwise) convolutions are packed too. ``padding`` is the layer's effective zero padding
-    as ``[left, right, top, bottom]`` (see :meth:`padding_of`; default: the layer's own): a conv subclass that
-    pads in its forward runs as one padded convolution, or, where the padding is uneven, as ``F.pad`` and an
-    unpadded convolution. Only float32 CPU inputs outside autocast take this path; anything else runs the
-    original layer.
-    """
-
-    def __init__(self, conv: nn.Conv2d, padding: list[int] | None = None) -> None:
-        super().__init__()
-        self.conv = conv
-        self.weight = conv.weight.detach()
-        self.bias = conv.bias.detach() if conv.bias is not None else None
-        left, right, top, bottom = padding if padding is not None else _sides(conv.padding)  # type: ignore[arg-type]
-        even = left == right and top == bottom
-        self.padding = [top, left] if even else [0, 0]  # the convolution's own (symmetric) padding
-        self.pre_pad = None if even else [left, right, top, bottom]  # F.pad before it, where uneven
-        self.stride, self.groups = list(conv.stride), conv.groups
-        self.kernel_size = list(conv.kernel_size)
-        self._packed: Tensor | None = None
-        self._packed_flipped: Tensor | None = None
-        # (C_in * kh * kw, C_out), for the col2im gradient of image stems
-        stem = self.weight.shape[1] <= 4 and self.groups == 1
-        self.columns = self.weight.flatten(1).t().contiguous() if stem else None
-
-    @staticmethod
-    def padding_of(conv: nn.Module) -> list[int] | None:
-        """The zero padding ``[left, right, top, bottom]`` under which ``conv`` is a plain convolution (no
-        dilation, no side wider than the kernel), or None if it is not one: ``nn.Conv2d``'s own padding, or for
-        a subclass with its own forward, the padding with which an unpadded convolution of the zero-padded
-        input computes what that forward does on random inputs of an even and an odd size (e.g. EfficientNet's
-        convolutions with TensorFlow's "same" padding, which pad before convolving)."""
-        if not (
-            isinstance(conv, nn.Conv2d)
-            and conv.dilation == (1, 1)
-            and conv.padding_mode == "zeros"
-            and not isinstance(conv.padding, str)
-        ):
-            return None
-        if type(conv) is nn.Conv2d:
-            fits = all(p <= k - 1 for p, k in zip(conv.padding, conv.kernel_size))  # type: ignore[arg-type]
-            return _sides(conv.padding) if fits else None  # type: ignore[arg-type]
-        return _plain_padding(conv)
-
-    def run(self, x: Tensor, packed: Tensor, bias: Tensor | None, padding: list[int], stride: list[int]) -> Tensor:
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, packed, bias, padding, stride, [1, 1], self.groups, "none", [], ""
-        )
-
-    def packed_weight(self, input_shape: torch.Size) -> Tensor:
-        if self._packed is None:
-            self._packed = torch.ops.mkldnn._reorder_convolution_weight(
-                self.weight, self.padding, self.stride, [1, 1], self.groups, list(input_shape)
-            )
-        return self._packed
-
-    def input_gradient(self, grad: Tensor, input_size: torch.Size) -> Tensor:
-        if self.stride == [1, 1]:
-            padding = [k - 1 - p for k, p in zip(self.kernel_size, self.padding)]
-            if self._packed_flipped is None:
-                self._packed_flipped = torch.ops.mkldnn._reorder_convolution_weight(
-                    _flipped_transposed(self.weight, self.groups), padding, [1, 1], [1, 1], self.groups,
-                    list(grad.shape),
-                )
-            return self.run(grad, self._packed_flipped, None, padding, [1, 1])
-        if self.columns is not None:
-            columns = torch.matmul(self.columns, grad.reshape(grad.shape[0], grad.shape[1], -1))
-            return F.fold(columns, tuple(input_size), self.kernel_size, padding=self.padding, stride=self.stride)
-        output_padding = [
-            (size + 2 * p - k) % s for size, p, k, s in zip(input_size, self.padding, self.kernel_size, self.stride)
-        ]
-        return F.conv_transpose2d(grad, self.weight, None, self.stride, self.padding, output_padding, self.groups)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
-            return self.conv(x)
-        return _FrozenConvFunction.apply(F.pad(x, self.pre_pad) if self.pre_pad else x, self)
-
-
-def _flipped_transposed(weight: Tensor, groups: int) -> Tensor:
-    """The kernel of a stride-1 convolution's input gradient: in and out channels swapped within each group,
-    spatially flipped; (C_out, C_in / g, kh, kw) -> (C_in, C_out / g, kh, kw)."""
-    out_channels, in_per_group, height, width = weight.shape
-    grouped = weight.reshape(groups, out_channels // groups, in_per_group, height, width).transpose(1, 2)
-    return grouped.reshape(groups * in_per_group, out_channels // groups, height, width).flip(-1, -2).contiguous()
-
-
-def _sides(padding: tuple[int, int] | list[int]) -> list[int]:
-    """A convolution's (height, width) padding as ``[left, right, top, bottom]``."""
-    return [padding[1], padding[1], padding[0], padding[0]]
-
-
-def _plain_padding(conv: nn.Conv2d) -> list[int] | None:
-    """The zero padding ``[left, right, top, bottom]`` with which an unpadded ``nn.Conv2d`` convolution of the
-    padded input equals a subclass's own forward on seeded random inputs of an even and an odd size, or None (a
-    forward that changes the maths, pads differently for different sizes, or cannot run)."""
-    generator = torch.Generator().manual_seed(0)
-    sizes = [[max(8, 2 * k) + extra for k in conv.kernel_size] for extra in (0, 1)]
-    samples = [torch.randn(2, conv.in_channels, *size, generator=generator).to(conv.weight) for size in sizes]
-    with torch.no_grad():
-        try:
-            owns = [conv(sample) for sample in samples]
-        except Exception:  # noqa: BLE001 - a forward that cannot run on these inputs is not a plain convolution
-            return None
-        if not all(isinstance(own, Tensor) and own.ndim == 4 for own in owns):
-            return None
-        for padding in _candidate_paddings(conv, sizes[0], owns[0].shape[-2:]):
-            if all(_reproduces(conv, sample, own, padding) for sample, own in zip(samples, owns)):
-                return padding
-    return None
-
-
-def _candidate_paddings(conv: nn.Conv2d, size: list[int], out_size: torch.Size) -> list[list[int]]:
-    """Paddings ``[left, right, top, bottom]``, no side wider than k - 1, under which the convolution's output
-    has ``out_size`` for an input of ``size``: even ones first, then the narrowest."""
-    sides = [
-        sorted(
-            ((a, b) for a in range(k) for b in range(k) if (n + a + b - k) // s + 1 == n_out),
-            key=lambda ab: (ab[0] != ab[1], ab[0] + ab[1], ab[0]),
-        )
-        for n, k, s, n_out in zip(size, conv.kernel_size, conv.stride, out_size)
-    ]
-    return [[left, right, top, bottom] for top, bottom in sides[0] for left, right in sides[1]]
-
-
-def _reproduces(conv: nn.Conv2d, sample: Tensor, own: Tensor, padding: list[int]) -> bool:
-    plain = F.conv2d(F.pad(sample, padding), conv.weight, conv.bias, conv.stride, 0, 1, conv.groups)
-    return plain.shape == own.shape and torch.allclose(plain, own, rtol=1e-5, atol=1e-6)
-
-
-def pack_convolutions(module: nn.Module) -> int:
-    """Replace, in place, every convolution of a frozen CPU module that :class:`FrozenConv2d` applies to;
-    returns how many. Only for copies: the layers lose their weight gradients."""
-    replaced = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Conv2d) or child.weight.device.type != "cpu":
-                continue
-            padding = FrozenConv2d.padding_of(child)
-            if padding is not None:
-                setattr(parent, name, FrozenConv2d(child, padding))
-                replaced += 1
-    return replaced

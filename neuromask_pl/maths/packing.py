@@ -1,0 +1,183 @@
+"""Frozen CPU convolutions with their weights packed once for oneDNN, and a cheap gradient to their input.
+
+A mask step needs the gradient of the classifier's output with respect to its input, never with respect to its
+weights, so a frozen convolution can keep its weights in oneDNN's blocked layout and skip the weight gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class _FrozenConvFunction(torch.autograd.Function):
+    """Convolution with packed weights; backward gives the input's gradient only (the weights are frozen)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, layer: FrozenConv2d) -> Tensor:  # type: ignore[override]
+        ctx.layer, ctx.input_size = layer, x.shape[-2:]
+        return layer.run(x, layer.packed_weight(x.shape), layer.bias, layer.padding, layer.stride)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return ctx.layer.input_gradient(grad, ctx.input_size), None
+
+
+class FrozenConv2d(nn.Module):
+    """A frozen ``nn.Conv2d`` for the CPU: its weights packed once for oneDNN, and the gradient to its
+    input computed as cheaply as the layer allows (mathematically the same as autograd's):
+
+    - stride 1: a convolution of the gradient with the flipped, transposed kernel (packed too);
+    - strided with at most 4 input channels (an image stem): a matrix product and ``fold`` (col2im);
+    - other strided layers: ``conv_transpose2d``.
+
+    Grouped (e.g. depthwise) convolutions are packed too. ``padding`` is the layer's effective zero padding
+    as ``[left, right, top, bottom]`` (see :meth:`padding_of`; default: the layer's own): a conv subclass that
+    pads in its forward runs as one padded convolution, or, where the padding is uneven, as ``F.pad`` and an
+    unpadded convolution. Only float32 CPU inputs outside autocast take this path; anything else runs the
+    original layer.
+    """
+
+    def __init__(self, conv: nn.Conv2d, padding: list[int] | None = None) -> None:
+        super().__init__()
+        self.conv = conv
+        self.weight = conv.weight.detach()
+        self.bias = conv.bias.detach() if conv.bias is not None else None
+        left, right, top, bottom = padding if padding is not None else _sides(conv.padding)  # type: ignore[arg-type]
+        even = left == right and top == bottom
+        self.padding = [top, left] if even else [0, 0]  # the convolution's own (symmetric) padding
+        self.pre_pad = None if even else [left, right, top, bottom]  # F.pad before it, where uneven
+        self.stride, self.groups = list(conv.stride), conv.groups
+        self.kernel_size = list(conv.kernel_size)
+        self._packed: Tensor | None = None
+        self._packed_flipped: Tensor | None = None
+        # (C_in * kh * kw, C_out), for the col2im gradient of image stems
+        stem = self.weight.shape[1] <= 4 and self.groups == 1
+        self.columns = self.weight.flatten(1).t().contiguous() if stem else None
+
+    @staticmethod
+    def padding_of(conv: nn.Module) -> list[int] | None:
+        """The padding with which this class runs ``conv`` (:func:`plain_padding`), or None to leave it as it is."""
+        return plain_padding(conv)
+
+    def run(self, x: Tensor, packed: Tensor, bias: Tensor | None, padding: list[int], stride: list[int]) -> Tensor:
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, packed, bias, padding, stride, [1, 1], self.groups, "none", [], ""
+        )
+
+    def packed_weight(self, input_shape: torch.Size) -> Tensor:
+        if self._packed is None:
+            self._packed = torch.ops.mkldnn._reorder_convolution_weight(
+                self.weight, self.padding, self.stride, [1, 1], self.groups, list(input_shape)
+            )
+        return self._packed
+
+    def input_gradient(self, grad: Tensor, input_size: torch.Size) -> Tensor:
+        if self.stride == [1, 1]:
+            padding = [k - 1 - p for k, p in zip(self.kernel_size, self.padding)]
+            if self._packed_flipped is None:
+                self._packed_flipped = torch.ops.mkldnn._reorder_convolution_weight(
+                    _flipped_transposed(self.weight, self.groups), padding, [1, 1], [1, 1], self.groups,
+                    list(grad.shape),
+                )
+            return self.run(grad, self._packed_flipped, None, padding, [1, 1])
+        if self.columns is not None:
+            columns = torch.matmul(self.columns, grad.reshape(grad.shape[0], grad.shape[1], -1))
+            return F.fold(columns, tuple(input_size), self.kernel_size, padding=self.padding, stride=self.stride)
+        output_padding = [
+            (size + 2 * p - k) % s for size, p, k, s in zip(input_size, self.padding, self.kernel_size, self.stride)
+        ]
+        return F.conv_transpose2d(grad, self.weight, None, self.stride, self.padding, output_padding, self.groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+            return self.conv(x)
+        return _FrozenConvFunction.apply(F.pad(x, self.pre_pad) if self.pre_pad else x, self)
+
+
+def plain_padding(conv: nn.Module) -> list[int] | None:
+    """The zero padding ``[left, right, top, bottom]`` under which ``conv`` is a plain convolution (no
+    dilation, no side wider than the kernel), or None if it is not one: ``nn.Conv2d``'s own padding, or for
+    a subclass with its own forward, the padding with which an unpadded convolution of the zero-padded
+    input computes what that forward does on random inputs of an even and an odd size (e.g. EfficientNet's
+    convolutions with TensorFlow's "same" padding, which pad before convolving)."""
+    if not (
+        isinstance(conv, nn.Conv2d)
+        and conv.dilation == (1, 1)
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+    ):
+        return None
+    if type(conv) is nn.Conv2d:
+        fits = all(p <= k - 1 for p, k in zip(conv.padding, conv.kernel_size))  # type: ignore[arg-type]
+        return _sides(conv.padding) if fits else None  # type: ignore[arg-type]
+    return _subclass_padding(conv)
+
+
+def _flipped_transposed(weight: Tensor, groups: int) -> Tensor:
+    """The kernel of a stride-1 convolution's input gradient: in and out channels swapped within each group,
+    spatially flipped; (C_out, C_in / g, kh, kw) -> (C_in, C_out / g, kh, kw)."""
+    out_channels, in_per_group, height, width = weight.shape
+    grouped = weight.reshape(groups, out_channels // groups, in_per_group, height, width).transpose(1, 2)
+    return grouped.reshape(groups * in_per_group, out_channels // groups, height, width).flip(-1, -2).contiguous()
+
+
+def _sides(padding: tuple[int, int] | list[int]) -> list[int]:
+    """A convolution's (height, width) padding as ``[left, right, top, bottom]``."""
+    return [padding[1], padding[1], padding[0], padding[0]]
+
+
+def _subclass_padding(conv: nn.Conv2d) -> list[int] | None:
+    """The zero padding ``[left, right, top, bottom]`` with which an unpadded ``nn.Conv2d`` convolution of the
+    padded input equals a subclass's own forward on seeded random inputs of an even and an odd size, or None (a
+    forward that changes the maths, pads differently for different sizes, or cannot run)."""
+    generator = torch.Generator().manual_seed(0)
+    sizes = [[max(8, 2 * k) + extra for k in conv.kernel_size] for extra in (0, 1)]
+    samples = [torch.randn(2, conv.in_channels, *size, generator=generator).to(conv.weight) for size in sizes]
+    with torch.no_grad():
+        try:
+            owns = [conv(sample) for sample in samples]
+        except Exception:  # noqa: BLE001 - a forward that cannot run on these inputs is not a plain convolution
+            return None
+        if not all(isinstance(own, Tensor) and own.ndim == 4 for own in owns):
+            return None
+        for padding in _candidate_paddings(conv, sizes[0], owns[0].shape[-2:]):
+            if all(_reproduces(conv, sample, own, padding) for sample, own in zip(samples, owns)):
+                return padding
+    return None
+
+
+def _candidate_paddings(conv: nn.Conv2d, size: list[int], out_size: torch.Size) -> list[list[int]]:
+    """Paddings ``[left, right, top, bottom]``, no side wider than k - 1, under which the convolution's output
+    has ``out_size`` for an input of ``size``: even ones first, then the narrowest."""
+    sides = [
+        sorted(
+            ((a, b) for a in range(k) for b in range(k) if (n + a + b - k) // s + 1 == n_out),
+            key=lambda ab: (ab[0] != ab[1], ab[0] + ab[1], ab[0]),
+        )
+        for n, k, s, n_out in zip(size, conv.kernel_size, conv.stride, out_size)
+    ]
+    return [[left, right, top, bottom] for top, bottom in sides[0] for left, right in sides[1]]
+
+
+def _reproduces(conv: nn.Conv2d, sample: Tensor, own: Tensor, padding: list[int]) -> bool:
+    plain = F.conv2d(F.pad(sample, padding), conv.weight, conv.bias, conv.stride, 0, 1, conv.groups)
+    return plain.shape == own.shape and torch.allclose(plain, own, rtol=1e-5, atol=1e-6)
+
+
+def pack_convolutions(module: nn.Module) -> int:
+    """Replace, in place, every convolution of a frozen CPU module that :class:`FrozenConv2d` applies to;
+    returns how many. Only for copies: the layers lose their weight gradients."""
+    replaced = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Conv2d) or child.weight.device.type != "cpu":
+                continue
+            padding = FrozenConv2d.padding_of(child)
+            if padding is not None:
+                setattr(parent, name, FrozenConv2d(child, padding))
+                replaced += 1
+    return replaced
