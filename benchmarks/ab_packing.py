@@ -18,7 +18,7 @@ import time
 import torch
 
 from neuromask_pl.classifiers import EfficientNetLite0
-from neuromask_pl.maths.fastpath import FastClassifier, FastPath, FrozenConv2d
+from neuromask_pl.maths.fastpath import FastPath, FastPathCache, FrozenConv2d
 from neuromask_pl.maths.optimize import MaskOptimisation
 from neuromask_pl.settings import resolve_settings
 
@@ -50,7 +50,7 @@ def main() -> None:
     for name, rule in (("pointwise", pointwise_rule), ("even", even_rule), ("all", CURRENT)):
         FrozenConv2d.padding_of = staticmethod(rule)
         try:
-            fast = FastClassifier(FastPath())
+            fast = FastPathCache(FastPath())
             model = fast.get(classifier, images)
         finally:
             FrozenConv2d.padding_of = staticmethod(CURRENT)

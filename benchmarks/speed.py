@@ -57,7 +57,7 @@ import torchvision
 from torch import Tensor, nn
 
 from neuromask_pl.data.checks import frozen
-from neuromask_pl.maths.fastpath import FastClassifier, FastPath
+from neuromask_pl.maths.fastpath import FastPath, FastPathCache
 from neuromask_pl.maths.folding import is_batchnorm
 from neuromask_pl.maths.optimize import MaskOptimisation
 from neuromask_pl.settings import PRESETS
@@ -202,19 +202,19 @@ def saved_bytes(step: Callable[[], None]) -> int:
 
 def fast_copies(
     model: nn.Module, images: Tensor, autocast: Callable, auto: bool = False
-) -> tuple[dict[str, tuple[nn.Module, dict[str, Any]]], FastClassifier, nn.Module, float]:
+) -> tuple[dict[str, tuple[nn.Module, dict[str, Any]]], FastPathCache, nn.Module, float]:
     """The fast path's variants pinned, with their reports (by the name they run as; none that is the plain
     classifier): BatchNorm folded, then convolutions packed too; the default's
-    FastClassifier (``auto``) and module, timed among them as NeuroMask does on its first batch; the seconds that
+    FastPathCache (``auto``) and module, timed among them as NeuroMask does on its first batch; the seconds that
     choice took."""
     pinned: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
     for switches in ({"pack_convolutions": False, "auto": False}, {"auto": False}):
-        fast = FastClassifier(FastPath(**switches))
+        fast = FastPathCache(FastPath(**switches))
         with autocast():
             module = fast.get(model, images)
         if module is not model:
             pinned.setdefault(fast.report()["variant"], (module, fast.report()))
-    default = FastClassifier(FastPath(auto=auto))
+    default = FastPathCache(FastPath(auto=auto))
     start = time.perf_counter()
     with autocast():
         module = default.get(model, images)
@@ -278,7 +278,7 @@ def measure(args: argparse.Namespace, spec: str, kwargs: dict[str, Any], size: i
         compile_s = None
         if full and not args.no_compile:
             with autocast():
-                compiled = FastClassifier(FastPath(compile=True)).get(model, images)
+                compiled = FastPathCache(FastPath(compile=True)).get(model, images)
                 fast = mask_steps(compiled, images, targets, args.preset)
                 start = time.perf_counter()
                 fast()

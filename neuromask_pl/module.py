@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from neuromask_pl.data.batch import unpack_batch
 from neuromask_pl.data.checks import check_images, check_images_fit, check_logits, frozen, integral_ids
 from neuromask_pl.explanation import Explanation
-from neuromask_pl.maths.fastpath import FastClassifier, FastPath
+from neuromask_pl.maths.fastpath import FastPath, FastPathCache
 from neuromask_pl.maths.optimize import MaskFit, learn_masks
 from neuromask_pl.metrics import explanation_metrics, update_explanation_metrics
 from neuromask_pl.settings import MaskSettings, SettingsOverrides, resolve_settings
@@ -85,7 +85,7 @@ class NeuroMask(pl.LightningModule):
         self.register_load_state_dict_post_hook(_ignore_missing_classifier_state)
         self.settings: MaskSettings = resolve_settings(preset, steps, settings)
         self.fast_path = FastPath.of(fast_path)
-        self._fast_classifier = FastClassifier(self.fast_path)
+        self._fast_classifier = FastPathCache(self.fast_path)
         self.max_chunk: int | None = None  # set when a batch ran out of memory
         if target_class is not None and target_class < 0:
             raise ValueError(f"target_class must be a class index >= 0, got {target_class}")
@@ -108,7 +108,7 @@ class NeuroMask(pl.LightningModule):
     @property
     def fast_path_report(self) -> dict[str, Any]:
         """What the fast path ran for the last batch: the variant, BatchNorms folded and convolutions packed (of
-        all), and the timings it was chosen by with ``auto`` (see FastClassifier.report)."""
+        all), and the timings it was chosen by with ``auto`` (see FastPathCache.report)."""
         return self._fast_classifier.report()
 
     @property

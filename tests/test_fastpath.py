@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from neuromask_pl import NeuroMask
 from neuromask_pl.data import TensorDataModule
 from neuromask_pl.maths import fastpath
-from neuromask_pl.maths.fastpath import FastClassifier, FastPath, FrozenConv2d, fold_batchnorm
+from neuromask_pl.maths.fastpath import FastPath, FastPathCache, FrozenConv2d, fold_batchnorm
 from neuromask_pl.maths.optimize import learn_masks
 
 # ----------------------------------------------------------------------------- models
@@ -198,14 +198,14 @@ def test_a_conv_whose_forward_is_not_a_plain_convolution_is_not_folded_into(capl
     assert count == 0
     images = torch.rand(2, 3, 8, 8)
     torch.testing.assert_close(folded(images), net(images), rtol=0, atol=0)
-    fast = FastClassifier(FastPath(auto=False))
+    fast = FastPathCache(FastPath(auto=False))
     with caplog.at_level(logging.WARNING, logger="neuromask_pl.maths.fastpath"):
         assert fast.get(net, images) is net  # nothing to fold or pack: the classifier itself
     assert caplog.text == ""
 
 
 def test_fast_copy_is_cached_until_the_weights_change(tiny_cnn, image_factory) -> None:
-    fast = FastClassifier(FastPath(auto=False))
+    fast = FastPathCache(FastPath(auto=False))
     images = image_factory(2, 16)
     tiny_cnn.requires_grad_(False)
     first = fast.get(tiny_cnn, images)
@@ -220,7 +220,7 @@ def test_fast_copy_is_cached_until_the_weights_change(tiny_cnn, image_factory) -
 
 def test_fast_copy_off_returns_the_classifier(tiny_cnn, image_factory) -> None:
     off = FastPath(fold_batchnorm=False, pack_convolutions=False)
-    assert FastClassifier(off).get(tiny_cnn, image_factory(2, 16)) is tiny_cnn
+    assert FastPathCache(off).get(tiny_cnn, image_factory(2, 16)) is tiny_cnn
 
 
 def test_a_copy_that_changes_the_logits_falls_back_to_the_classifier(
@@ -232,7 +232,7 @@ def test_a_copy_that_changes_the_logits_falls_back_to_the_classifier(
         return copy, 1
 
     monkeypatch.setattr("neuromask_pl.maths.fastpath.fold_batchnorm", broken_fold)
-    fast = FastClassifier(FastPath(auto=False))
+    fast = FastPathCache(FastPath(auto=False))
     with caplog.at_level(logging.WARNING, logger="neuromask_pl.maths.fastpath"):
         assert fast.get(tiny_cnn, image_factory(2, 16)) is tiny_cnn
     assert "changes its logits" in caplog.text and fast.folded == 0
@@ -298,7 +298,7 @@ def test_a_conv_that_pads_in_its_forward_runs_packed(layer, padding, groups: int
 @needs_onednn
 def test_resnet18_convolutions_are_packed_and_its_gradients_kept() -> None:
     model = resnet18()
-    fast = FastClassifier(FastPath(auto=False))
+    fast = FastPathCache(FastPath(auto=False))
     images = torch.rand(2, 3, 64, 64)
     copy = fast.get(model, images)
     assert fast.folded == 20 and fast.packed == 20
@@ -313,7 +313,7 @@ def test_efficientnet_lite0_convolutions_are_packed_and_gradients_kept() -> None
 
     model = EfficientNetLite0().eval().requires_grad_(False)
     images = torch.rand(2, 3, 96, 96)
-    fast = FastClassifier(FastPath(auto=False))
+    fast = FastPathCache(FastPath(auto=False))
     copy = fast.get(model, images)
     # All 49 convolutions: 32 pointwise, 16 depthwise and the stem. The stem and the 4 strided depthwise convs
     # pad one more row and column at the end (uneven), the others symmetrically.
@@ -454,7 +454,7 @@ def choose(monkeypatch, name: str) -> list[tuple[list[str], tuple[int, ...]]]:
 @needs_onednn
 def test_auto_times_plain_folded_and_packed_once_per_image_shape_and_runs_the_choice(monkeypatch) -> None:
     calls = choose(monkeypatch, "folded")
-    model, fast = resnet18(), FastClassifier(FastPath(auto=True))
+    model, fast = resnet18(), FastPathCache(FastPath(auto=True))
     chosen = fast.get(model, torch.rand(2, 3, 32, 32))
     assert calls == [(["plain", "folded", "folded+packed"], (2, 3, 32, 32))]
     assert chosen is not model and not any(isinstance(m, (FrozenConv2d, nn.BatchNorm2d)) for m in chosen.modules())
@@ -470,19 +470,19 @@ def test_auto_times_plain_folded_and_packed_once_per_image_shape_and_runs_the_ch
 
 def test_auto_runs_the_classifier_itself_when_it_measures_fastest(monkeypatch, tiny_cnn, image_factory) -> None:
     choose(monkeypatch, "plain")
-    fast = FastClassifier(FastPath(auto=True))
+    fast = FastPathCache(FastPath(auto=True))
     assert fast.get(tiny_cnn, image_factory(2, 16)) is tiny_cnn
     assert fast.report()["variant"] == "plain" and fast.folded == fast.packed == 0
 
 
 def test_without_auto_or_with_compile_nothing_is_timed(monkeypatch, tiny_cnn, image_factory) -> None:
     calls = choose(monkeypatch, "plain")
-    fast = FastClassifier(FastPath(auto=False))
+    fast = FastPathCache(FastPath(auto=False))
     assert fast.get(tiny_cnn, image_factory(2, 16)) is not tiny_cnn
     assert fast.report()["variant"] == ("folded+packed" if torch.backends.mkldnn.is_available() else "folded")
     assert not fast.report()["measured"] and calls == []
     assert not FastPath(auto=True, compile=True).measures() and FastPath(auto=True).measures() and not FastPath().measures()
-    assert FastClassifier(FastPath(**PINNED["plain"])).get(tiny_cnn, image_factory(2, 16)) is tiny_cnn
+    assert FastPathCache(FastPath(**PINNED["plain"])).get(tiny_cnn, image_factory(2, 16)) is tiny_cnn
 
 
 @needs_onednn
@@ -490,15 +490,15 @@ def test_packed_variants_are_not_timed_where_they_would_not_run(monkeypatch) -> 
     """Packed convolutions run float32 only, outside autocast: elsewhere they are the folded variant again."""
     calls = choose(monkeypatch, "folded")
     model = resnet18()
-    FastClassifier(FastPath(auto=True)).get(model.double(), torch.rand(2, 3, 32, 32, dtype=torch.float64))
+    FastPathCache(FastPath(auto=True)).get(model.double(), torch.rand(2, 3, 32, 32, dtype=torch.float64))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        FastClassifier(FastPath(auto=True)).get(resnet18(), torch.rand(2, 3, 32, 32))
+        FastPathCache(FastPath(auto=True)).get(resnet18(), torch.rand(2, 3, 32, 32))
     assert [names for names, _ in calls] == [["plain", "folded"], ["plain", "folded"]]
 
 
 def test_the_choice_survives_pickling_and_deep_copies(monkeypatch, tiny_cnn, image_factory) -> None:
     calls = choose(monkeypatch, "folded")
-    fast = FastClassifier(FastPath(auto=True))
+    fast = FastPathCache(FastPath(auto=True))
     fast.get(tiny_cnn, image_factory(2, 16))
     for clone in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
         clone.get(tiny_cnn, image_factory(2, 16))
@@ -568,7 +568,7 @@ def test_timing_changes_no_mask_no_random_state_and_not_the_classifier(monkeypat
     monkeypatch.setattr(fastpath, "fastest_variant", REAL_FASTEST_VARIANT)
     model, images = resnet18(), image_factory(2, 32)
     before, rng = state(model), torch.get_rng_state()
-    fast = FastClassifier(FastPath(auto=True))
+    fast = FastPathCache(FastPath(auto=True))
     fast.get(model, images)
     assert fast.report()["measured"] and set(fast.report()["forward_backward_ms"]) >= {"plain", "folded"}
     assert torch.equal(torch.get_rng_state(), rng)

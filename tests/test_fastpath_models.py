@@ -18,7 +18,7 @@ import torch
 from test_folding import assert_same_function, batchnorms, randomised
 from torch import nn
 
-from neuromask_pl.maths.fastpath import FastClassifier, FastPath
+from neuromask_pl.maths.fastpath import FastPath, FastPathCache
 from neuromask_pl.maths.folding import fold_batchnorm
 
 MODEL_TOLERANCE = 1e-3
@@ -73,7 +73,7 @@ def test_real_classifiers_fold_and_pack_and_keep_their_logits_and_input_gradient
     folded, count = fold_batchnorm(model, images)
     assert (count, batchnorms(folded)) == (folds, total - folds)
     assert_same_function(folded, model, images, MODEL_TOLERANCE)
-    fast = FastClassifier(FastPath(auto=False))  # the whole copy as NeuroMask runs it: folded and packed
+    fast = FastPathCache(FastPath(auto=False))  # the whole copy as NeuroMask runs it: folded and packed
     copy = fast.get(model, images)
     assert fast.folded == folds and copy is not model
     if torch.backends.mkldnn.is_available():

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from neuromask_pl.maths.folding import fold_batchnorm, is_batchnorm
 from neuromask_pl.maths.packing import FrozenConv2d, pack_convolutions
 
-__all__ = ["FastClassifier", "FastPath", "FrozenConv2d", "fastest_variant", "fold_batchnorm", "pack_convolutions"]
+__all__ = ["FastPathCache", "FastPath", "FrozenConv2d", "fastest_variant", "fold_batchnorm", "pack_convolutions"]
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def _close(fast: Tensor, reference: Tensor) -> bool:
     return fast.shape == reference.shape and bool(((fast - reference).abs().max() <= 1e-2 * scale).item())
 
 
-class FastClassifier:
+class FastPathCache:
     """Builds and caches the fast copies of a frozen classifier, and chooses which one runs.
 
     The copies are keyed by the classifier's identity, device and the in-place version counters of its
