@@ -85,7 +85,7 @@ class NeuroMask(pl.LightningModule):
         self.register_load_state_dict_post_hook(_ignore_missing_classifier_state)
         self.settings: MaskSettings = resolve_settings(preset, steps, settings)
         self.fast_path = FastPath.of(fast_path)
-        self._fast_classifier = FastPathCache(self.fast_path)
+        self._fast_copies = FastPathCache(self.fast_path)
         self.max_chunk: int | None = None  # set when a batch ran out of memory
         if target_class is not None and target_class < 0:
             raise ValueError(f"target_class must be a class index >= 0, got {target_class}")
@@ -109,7 +109,7 @@ class NeuroMask(pl.LightningModule):
     def fast_path_report(self) -> dict[str, Any]:
         """What the fast path ran for the last batch: the variant, BatchNorms folded and convolutions packed (of
         all), and the timings it was chosen by with ``auto`` (see FastPathCache.report)."""
-        return self._fast_classifier.report()
+        return self._fast_copies.report()
 
     @property
     def class_names(self) -> list[str] | None:
@@ -141,7 +141,7 @@ class NeuroMask(pl.LightningModule):
             with torch.no_grad():
                 logits = self._logits(images)
             targets = self._targets(targets, logits)
-            fit = self._learn(self._fast_classifier.get(self.classifier, images), images, targets, ids)
+            fit = self._learn(self._fast_copies.get(self.classifier, images), images, targets, ids)
         prob_original = logits.float().softmax(-1).gather(1, targets[:, None])[:, 0]
         prob_masked = fit.logits_masked.softmax(-1).gather(1, targets[:, None])[:, 0]
         diverged = ~(torch.isfinite(fit.masks).flatten(1).all(1) & torch.isfinite(fit.loss["total"]))

@@ -481,7 +481,11 @@ def test_without_auto_or_with_compile_nothing_is_timed(monkeypatch, tiny_cnn, im
     assert fast.get(tiny_cnn, image_factory(2, 16)) is not tiny_cnn
     assert fast.report()["variant"] == ("folded+packed" if torch.backends.mkldnn.is_available() else "folded")
     assert not fast.report()["measured"] and calls == []
-    assert not FastPath(auto=True, compile=True).measures() and FastPath(auto=True).measures() and not FastPath().measures()
+    assert (
+        not FastPath(auto=True, compile=True).measures()
+        and FastPath(auto=True).measures()
+        and not FastPath().measures()
+    )
     assert FastPathCache(FastPath(**PINNED["plain"])).get(tiny_cnn, image_factory(2, 16)) is tiny_cnn
 
 
@@ -575,7 +579,7 @@ def test_timing_changes_no_mask_no_random_state_and_not_the_classifier(monkeypat
     assert all(torch.equal(v, before[k]) for k, v in state(model).items())
     explainer = NeuroMask(model, "paper", 8, SHARP)
     timed = explainer.explain(images)
-    variant = explainer._fast_classifier.report()["variant"]
+    variant = explainer._fast_copies.report()["variant"]
     pinned = NeuroMask(model, "paper", 8, SHARP, fast_path=PINNED[variant]).explain(images)
     assert torch.equal(timed.masks, pinned.masks), variant
 
