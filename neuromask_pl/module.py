@@ -87,8 +87,10 @@ class NeuroMask(pl.LightningModule):
         self.fast_path = FastPath.of(fast_path)
         self._fast_copies = FastPathCache(self.fast_path)
         self.max_chunk: int | None = None  # set when a batch ran out of memory
-        if target_class is not None and target_class < 0:
-            raise ValueError(f"target_class must be a class index >= 0, got {target_class}")
+        if target_class is not None and (not _is_int(target_class) or target_class < 0):
+            raise ValueError(f"target_class must be a class index >= 0 (an int), got {target_class!r}")
+        if not _is_int(seed):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
         self.seed = seed
         self.target_class = target_class
         self._next_id = 0  # ids for batches that carry none (reset at each predict/test start)
@@ -295,6 +297,10 @@ class NeuroMask(pl.LightningModule):
             updated = {name: metric for name, metric in self.test_metrics.items() if metric.update_called}
             self.log_dict(updated, batch_size=len(result))
         return result
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _out_of_memory(error: BaseException) -> bool:

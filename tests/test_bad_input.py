@@ -47,6 +47,9 @@ def test_classifier_outputs_that_are_not_logits_are_refused_before_optimising(fn
         ({"settings": {"lr": float("inf")}}, ValueError, "lr must be a finite number"),
         ({"settings": {"temperature": float("inf")}}, ValueError, "temperature must be a finite number"),
         ({"settings": {"lr": float("nan")}}, ValueError, "lr must be a finite number"),
+        ({"target_class": 1.5}, ValueError, "target_class must be a class index"),
+        ({"target_class": True}, ValueError, "target_class must be a class index"),
+        ({"seed": 0.5}, TypeError, "seed must be an int"),
     ],
 )
 def test_settings_are_checked_by_type_and_range_at_construction(tiny_cnn, kwargs, error, match) -> None:

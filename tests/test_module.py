@@ -287,7 +287,7 @@ def test_labels_outside_the_classes_with_a_trainer(tiny_cnn, trainer_factory) ->
 
 
 def test_constructor_errors(tiny_cnn) -> None:
-    with pytest.raises(ValueError, match="target_class must be a class index >= 0, got -1"):
+    with pytest.raises(ValueError, match="target_class must be a class index >= 0 \(an int\), got -1"):
         NeuroMask(tiny_cnn, target_class=-1)
     with pytest.raises(ValueError, match="unknown preset 'fast'"):
         NeuroMask(tiny_cnn, preset="fast")
