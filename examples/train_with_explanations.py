@@ -26,8 +26,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from neuromask_pl.callbacks import ExplainDuringTraining, overlay_grid
-from neuromask_pl.viz import save_png
+from neuromask_pl.callbacks import ExplainDuringTraining
+from neuromask_pl.viz import panel_grid, save_png
 
 
 class DigitsCNN(pl.LightningModule):
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     pl.seed_everything(args.seed, verbose=False)
     train, val = digits(seed=args.seed)
     explainer = ExplainDuringTraining(
-        num_images=args.num_images, steps=args.steps, seed=args.seed, baseline=args.baseline
+        num_images=args.num_images, steps=args.steps, seed=args.seed, settings={"baseline": args.baseline}
     )
     logger = TensorBoardLogger(save_dir=".", name="lightning_logs")
     trainer = pl.Trainer(
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     explanation = explainer.last_explanation
     if explanation is None:
         raise SystemExit("no explanation was made (did validation run?)")
-    grid = overlay_grid(explainer.images, explanation.masks)
+    grid = panel_grid(explainer.images, explanation.masks)
     grid = F.interpolate(grid[None], scale_factor=3, mode="nearest")[0]  # 32 px digits are tiny on screen
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
