@@ -134,7 +134,8 @@ class ExplainDuringTraining(Callback):
             raise ValueError(f"num_images must be >= 1, got {num_images}")
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
-        if target_class is not None and (not isinstance(target_class, int) or target_class < 0):
+        bad_target = isinstance(target_class, bool) or not isinstance(target_class, int) or target_class < 0
+        if target_class is not None and bad_target:
             raise ValueError(f"target_class must be a class index >= 0, got {target_class!r}")
         # Fail now, not after the first epoch, on a bad preset or setting.
         self.explainer_args = {
