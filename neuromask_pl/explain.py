@@ -91,10 +91,6 @@ def explain_checkpoint(
     """
     if isinstance(module_class, type):
         module_class = f"{module_class.__module__}.{module_class.__qualname__}"
-    if isinstance(mean, (int, float)):
-        mean = [float(mean)]
-    if isinstance(std, (int, float)):
-        std = [float(std)]
     model = LightningCheckpointClassifier(
         module_class, str(checkpoint), model_attribute=model_attribute, mean=mean, std=std, **(classifier or {})
     )

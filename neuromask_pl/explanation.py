@@ -78,6 +78,13 @@ class Explanation:
             images=images,
         )
 
+    @property
+    def ok(self) -> Tensor:
+        """Which samples did not fail (bool, (B,), on the CPU)."""
+        if self.errors:
+            return torch.tensor([not error for error in self.errors])
+        return torch.ones(len(self), dtype=torch.bool)
+
     def __len__(self) -> int:
         return int(self.ids.shape[0])
 
@@ -139,7 +146,7 @@ class Explanation:
     def summary(self) -> dict[str, float]:
         """Batch means of the loss terms, mask area, preservation rate, probabilities and steps run (over the
         samples that did not fail)."""
-        ok = torch.tensor([not e for e in self.errors]) if self.errors else torch.ones(len(self), dtype=torch.bool)
+        ok = self.ok
         if not ok.any():
             return {}
         values = [*(self.loss[t] for t in LOSS_TERMS), self.mask_area, self.preserved, self.prob_original,

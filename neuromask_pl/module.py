@@ -10,7 +10,15 @@ import torch
 from torch import Tensor, nn
 
 from neuromask_pl.data.batch import unpack_batch
-from neuromask_pl.data.checks import check_images, check_images_fit, check_logits, frozen, integral_ids
+from neuromask_pl.data.checks import (
+    check_images,
+    check_images_fit,
+    check_logits,
+    check_target_class,
+    device_of,
+    frozen,
+    integral_ids,
+)
 from neuromask_pl.explanation import Explanation
 from neuromask_pl.maths.fastpath import FastPath, FastPathCache
 from neuromask_pl.maths.optimize import MaskFit, learn_masks
@@ -87,9 +95,8 @@ class NeuroMask(pl.LightningModule):
         self.fast_path = FastPath.of(fast_path)
         self._fast_copies = FastPathCache(self.fast_path)
         self.max_chunk: int | None = None  # set when a batch ran out of memory
-        if target_class is not None and (not _is_int(target_class) or target_class < 0):
-            raise ValueError(f"target_class must be a class index >= 0 (an int), got {target_class!r}")
-        if not _is_int(seed):
+        check_target_class(target_class)
+        if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
         self.seed = seed
         self.target_class = target_class
@@ -206,10 +213,7 @@ class NeuroMask(pl.LightningModule):
 
     def _classifier_device(self) -> torch.device:
         """Where the classifier lives (it may have been moved without this module, e.g. as a callback's)."""
-        tensor = next(self.classifier.parameters(), None)
-        if tensor is None:
-            tensor = next(self.classifier.buffers(), None)
-        return tensor.device if tensor is not None else self.device
+        return device_of(self.classifier, self.device)
 
     def _logits(self, images: Tensor) -> Tensor:
         try:
@@ -282,7 +286,7 @@ class NeuroMask(pl.LightningModule):
         (deletion/insertion AUC, mask area, preservation and selection rates; with a ``gt_mask``
         in the batch also the pointing game and energy pointing)."""
         result = self._explain_batch(batch)
-        ok = torch.tensor([not e for e in result.errors]) if result.errors else torch.ones(len(result), dtype=bool)
+        ok = result.ok
         if ok.any():
             own = {f"test/{k}": v for k, v in result.summary().items() if k not in ("mask_area", "preservation_rate")}
             self.log_dict(own, batch_size=int(ok.sum()), sync_dist=True)
@@ -297,10 +301,6 @@ class NeuroMask(pl.LightningModule):
             updated = {name: metric for name, metric in self.test_metrics.items() if metric.update_called}
             self.log_dict(updated, batch_size=len(result))
         return result
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _out_of_memory(error: BaseException) -> bool:

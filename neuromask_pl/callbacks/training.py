@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import random
 import time
@@ -18,6 +17,7 @@ from pytorch_lightning.callbacks import Callback
 
 from neuromask_pl.classifiers import Normalize, submodule
 from neuromask_pl.data import check_images, unpack_batch
+from neuromask_pl.data.checks import check_target_class, device_of
 from neuromask_pl.explanation import Explanation
 from neuromask_pl.maths.fastpath import FastPath
 from neuromask_pl.module import NeuroMask
@@ -134,9 +134,7 @@ class ExplainDuringTraining(Callback):
             raise ValueError(f"num_images must be >= 1, got {num_images}")
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
-        bad_target = isinstance(target_class, bool) or not isinstance(target_class, int) or target_class < 0
-        if target_class is not None and bad_target:
-            raise ValueError(f"target_class must be a class index >= 0, got {target_class!r}")
+        check_target_class(target_class)
         # Fail now, not after the first epoch, on a bad preset or setting.
         self.explainer_args = {
             "preset": preset,
@@ -230,7 +228,7 @@ class ExplainDuringTraining(Callback):
             )
         classifier = self._classifier(pl_module)
         if self.normalize.enabled:  # a wrapper holding a reference to the module, not a copy
-            device = next(itertools.chain(classifier.parameters(), classifier.buffers()), self.images).device
+            device = device_of(classifier, self.images.device)
             classifier = torch.nn.Sequential(self.normalize.to(device), classifier)
         start = time.perf_counter()
         with preserved_rng_state(), gradients_enabled():

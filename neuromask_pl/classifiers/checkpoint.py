@@ -80,8 +80,8 @@ class LightningCheckpointClassifier(ClassifierWrapper):
         weights_only: bool = True,
         model_attribute: str | None = None,
         output: int | str | None = None,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
+        mean: Sequence[float] | float | None = None,
+        std: Sequence[float] | float | None = None,
         class_names: list[str] | str | None = None,
         trusted: list[str] | None = None,
     ) -> None:

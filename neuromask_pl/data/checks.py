@@ -68,6 +68,21 @@ def integral_ids(values: Any, name: str, count: int | None = None, nonnegative: 
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
+def device_of(module: nn.Module, fallback: torch.device) -> torch.device:
+    """Where a module's parameters (else buffers) live, or ``fallback`` for a module without tensors."""
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers(), None)
+    return tensor.device if tensor is not None else fallback
+
+
+def check_target_class(target_class: Any) -> None:
+    """A fixed target class is an int >= 0 (not a bool, not 1.5), or None."""
+    if target_class is not None and (isinstance(target_class, bool) or not isinstance(target_class, int)
+                                     or target_class < 0):  # fmt: skip
+        raise ValueError(f"target_class must be a class index >= 0 (an int), got {target_class!r}")
+
+
 def expected_channels(classifier: nn.Module) -> int | None:
     """The channel count a classifier takes: its ``in_channels`` attribute, else its first convolution's."""
     channels = getattr(classifier, "in_channels", None)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from neuromask_pl.data.checks import check_images, frozen
+from neuromask_pl.data.checks import check_images, device_of, frozen
 from neuromask_pl.maths.mask import apply_mask, make_baseline
 
 TIE_RULES = ("first", "any", "all")
@@ -116,13 +116,6 @@ def _baseline(images: Tensor, baseline: str | Tensor) -> Tensor:
     return make_baseline(images, baseline)
 
 
-def _device_of(module: nn.Module, fallback: torch.device) -> torch.device:
-    tensor = next(module.parameters(), None)
-    if tensor is None:
-        tensor = next(module.buffers(), None)
-    return tensor.device if tensor is not None else fallback
-
-
 def _check_classifier(classifier: Any) -> nn.Module:
     if not isinstance(classifier, nn.Module):
         raise TypeError(f"classifier must be a torch.nn.Module returning logits, got {type(classifier).__name__}")
@@ -152,7 +145,7 @@ def _prepare(
     batch, size = images.shape[0], tuple(images.shape[-2:])
     maps = _masks(maps, batch, size) if masks else _maps(maps, "saliency", batch, size)
     classifier = _check_classifier(classifier)
-    device = _device_of(classifier, images.device)
+    device = device_of(classifier, images.device)
     images = images.to(device)
     return classifier, images, maps.to(device), _targets(targets, batch, device)
 
