@@ -53,6 +53,17 @@ class FastPath:
             (docs/results/STABILITY.md), so a choice made by timing would make masks depend on the machine's load
             from run to run; False runs the switches as given (bit-reproducible from run to run). Not with
             ``compile``, which runs as given.
+        compile_mask: ``torch.compile`` the mask arithmetic around the classifier (the masked images from the
+            weights: two-scale weights, upsampling, sigmoid, masking; and the loss terms from the logits): fewer,
+            fused kernels forward and backward. The first step compiles (seconds).
+        matmul_upsample: the mask's bilinear upsampling (and its backward) as two small matrix products per image
+            instead of ``F.interpolate``'s kernels.
+        fused_adam: Adam's fused kernel on the CPU too (CUDA always runs it).
+
+    The last three speed up the mask arithmetic rather than the classifier, and change float rounding (by about
+    one unit in the last place per operation, which the ``default`` preset's low final temperature can turn into
+    flipped pixels, docs/results/STABILITY.md), so they are off; :class:`~neuromask_pl.maths.optimize.MaskOptimisation`
+    reads them (its ``fast_path`` argument).
     """
 
     fold_batchnorm: bool = True
@@ -60,6 +71,9 @@ class FastPath:
     compile: bool = False
     pack_convolutions: bool | None = None
     auto: bool = False
+    compile_mask: bool = False
+    matmul_upsample: bool = False
+    fused_adam: bool = False
 
     @classmethod
     def of(cls, value: FastPath | Mapping[str, Any] | None) -> FastPath:
