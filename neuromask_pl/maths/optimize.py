@@ -127,6 +127,10 @@ class MatmulUpsample:
         return (self.matrix(rows, height, mask) @ across).view(batch, channels, height, width)
 
 
+# One for all: its matrices are kept per size, and a compiled mask arithmetic (compile_mask) sees the same object.
+MATMUL_UPSAMPLE = MatmulUpsample()
+
+
 def masked_batch(
     weights: Tensor,
     images: Tensor,
@@ -286,7 +290,7 @@ class MaskOptimisation:
         self.weights = weights.requires_grad_(True)
         options = FastPath.of(fast_path)
         self.optimizer = make_optimizer([self.weights], settings, fused=options.fused_adam)
-        self._upsample = MatmulUpsample() if options.matmul_upsample else upsample_mask
+        self._upsample = MATMUL_UPSAMPLE if options.matmul_upsample else upsample_mask
         self._masked_batch, self._loss_terms = masked_batch, loss_terms
         if options.compile_mask:  # the classifier runs between the two, as it is
             self._masked_batch, self._loss_terms = torch.compile(masked_batch), torch.compile(loss_terms)
