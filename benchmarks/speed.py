@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from neuromask_pl.data.checks import frozen
 from neuromask_pl.maths.fastpath import FastPath, FastPathCache
 from neuromask_pl.maths.folding import is_batchnorm
-from neuromask_pl.maths.optimize import MaskOptimisation, learn_masks
+from neuromask_pl.maths.optimize import MaskOptimisation
 from neuromask_pl.settings import PRESETS
 
 PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -169,30 +169,9 @@ def floor_step(model: nn.Module, images: Tensor) -> Callable[[], None]:
     return run
 
 
-# --mask-options: opt-in FastPath switches, each timed as a "default+<name>" variant: the default's classifier with
-# the mask arithmetic switched, or (the names ending in "compiled") the classifier compiled, FastPath(compile=True).
-MASK_OPTIONS: dict[str, dict[str, bool]] = {
-    "compile_mask": {"compile_mask": True},
-    "matmul_upsample": {"matmul_upsample": True},
-    "fused_adam": {"fused_adam": True},
-    "all": {"compile_mask": True, "matmul_upsample": True, "fused_adam": True},
-    "classifier_compiled": {"compile": True},
-    "compiled": {"compile": True, "compile_mask": True, "fused_adam": True},
-}
-
-
-def option_classifier(name: str, model: nn.Module, default_model: nn.Module, images: Tensor) -> nn.Module:
-    """The classifier a --mask-options variant runs: the default's, or a compiled fast copy."""
-    if not MASK_OPTIONS[name].get("compile"):
-        return default_model
-    return FastPathCache(FastPath(compile=True)).get(model, images)
-
-
-def mask_steps(
-    model: nn.Module, images: Tensor, targets: Tensor, preset: str, fast_path: FastPath | None = None
-) -> Callable[[], None]:
+def mask_steps(model: nn.Module, images: Tensor, targets: Tensor, preset: str) -> Callable[[], None]:
     settings = replace(PRESETS[preset], steps=10**9)  # stepped by hand: never "done"
-    problem = MaskOptimisation(model, images, targets, torch.arange(len(images)), settings, seed=0, fast_path=fast_path)
+    problem = MaskOptimisation(model, images, targets, torch.arange(len(images)), settings, seed=0)
     return problem.step
 
 
@@ -296,13 +275,6 @@ def measure(args: argparse.Namespace, spec: str, kwargs: dict[str, Any], size: i
         for name, (module, _) in pinned.items():
             variants[name] = (mask_steps(module, images, targets, args.preset), args.batch, True)
         variants["default"] = (mask_steps(default_model, images, targets, args.preset), args.batch, True)
-        for name in args.mask_options:  # compiled on their first step, here, not in the timed rounds
-            with autocast():
-                classifier = option_classifier(name, model, default_model, images)
-            step = mask_steps(classifier, images, targets, args.preset, FastPath(**MASK_OPTIONS[name]))
-            with autocast():
-                step()
-            variants[f"default+{name}"] = (step, args.batch, True)
         compile_s = None
         if full and not args.no_compile:
             with autocast():
@@ -359,83 +331,6 @@ def measure(args: argparse.Namespace, spec: str, kwargs: dict[str, Any], size: i
         "cuda_peak_bytes_per_image": peak,
         "rows": rows,
     }
-
-
-# --movement's objectives: (preset, overrides). "paper+adam32" is the paper objective (a fixed temperature, hence
-# stable) learned as default's are, with Adam at 32 cells, so that the upsampling and Adam switches act on it too.
-MOVEMENT_OBJECTIVES = {
-    "paper": ("paper", {}),
-    "paper+adam32": ("paper", {"optimizer": "adam", "lr": 0.05, "mask_size": 32, "steps": 300}),
-    "default": ("default", {}),
-}
-
-
-def movement_models(args: argparse.Namespace) -> list[tuple[str, nn.Module, Tensor]]:
-    """(label, classifier, images) of --movement: the trained localisation classifier on benchmark images (real
-    masks), then the MATRIX models --only names, random weights, on seeded uniform images."""
-    from neuromask_pl.data.localisation import load_benchmark_classifier, make_localisation_set
-
-    images = make_localisation_set("test", args.movement_images, canvas=args.size, seed=args.seed)["image"]
-    models = [("localisation SmallCNN (trained)", load_benchmark_classifier("clean").requires_grad_(False), images)]
-    generator = torch.Generator().manual_seed(args.seed)
-    for label, spec, kwargs_for, _ in MATRIX:
-        if args.only and any(word in label for word in args.only):
-            uniform = torch.rand(args.movement_images, 3, args.size, args.size, generator=generator)
-            models.append((label, build_model(spec, args.num_classes, kwargs_for(args.size)), uniform))
-    return models
-
-
-def mask_movement(args: argparse.Namespace) -> dict[str, Any]:
-    """How far each --mask-options variant moves the masks from the default's (same classifier, eager mask
-    arithmetic): max and mean |mask difference| for the stable objectives (``paper``, ``paper+adam32``) and, per
-    image, the IoU of the masks thresholded at 0.5 for ``default`` (whose chaotic end amplifies any rounding)."""
-    device = torch.device(args.device)
-    results = []
-    for label, model, images in movement_models(args):
-        model, images = model.to(device), images.to(device)
-        with torch.no_grad():
-            targets = model(images).argmax(1)
-        ids = torch.arange(len(images))
-        row: dict[str, Any] = {"label": label}
-        with frozen(model):
-            default_model = FastPathCache(FastPath()).get(model, images)
-            classifiers = {name: option_classifier(name, model, default_model, images) for name in args.mask_options}
-            for objective, (preset, overrides) in MOVEMENT_OBJECTIVES.items():
-                settings = replace(PRESETS[preset], **overrides)
-                eager = learn_masks(default_model, images, targets, ids, settings, args.seed).masks
-                row[f"{objective}/area"] = float((eager > 0.5).float().mean())
-                for name in args.mask_options:
-                    masks = learn_masks(classifiers[name], images, targets, ids, settings, args.seed,
-                                        fast_path=FastPath(**MASK_OPTIONS[name])).masks  # fmt: skip
-                    row[f"{name}/{objective}/max_abs"] = float((masks - eager).abs().max())
-                    row[f"{name}/{objective}/mean_abs"] = float((masks - eager).abs().mean())
-                    ious = [binary_iou(a > 0.5, b > 0.5) for a, b in zip(masks, eager)]
-                    row[f"{name}/{objective}/iou_min"] = min(ious)
-                    row[f"{name}/{objective}/iou_mean"] = statistics.mean(ious)
-        print(f"  {label}: done", flush=True)
-        results.append(row)
-    print(f"\n{args.movement_images} images (seed {args.seed}), {args.size} px; against the default's masks (eager "
-          "mask arithmetic, bit-reproducible); |d| = max / mean |mask difference|, IoU at 0.5 = mean / worst image; "
-          "area: share of pixels the eager masks keep\n")  # fmt: skip
-    head = " | ".join(f"{o}: max / mean abs d | IoU" for o in MOVEMENT_OBJECTIVES)
-    print(f"| model | option | {head} |\n|---|---|" + "---:|---:|" * len(MOVEMENT_OBJECTIVES))
-    for row in results:
-        areas = ", ".join(f"{o} {row[f'{o}/area']:.2f}" for o in MOVEMENT_OBJECTIVES)
-        print(f"| {row['label']} | (eager areas: {areas}) |" + " | |" * len(MOVEMENT_OBJECTIVES))
-        for name in args.mask_options:
-            cells = " | ".join(
-                f"{row[f'{name}/{o}/max_abs']:.2e} / {row[f'{name}/{o}/mean_abs']:.1e} | "
-                f"{row[f'{name}/{o}/iou_mean']:.3f} / {row[f'{name}/{o}/iou_min']:.3f}"
-                for o in MOVEMENT_OBJECTIVES
-            )
-            print(f"| {row['label']} | {name} | {cells} |")
-    return {"config": vars(args) | {"out": str(args.out) if args.out else None}, **machine(args), "models": results}
-
-
-def binary_iou(a: Tensor, b: Tensor) -> float:
-    """Intersection over union of two boolean masks (1 where both are empty)."""
-    union = (a | b).sum().item()
-    return (a & b).sum().item() / union if union else 1.0
 
 
 def machine(args: argparse.Namespace) -> dict[str, Any]:
@@ -505,11 +400,9 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
     print(f"\n{args.size} px, batch {args.batch}, {args.precision}, preset {args.preset}, {machine(args)['device']}, "
           f"{torch.get_num_threads()} thread(s), {args.rounds} rounds x {args.steps} steps; ratio = median over "
           "rounds of (ms per image and step) / floor's in the same round\n")  # fmt: skip
-    options = "".join(f" default+{name} |" for name in args.mask_options)
-    aligns = "---:|" * (len(args.mask_options) + 1)
     print("| model | floor ms | BN folded | convs packed | default runs | plain | folded | (folded+)packed "
-          f"| **default** | default / plain |{options} target | met |\n"
-          f"|---|---:|---:|---:|---|---:|---:|---:|---:|---:|{aligns}---|")  # fmt: skip
+          "| **default** | default / plain | target | met |\n"
+          "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|")  # fmt: skip
     for result in models:
         ratios = {row["variant"]: row["ratio_to_floor"] for row in result["rows"]}
         report, pinned = result["fast_path"], list(result["pinned"].values())
@@ -524,9 +417,7 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
               f"{cells['plain']} | {cells.get(folded_name, '-')} | {cells.get(packed_name, '-')} | "
               f"**{cells['default']}** | "
               f"{versus['median']:.2f} "
-              f"[{versus['min']:.2f}, {versus['max']:.2f}] |"
-              + "".join(f" {cells[f'default+{name}']} |" for name in args.mask_options)
-              + f" {result['target']:.2f} | "
+              f"[{versus['min']:.2f}, {versus['max']:.2f}] | {result['target']:.2f} | "
               f"{'yes' if result['met'] else 'NO'} |")  # fmt: skip
     return {"config": vars(args) | {"out": str(args.out) if args.out else None}, **machine(args), "models": models}
 
@@ -549,13 +440,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reference-images", type=int, default=2, help="images of the one-at-a-time variant")
     parser.add_argument("--at-steps", type=int, default=300, help="steps per image for the images/s column")
     parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--mask-options", nargs="*", default=[], choices=sorted(MASK_OPTIONS),
-                        help="also time the default with these opt-in switches of the mask arithmetic")  # fmt: skip
-    parser.add_argument("--movement", action="store_true",
-                        help="instead of timing: how far each --mask-options variant moves the masks (MATRIX models, "
-                        "--only)")  # fmt: skip
-    parser.add_argument("--movement-images", type=int, default=8, help="images for --movement")
-    parser.add_argument("--seed", type=int, default=0, help="images and masks of --movement")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None, help="JSON file")
@@ -567,14 +451,9 @@ def main(argv: list[str] | None = None) -> dict:
         args.batch = 2 if args.matrix else 16
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.mask_options:  # one process compiles the same mask arithmetic for many models, shapes and objectives
-        torch._dynamo.config.recompile_limit = 64
     if torch.device(args.device).type == "cuda":
         torch.backends.cudnn.benchmark = True
-    if args.movement:
-        result = mask_movement(args)
-    else:
-        result = run_matrix(args) if args.matrix else run_one(args)
+    result = run_matrix(args) if args.matrix else run_one(args)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))

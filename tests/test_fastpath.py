@@ -638,11 +638,3 @@ def test_cuda_graphs_top_up_the_batch_under_early_stopping(tiny_cnn, image_facto
     monkeypatch.setattr(FastPath, "records_cuda_graphs", lambda self, device: True)
     NeuroMask(tiny_cnn, steps=2).explain(image_factory(2, 16))
     assert seen == [False, True]
-
-
-def test_the_mask_arithmetic_switches_are_opt_in() -> None:
-    """They change float rounding, which the default preset can turn into flipped pixels: off unless asked for."""
-    switches = ("compile_mask", "matmul_upsample", "fused_adam")
-    assert not any(getattr(FastPath(), name) for name in switches)
-    chosen = FastPath.of({name: True for name in switches})
-    assert all(getattr(chosen, name) for name in switches) and chosen.as_dict()["fused_adam"] is True

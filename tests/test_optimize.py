@@ -16,23 +16,19 @@ from torch import Tensor, nn
 from neuromask_pl import NeuroMask
 from neuromask_pl.data import TensorDataModule
 from neuromask_pl.data.localisation import load_benchmark_classifier, make_localisation_set
-from neuromask_pl.maths.fastpath import FastPath
-from neuromask_pl.maths.losses import deletion_loss, settings_at, temperature_at
-from neuromask_pl.maths.mask import upsample_mask
+from neuromask_pl.maths.losses import deletion_loss, temperature_at
 from neuromask_pl.maths.optimize import (
     LeanAdam,
     MaskOptimisation,
-    MatmulUpsample,
     SampleLossScale,
     TFRMSprop,
     jitter_shift,
     learn_masks,
     running_rows,
-    settings_of_step,
     update_patience,
 )
 from neuromask_pl.metrics import deletion_auc
-from neuromask_pl.settings import PRESETS, resolve_settings
+from neuromask_pl.settings import resolve_settings
 
 
 class RecordsBatchSizes(nn.Module):
@@ -439,86 +435,3 @@ def test_lean_adam_gives_torchs_adam_bit_for_bit(dtype: torch.dtype) -> None:
         assert torch.equal(ours, theirs)
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(lean.state[ours][key], reference.state[theirs][key])
-
-
-def test_settings_of_step_equal_settings_at() -> None:
-    """The per-step settings made without re-validating them are the ones ``settings_at`` makes."""
-    default, paper = PRESETS["default"], PRESETS["paper"]
-    for step in (0, 1, 150, 299, 300, None):
-        assert settings_of_step(default, step) == settings_at(default, step)
-    assert settings_of_step(default, 7).temperature == temperature_at(default, 7) != default.temperature
-    assert settings_of_step(paper, 5) is paper
-
-
-@pytest.mark.parametrize(
-    "shape, size", [((2, 1, 32, 32), (64, 64)), ((1, 1, 5, 7), (13, 11)), ((2, 1, 16, 16), (32, 32))]
-)
-def test_matmul_upsample_is_bilinear_upsampling(shape: tuple[int, ...], size: tuple[int, int]) -> None:
-    """Against F.interpolate forward and backward. In float64 the interpolation matrices must reproduce its weights
-    (any wrong tap or weight is off by far more than float64 rounding, 1e-16 relative); in float32 each output (and
-    each gradient) is a weighted sum of at most 4 (16) terms whose weights sum to 1 (to (H/h)(W/w) <= 6), rounded
-    in another order: within 8 float32 units in the last place of the largest term (2 ** -23 each)."""
-    upsample = MatmulUpsample()
-    generator = torch.Generator().manual_seed(0)
-    for dtype, atol in ((torch.float64, 1e-12), (torch.float32, 8 * 2**-23)):
-        weights = torch.randn(shape, generator=generator, dtype=dtype)
-        upstream = torch.randn(*shape[:2], *size, generator=generator, dtype=dtype)
-        results = []
-        for function in (upsample_mask, upsample):
-            leaf = weights.clone().requires_grad_(True)
-            out = function(leaf, *size)
-            results.append((out.detach(), torch.autograd.grad(out, leaf, upstream)[0]))
-        (out, grad), (reference, reference_grad) = results[1], results[0]
-        scale = weights.abs().max()
-        torch.testing.assert_close(out, reference, rtol=0, atol=atol * scale)
-        gradient_bound = upstream.abs().max() * (size[0] / shape[-2]) * (size[1] / shape[-1])
-        torch.testing.assert_close(grad, reference_grad, rtol=0, atol=2 * atol * gradient_bound)
-    assert upsample(weights, *shape[-2:]) is weights  # full size: nothing to do
-
-
-@pytest.mark.parametrize("switch", ["fused_adam", "matmul_upsample", "compile_mask"])
-def test_opt_in_mask_arithmetic_stays_within_float_rounding_of_the_eager_masks(switch: str, tiny_cnn) -> None:
-    """Each opt-in switch of the mask arithmetic (FastPath) against the eager path, at the paper preset's fixed
-    temperature (where rounding moves a mask little, see FAST_TOLERANCE): the first step's loss terms agree to
-    float32 rounding of a mean over at most 32 x 32 x 3 terms summed in another order (n u = 3072 * 2 ** -24, about
-    2e-4 relative), and the masks after 15 steps within FAST_TOLERANCE; and the switch is used."""
-    images, ids = make_images(3, size=32, seed=4), torch.arange(3)
-    settings = resolve_settings("paper", 15, {"optimizer": "adam", "lr": 0.05, "mask_scale": 2})
-    targets = tiny_cnn(images).argmax(1)
-    runs = {}
-    for name, fast_path in (("eager", None), (switch, FastPath(**{switch: True}))):
-        problem = MaskOptimisation(tiny_cnn, images, targets, ids, settings, seed=0, fast_path=fast_path)
-        first = problem.evaluate(step=0)[2]
-        runs[name] = (problem, first, problem.run().result().masks)
-    (eager, eager_terms, eager_masks), (fast, terms, masks) = runs["eager"], runs[switch]
-    for key in eager_terms:
-        torch.testing.assert_close(terms[key], eager_terms[key], rtol=3072 * 2**-24, atol=1e-7)
-    assert (masks - eager_masks).abs().max() < FAST_TOLERANCE
-    used = {
-        "fused_adam": fast.optimizer.param_groups[0].get("fused") and isinstance(eager.optimizer, LeanAdam),
-        "matmul_upsample": isinstance(fast._upsample, MatmulUpsample),
-        "compile_mask": fast._masked_batch is not eager._masked_batch,
-    }
-    assert used[switch]
-
-
-def test_learn_masks_passes_the_fast_path_on(tiny_cnn, monkeypatch) -> None:
-    made = []
-    original = MaskOptimisation.__init__
-
-    def record(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        made.append(self._upsample)
-
-    monkeypatch.setattr(MaskOptimisation, "__init__", record)
-    images = make_images(1, size=16)
-    learn_masks(
-        tiny_cnn,
-        images,
-        torch.tensor([0]),
-        torch.arange(1),
-        PRESETS["paper"],
-        0,
-        fast_path=FastPath(matmul_upsample=True),
-    )
-    assert isinstance(made[0], MatmulUpsample)

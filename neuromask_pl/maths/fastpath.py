@@ -53,21 +53,6 @@ class FastPath:
             (docs/results/STABILITY.md), so a choice made by timing would make masks depend on the machine's load
             from run to run; False runs the switches as given (bit-reproducible from run to run). Not with
             ``compile``, which runs as given.
-        compile_mask: ``torch.compile`` the mask arithmetic around the classifier (the masked images from the
-            weights: two-scale weights, upsampling, sigmoid, masking; and the loss terms from the logits): fewer,
-            fused kernels forward and backward. The first step compiles (seconds). Measured: the mask arithmetic
-            12% cheaper on the CPU (64 px, batch 2, 1 thread), too little to show in a model's step.
-        matmul_upsample: the mask's bilinear upsampling to the image (and its backward) as small matrix products
-            instead of ``F.interpolate``'s kernels (:class:`~neuromask_pl.maths.optimize.MatmulUpsample`).
-            Measured: no gain in a whole step on the CPU.
-        fused_adam: Adam's fused kernel on the CPU too (CUDA always runs it). Measured slower on the CPU than the
-            per-tensor step that runs otherwise (:class:`~neuromask_pl.maths.optimize.LeanAdam`).
-
-    The last three act on the mask arithmetic rather than the classifier, and change float rounding (by about
-    one unit in the last place per operation, which the ``default`` preset's low final temperature can turn into
-    flipped pixels, docs/results/STABILITY.md), so they are off. :class:`~neuromask_pl.maths.optimize.MaskOptimisation`
-    reads them (its ``fast_path`` argument); docs/results/MODEL_MATRIX.md has their timings and how far they move
-    the masks.
     """
 
     fold_batchnorm: bool = True
@@ -75,9 +60,6 @@ class FastPath:
     compile: bool = False
     pack_convolutions: bool | None = None
     auto: bool = False
-    compile_mask: bool = False
-    matmul_upsample: bool = False
-    fused_adam: bool = False
 
     @classmethod
     def of(cls, value: FastPath | Mapping[str, Any] | None) -> FastPath:

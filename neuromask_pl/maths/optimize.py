@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from neuromask_pl.maths.fastpath import FastPath
-from neuromask_pl.maths.losses import laplacian_kernel, laplacian_size, loss_terms, lr_at, temperature_at
+from neuromask_pl.maths.losses import laplacian_kernel, laplacian_size, loss_terms, lr_at, settings_at, temperature_at
 from neuromask_pl.maths.mask import (
     apply_mask,
     blur_kernel_size,
@@ -85,50 +83,14 @@ def fuses_adam(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def make_optimizer(params: list[Tensor], settings: MaskSettings, fused: bool = False) -> torch.optim.Optimizer:
+def make_optimizer(params: list[Tensor], settings: MaskSettings) -> torch.optim.Optimizer:
     """The optimiser named by the settings; both are element-wise, so samples stay independent. Adam runs fused
-    on CUDA, and with ``fused`` anywhere torch has the fused kernel (the CPU too); otherwise as :class:`LeanAdam`."""
+    on CUDA, otherwise as :class:`LeanAdam` (torch's per-tensor Adam, bit for bit, with less bookkeeping)."""
     if settings.optimizer == "rmsprop_tf":
         return TFRMSprop(params, lr=settings.lr)
-    if fused or fuses_adam(params[0].device):
+    if fuses_adam(params[0].device):
         return torch.optim.Adam(params, lr=settings.lr, fused=True)
     return LeanAdam(params, lr=settings.lr)
-
-
-class MatmulUpsample:
-    """Bilinear upsampling (``align_corners=False``, as :func:`upsample_mask`) as matrix products, ``A_h @ x @
-    A_w^T`` per image, whose backward is two more; for a 32 x 32 mask to 64 x 64 pixels, forward and backward
-    take about 65 us against 105 us for ``F.interpolate``'s CPU kernels (1 thread; slower below about 32 x 32
-    output pixels). The interpolation matrices are built once per size and kept. Equal to :func:`upsample_mask`
-    up to float rounding: each output is the same two-tap weighted sum per axis, rounded in another order."""
-
-    def __init__(self) -> None:
-        self._matrices: dict[tuple, Tensor] = {}
-
-    def matrix(self, size: int, out: int, like: Tensor) -> Tensor:
-        """The ``(out, size)`` matrix of 1-D bilinear interpolation from ``size`` to ``out`` samples."""
-        key = (size, out, like.dtype, like.device)
-        if key not in self._matrices:
-            source = ((torch.arange(out, dtype=torch.float64) + 0.5) * (size / out) - 0.5).clamp_min(0)
-            low = source.floor().long().clamp_max(size - 1)
-            high = (low + 1).clamp_max(size - 1)
-            frac = source - low
-            matrix = torch.zeros(out, size, dtype=torch.float64)
-            matrix[torch.arange(out), low] += 1 - frac
-            matrix[torch.arange(out), high] += frac
-            self._matrices[key] = matrix.to(like.device, like.dtype)
-        return self._matrices[key]
-
-    def __call__(self, mask: Tensor, height: int, width: int) -> Tensor:
-        if mask.shape[-2:] == (height, width):
-            return mask
-        batch, channels, rows, columns = mask.shape  # (B*C*h, w) @ (w, W), then (H, h) @ (B*C, h, W)
-        across = (mask.reshape(-1, columns) @ self.matrix(columns, width, mask).T).view(-1, rows, width)
-        return (self.matrix(rows, height, mask) @ across).view(batch, channels, height, width)
-
-
-# One for all: its matrices are kept per size, and a compiled mask arithmetic (compile_mask) sees the same object.
-MATMUL_UPSAMPLE = MatmulUpsample()
 
 
 def masked_batch(
@@ -139,13 +101,10 @@ def masked_batch(
     temperature: float,
     upsample_weights: bool,
     deleting: bool,
-    upsample: Callable[[Tensor, int, int], Tensor] = upsample_mask,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """The mask arithmetic before the classifier: ``(mask, masked images, logits, fine)``.
 
     ``weights`` are the learned weights (two-scale ones packed, with ``grids`` their (fine, coarse) shapes);
-    ``upsample`` brings the weights (or the mask) to the images' size (the coarse grid, small, always runs
-    :func:`~neuromask_pl.maths.mask.upsample_mask`);
     ``logits`` are the weights the mask is the sigmoid of (for a two-scale mask, fine plus upsampled coarse) and
     ``fine`` the fine grid (None for one grid); the mask is at the images' size; with ``deleting`` the masked
     images are followed by the images with the mask's region hidden (the deletion game); ``baseline`` None is
@@ -156,25 +115,13 @@ def masked_batch(
     if grids is not None:
         weights, fine = unpack_weights(weights, *grids)
     if upsample_weights:
-        mask = weights_to_mask(upsample(weights, height, width), temperature)
+        mask = weights_to_mask(upsample_mask(weights, height, width), temperature)
     else:
-        mask = upsample(weights_to_mask(weights, temperature), height, width)
+        mask = upsample_mask(weights_to_mask(weights, temperature), height, width)
     masked = apply_mask(images, mask, baseline)
     if deleting:  # in the same forward pass as the masked images
         masked = torch.cat([masked, apply_mask(images, 1 - mask, baseline)])
     return mask, masked, weights, fine
-
-
-def settings_of_step(settings: MaskSettings, step: int | None) -> MaskSettings:
-    """:func:`~neuromask_pl.maths.losses.settings_at` without validating the settings again: a copy with the
-    step's temperature. ``dataclasses.replace`` re-runs MaskSettings' checks, about 0.2 ms (a fifth of a mask
-    step around a small classifier); a valid schedule's temperature is a valid temperature."""
-    temperature = temperature_at(settings, step)
-    if temperature == settings.temperature:
-        return settings
-    current = copy.copy(settings)
-    object.__setattr__(current, "temperature", temperature)  # frozen dataclass: what replace() would have set
-    return current
 
 
 def jitter_shift(seed: int, step: int, jitter: int) -> tuple[int, int]:
@@ -267,7 +214,6 @@ class MaskOptimisation:
         settings: MaskSettings,
         seed: int,
         few_batch_sizes: bool = False,
-        fast_path: FastPath | None = None,
     ) -> None:
         self.classifier, self.images, self.targets = classifier, images, targets
         self.settings, self.seed, self.few_batch_sizes = settings, seed, few_batch_sizes
@@ -288,12 +234,7 @@ class MaskOptimisation:
             self.grids = ((mask_height, mask_width), coarse)
             weights = pack_weights(weights, weights.new_zeros(len(ids), 1, *coarse))
         self.weights = weights.requires_grad_(True)
-        options = FastPath.of(fast_path)
-        self.optimizer = make_optimizer([self.weights], settings, fused=options.fused_adam)
-        self._upsample = MATMUL_UPSAMPLE if options.matmul_upsample else upsample_mask
-        self._masked_batch, self._loss_terms = masked_batch, loss_terms
-        if options.compile_mask:  # the classifier runs between the two, as it is
-            self._masked_batch, self._loss_terms = torch.compile(masked_batch), torch.compile(loss_terms)
+        self.optimizer = make_optimizer([self.weights], settings)
         batch = images.shape[0]
         self.steps_run = torch.zeros(batch, dtype=torch.long, device=images.device)
         self.active = torch.ones(batch, dtype=torch.bool, device=images.device)
@@ -320,17 +261,16 @@ class MaskOptimisation:
         if rows is not None:
             images, targets, weights = images[rows], targets[rows], weights[rows]
             baseline = baseline[rows] if baseline is not None else None
-        current = settings_of_step(self.settings, step)
+        current = settings_at(self.settings, step)
         deleting = current.l_delete > 0
-        mask, masked, weights, fine = self._masked_batch(
-            weights, images, baseline, self.grids, current.temperature, current.upsample_weights, deleting,
-            self._upsample,
-        )  # fmt: skip
+        mask, masked, weights, fine = masked_batch(
+            weights, images, baseline, self.grids, current.temperature, current.upsample_weights, deleting
+        )
         if shift != (0, 0):
             masked = torch.roll(masked, shifts=shift, dims=(-2, -1))
         logits = self.classifier(masked)
         logits, logits_deleted = logits.chunk(2) if deleting else (logits, None)
-        terms = self._loss_terms(logits, targets, weights, mask, self.kernel, current, fine, logits_deleted)
+        terms = loss_terms(logits, targets, weights, mask, self.kernel, current, fine, logits_deleted)
         return mask, logits, terms
 
     def step(self) -> None:
@@ -425,8 +365,6 @@ def learn_masks(
     settings: MaskSettings,
     seed: int,
     few_batch_sizes: bool = False,
-    fast_path: FastPath | None = None,
 ) -> MaskFit:
-    """Optimise one mask per image for ``settings.steps`` steps (fewer for samples that stop early); ``fast_path``
-    switches the mask arithmetic's options (its classifier switches are the caller's, see FastPathCache)."""
-    return MaskOptimisation(classifier, images, targets, ids, settings, seed, few_batch_sizes, fast_path).run().result()
+    """Optimise one mask per image for ``settings.steps`` steps (fewer for samples that stop early)."""
+    return MaskOptimisation(classifier, images, targets, ids, settings, seed, few_batch_sizes).run().result()
