@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from collections.abc import Mapping
@@ -165,7 +166,7 @@ class MaskSettings:
     def _check_types(self) -> None:
         """Each field of its declared type: integers integral (not bool, not 2.5), numbers finite, flags bool.
         Integers given for float fields become floats."""
-        for f, kind in zip(fields(self), typing.get_type_hints(type(self)).values()):
+        for f, kind in zip(fields(self), _field_types(type(self))):
             value = getattr(self, f.name)
             if kind is bool:
                 ok = isinstance(value, bool)
@@ -195,6 +196,13 @@ class MaskSettings:
     def as_dict(self) -> dict[str, Any]:
         """Plain dict of the settings (for run records and logs)."""
         return asdict(self)
+
+
+@functools.cache
+def _field_types(cls: type) -> tuple[type, ...]:
+    """The declared type of each field of a dataclass, in field order (resolved once: a step's settings are
+    made every step, and resolving the annotations is most of what that costs)."""
+    return tuple(typing.get_type_hints(cls).values())
 
 
 PRESETS: dict[str, MaskSettings] = {

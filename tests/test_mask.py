@@ -30,3 +30,21 @@ def test_pack_and_unpack_by_hand() -> None:
     expected_row = torch.tensor([1.0, 0.5, -0.5, -1.0], dtype=torch.float64)
     torch.testing.assert_close(logits[0, 0, 0] - fine[0, 0, 0], expected_row)
     torch.testing.assert_close(logits[1] - fine[1], torch.full((1, 4, 4), 0.5, dtype=torch.float64))
+
+
+def test_black_baseline_as_none_gives_the_same_masked_images_and_gradients() -> None:
+    """``apply_mask(x, m, None)`` skips ``(1 - m) * 0``: the same values forward and backward (adding a zero)."""
+    from neuromask_pl.maths.mask import apply_mask
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 8, 8, generator=generator)
+    mask = torch.rand(2, 1, 8, 8, generator=generator)
+    mask[0, 0, 0, :4] = torch.tensor([0.0, 1.0, 0.0, 1.0])  # saturated pixels too
+    upstream = torch.randn(2, 3, 8, 8, generator=generator)
+    outputs, grads = [], []
+    for baseline in (torch.zeros_like(images), None):
+        leaf = mask.clone().requires_grad_(True)
+        out = apply_mask(images, leaf, baseline)
+        outputs.append(out.detach())
+        grads.append(torch.autograd.grad(out, leaf, upstream)[0])
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(grads[0], grads[1])

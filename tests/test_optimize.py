@@ -18,6 +18,7 @@ from neuromask_pl.data import TensorDataModule
 from neuromask_pl.data.localisation import load_benchmark_classifier, make_localisation_set
 from neuromask_pl.maths.losses import deletion_loss, temperature_at
 from neuromask_pl.maths.optimize import (
+    LeanAdam,
     MaskOptimisation,
     SampleLossScale,
     TFRMSprop,
@@ -412,3 +413,25 @@ def test_16_mixed_through_a_trainer_on_cuda(tiny_cnn, image_factory, trainer_fac
     full = NeuroMask(tiny_cnn, steps=10).explain(images.cuda())
     assert torch.isfinite(out[0].masks).all()
     assert (out[0].masks - full.masks.cpu()).abs().mean() < 0.02
+
+
+# ----------------------------------------------------------------------------- the mask arithmetic's speed-ups
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lean_adam_gives_torchs_adam_bit_for_bit(dtype: torch.dtype) -> None:
+    """The same float operations in the same order as torch.optim.Adam's per-tensor step: equal weights and
+    moments after every step, with the learning rate changed between steps (as lr_end anneals it)."""
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(2, 1, 1, 40, generator=generator, dtype=dtype)
+    grads = [torch.randn(start.shape, generator=generator, dtype=dtype) * 10**k for k in (-3, 0, 2, 0, -6, 1)]
+    ours, theirs = start.clone().requires_grad_(True), start.clone().requires_grad_(True)
+    lean, reference = LeanAdam([ours], lr=0.1), torch.optim.Adam([theirs], lr=0.1)
+    for step, grad in enumerate(grads):
+        for optimizer, param in ((lean, ours), (reference, theirs)):
+            optimizer.param_groups[0]["lr"] = 0.1 * 0.7**step
+            param.grad = grad.clone()
+            optimizer.step()
+        assert torch.equal(ours, theirs)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(lean.state[ours][key], reference.state[theirs][key])
