@@ -13,7 +13,7 @@ from typing import Any, Optional
 import numpy as np
 
 OPTIMIZERS = ("rmsprop_tf", "adam")
-BASELINES = ("black", "mean", "blur")
+BASELINES = ("black", "mean", "blur", "noise")
 SPARSITY_TARGETS = ("weights", "mask", "area")
 
 
@@ -43,7 +43,10 @@ class MaskSettings:
             ``area_target`` of the pixels (as TorchRay's extremal perturbations).
         area_target: share of pixels to keep with ``sparsity_on="area"``.
         baseline: what hidden pixels become: ``"black"`` (reference), ``"mean"``
-            (each image's mean colour) or ``"blur"`` (a strongly blurred copy).
+            (each image's mean colour), ``"blur"`` (a strongly blurred copy) or ``"noise"`` (uniform noise over each
+            image's value range, a new draw every step, from ``(seed, step)`` only: no faint residue of a hidden
+            pixel can steer the classifier, so masks stay binary and reproducible under a contractive schedule;
+            docs/results/STABILITY.md).
         optimizer: ``"rmsprop_tf"`` (TensorFlow 1 RMSProp, as the reference) or ``"adam"``.
         lr: learning rate.
         mask_scale: the mask is learned at 1/mask_scale of the image's resolution and

@@ -48,3 +48,28 @@ def test_black_baseline_as_none_gives_the_same_masked_images_and_gradients() -> 
         outputs.append(out.detach())
         grads.append(torch.autograd.grad(out, leaf, upstream)[0])
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(grads[0], grads[1])
+
+
+def test_noise_baseline_depends_on_seed_and_step_only() -> None:
+    """The same pattern for every image of a step, whatever the batch; a new one per step and seed; each image's
+    noise within its own value range (the pattern scaled to [min, max])."""
+    from neuromask_pl.maths.mask import noise_baseline
+
+    images = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 0.5, 2.0]).view(
+        3, 1, 1, 1
+    )
+    batch = noise_baseline(images, seed=0, step=4)
+    assert torch.equal(noise_baseline(images[1:2], seed=0, step=4), batch[1:2])
+    pattern = (batch - images.amin((1, 2, 3), True)) / (images.amax((1, 2, 3), True) - images.amin((1, 2, 3), True))
+    torch.testing.assert_close(pattern[0], pattern[2])  # one pattern, scaled per image
+    assert bool(((batch >= images.amin((1, 2, 3), True)) & (batch <= images.amax((1, 2, 3), True))).all())
+    assert not torch.equal(noise_baseline(images, seed=0, step=5), batch)
+    assert not torch.equal(noise_baseline(images, seed=1, step=4), batch)
+    assert torch.equal(noise_baseline(images, seed=0, step=4), batch)
+
+
+def test_noise_is_not_a_fixed_baseline() -> None:
+    from neuromask_pl.maths.mask import make_baseline
+
+    with pytest.raises(ValueError, match="drawn anew every optimisation step"):
+        make_baseline(torch.rand(1, 3, 8, 8), "noise")

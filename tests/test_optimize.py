@@ -235,8 +235,9 @@ TWO_SCALE_UPSAMPLED = dict(mask_scale=2, mask_coarse=3, l_detail=2.0, upsample_w
         (32, dict(preset="default", steps=12, settings=dict(mask_size=8, mask_coarse=4))),
         (32, dict(preset="paper", steps=8, settings=TWO_SCALE_UPSAMPLED)),
         (32, dict(steps=25, settings=dict(l_delete=2.0))),
+        (16, dict(steps=15, settings=dict(baseline="noise", temperature=0.05, lr_end=0.001))),
     ],
-    ids=["default", "annealed_tie_break", "two_scale", "two_scale_upsampled_weights", "deletion_game"],
+    ids=["default", "annealed_tie_break", "two_scale", "two_scale_upsampled_weights", "deletion_game", "noise"],
 )
 def test_masks_do_not_depend_on_the_batch(tiny_cnn: torch.nn.Module, size: int, options: dict) -> None:
     images = make_images(3, size=size, seed=5).double()
@@ -435,3 +436,21 @@ def test_lean_adam_gives_torchs_adam_bit_for_bit(dtype: torch.dtype) -> None:
         assert torch.equal(ours, theirs)
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(lean.state[ours][key], reference.state[theirs][key])
+
+
+def test_the_noise_baseline_is_what_the_classifier_sees_where_the_mask_hides(tiny_cnn) -> None:
+    """With baseline="noise" the masked image is ``x m + (1 - m) noise`` with the step's noise draw."""
+    from neuromask_pl.maths.mask import noise_baseline
+
+    images = make_images(2, size=16, seed=3)
+    settings = resolve_settings("default", 3, {"baseline": "noise"})
+    seen = []
+    hook = tiny_cnn.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    try:
+        problem = MaskOptimisation(tiny_cnn, images, torch.tensor([0, 1]), torch.arange(2), settings, seed=0)
+        mask, _, _ = problem.evaluate(step=1)
+    finally:
+        hook.remove()
+    expected = images * mask + (1 - mask) * noise_baseline(images, 0, 1)
+    torch.testing.assert_close(seen[-1], expected)
+    assert not torch.allclose(seen[-1], images * mask)  # not the black baseline

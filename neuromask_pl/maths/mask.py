@@ -88,7 +88,24 @@ def make_baseline(images: Tensor, kind: str) -> Tensor:
         sigma = max(images.shape[-2:]) / 20.0
         size = blur_kernel_size(*images.shape[-2:])
         return gaussian_blur(images, kernel_size=[size, size], sigma=[sigma, sigma])
+    if kind == "noise":
+        raise ValueError(
+            "the noise baseline is drawn anew every optimisation step (noise_baseline); choose black, mean or blur here"
+        )
     raise ValueError(f"unknown baseline {kind!r}; choose black, mean or blur")
+
+
+#: Offset of the noise baseline's seeds, apart from the initial weights' (sample ids >= 0) and the jitter's (-1 - step).
+NOISE_STREAM = -(10**9)
+
+
+def noise_baseline(images: Tensor, seed: int, step: int) -> Tensor:
+    """Uniform noise over each image's value range, the same pattern for every image of step ``step`` (drawn from
+    ``(seed, step)`` only, so independent of the batch) and a new one each step."""
+    generator = torch.Generator().manual_seed(sample_seed(seed, NOISE_STREAM - step))
+    pattern = torch.rand((1, *images.shape[1:]), generator=generator).to(images.device, images.dtype)
+    low = images.amin(dim=(1, 2, 3), keepdim=True)
+    return low + (images.amax(dim=(1, 2, 3), keepdim=True) - low) * pattern
 
 
 def apply_mask(images: Tensor, mask: Tensor, baseline: Tensor | None) -> Tensor:

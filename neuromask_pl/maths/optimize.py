@@ -15,6 +15,7 @@ from neuromask_pl.maths.mask import (
     init_weights,
     make_baseline,
     mask_shape,
+    noise_baseline,
     pack_weights,
     sample_seed,
     tie_free_map,
@@ -225,8 +226,9 @@ class MaskOptimisation:
                 f"images of {height}x{width} pixels are too small for the blur baseline (the blurred copy would be "
                 "the image itself, so no mask could hide anything); use baseline='black' or 'mean'"
             )
-        self.baseline = make_baseline(images, settings.baseline)
-        self._hiding = None if settings.baseline == "black" else self.baseline  # None: apply_mask skips the zeros
+        noise = settings.baseline == "noise"  # drawn per step in evaluate()
+        self.baseline = make_baseline(images, "black" if noise else settings.baseline)
+        self._hiding = None if settings.baseline in ("black", "noise") else self.baseline  # None: no zeros added
         weights = init_weights(ids.cpu(), mask_height, mask_width, settings.weight_limit, seed).to(images.device)
         self.grids: tuple[tuple[int, int], tuple[int, int]] | None = None  # two-scale: (fine, coarse) shapes
         if settings.mask_coarse:  # one packed tensor, so the step below treats both grids alike
@@ -261,6 +263,8 @@ class MaskOptimisation:
         if rows is not None:
             images, targets, weights = images[rows], targets[rows], weights[rows]
             baseline = baseline[rows] if baseline is not None else None
+        if self.settings.baseline == "noise":  # after the last step (step None): one more draw
+            baseline = noise_baseline(images, self.seed, self.settings.steps if step is None else step)
         current = settings_at(self.settings, step)
         deleting = current.l_delete > 0
         mask, masked, weights, fine = masked_batch(
