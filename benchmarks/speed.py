@@ -82,8 +82,14 @@ MATRIX: list[tuple[str, str, Callable[[int], dict[str, Any]], str]] = [
         "torchvision maxvit_t",  # maxvit_t's layers; partition size 7 at 224 px, size / 32 at others
         "torchvision.models.maxvit:MaxVit",
         lambda size: dict(
-            input_size=(size, size), stem_channels=64, partition_size=size // 32, block_channels=[64, 128, 256, 512],
-            block_layers=[2, 2, 5, 2], head_dim=32, stochastic_depth_prob=0.2, num_classes=10,
+            input_size=(size, size),
+            stem_channels=64,
+            partition_size=size // 32,
+            block_channels=[64, 128, 256, 512],
+            block_layers=[2, 2, 5, 2],
+            head_dim=32,
+            stochastic_depth_prob=0.2,
+            num_classes=10,
         ),  # fmt: skip
         "transformer",
     ),
@@ -325,8 +331,11 @@ def measure(args: argparse.Namespace, spec: str, kwargs: dict[str, Any], size: i
         "folded_batchnorm_layers": folded,
         "choice_seconds": choice_s,
         "compile_seconds": compile_s,
-        "default_to_plain": {"median": statistics.median(versus_plain), "min": min(versus_plain),
-                             "max": max(versus_plain)},  # fmt: skip
+        "default_to_plain": {
+            "median": statistics.median(versus_plain),
+            "min": min(versus_plain),
+            "max": max(versus_plain),
+        },  # fmt: skip
         "saved_activation_bytes_per_image": memory,
         "cuda_peak_bytes_per_image": peak,
         "rows": rows,

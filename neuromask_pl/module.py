@@ -183,7 +183,12 @@ class NeuroMask(pl.LightningModule):
             try:
                 fits.append(
                     learn_masks(
-                        classifier, images[part], targets[part], ids[part], self.settings, self.seed,
+                        classifier,
+                        images[part],
+                        targets[part],
+                        ids[part],
+                        self.settings,
+                        self.seed,
                         few_batch_sizes=self.fast_path.records_cuda_graphs(images.device),  # fewer recordings
                     )
                 )

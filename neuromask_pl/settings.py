@@ -247,8 +247,10 @@ PRESETS: dict[str, MaskSettings] = {
 
 SettingsOverrides = dataclasses.make_dataclass(
     "SettingsOverrides",
-    [(f.name, Optional[hint], dataclasses.field(default=None))  # noqa: UP045 (a runtime type for jsonargparse)
-     for f, hint in zip(fields(MaskSettings), typing.get_type_hints(MaskSettings).values())],
+    [
+        (f.name, Optional[hint], dataclasses.field(default=None))  # noqa: UP045 (a runtime type for jsonargparse)
+        for f, hint in zip(fields(MaskSettings), typing.get_type_hints(MaskSettings).values())
+    ],
     frozen=True,
 )
 SettingsOverrides.__module__ = __name__

@@ -224,7 +224,8 @@ class FastPathCache:
         except Exception as error:  # noqa: BLE001 - e.g. a module holding tensors that cannot be deep-copied
             log.warning(
                 "the classifier cannot be copied for the fast path (%s); using it as it is "
-                "(fast_path={'fold_batchnorm': False, 'pack_convolutions': False} silences this)", error
+                "(fast_path={'fold_batchnorm': False, 'pack_convolutions': False} silences this)",
+                error,
             )
             return plain
         copies: list[_Variant] = []

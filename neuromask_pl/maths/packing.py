@@ -80,7 +80,11 @@ class FrozenConv2d(nn.Module):
             padding = [k - 1 - p for k, p in zip(self.kernel_size, self.padding)]
             if self._packed_flipped is None:
                 self._packed_flipped = torch.ops.mkldnn._reorder_convolution_weight(
-                    _flipped_transposed(self.weight, self.groups), padding, [1, 1], [1, 1], self.groups,
+                    _flipped_transposed(self.weight, self.groups),
+                    padding,
+                    [1, 1],
+                    [1, 1],
+                    self.groups,
                     list(grad.shape),
                 )
             return self.run(grad, self._packed_flipped, None, padding, [1, 1])
