@@ -249,7 +249,7 @@ SettingsOverrides = dataclasses.make_dataclass(
     "SettingsOverrides",
     [
         (f.name, Optional[hint], dataclasses.field(default=None))  # noqa: UP045 (a runtime type for jsonargparse)
-        for f, hint in zip(fields(MaskSettings), typing.get_type_hints(MaskSettings).values())
+        for f, hint in zip(fields(MaskSettings), _field_types(MaskSettings))
     ],
     frozen=True,
 )
