@@ -1,9 +1,10 @@
-"""A faster copy of a frozen classifier: BatchNorm folded, convolutions packed, channels_last, optionally compiled.
+"""A faster copy of a frozen classifier: BatchNorm folded, convolutions and large Linear layers packed,
+channels_last, optionally compiled.
 
 A mask step is one forward and one backward-to-input of a classifier whose weights never change. That allows
 what a training step cannot use: an eval-mode BatchNorm is an affine map, so it folds into the layer beside it
-(:mod:`~neuromask_pl.maths.folding`), and a frozen CPU convolution can keep its weights packed for oneDNN and skip
-its weight gradient (:mod:`~neuromask_pl.maths.packing`). Which of these pays depends on the model and the CPU, so
+(:mod:`~neuromask_pl.maths.folding`), and a frozen CPU convolution or Linear layer can keep its weights packed for
+oneDNN and skip its weight gradient (:mod:`~neuromask_pl.maths.packing`). Which of these pays depends on the model and the CPU, so
 by default the copies the switches allow are timed on the first batch and the fastest runs. Everything here works
 on *copies*; the user's model is untouched.
 """
@@ -22,9 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from neuromask_pl.maths.folding import fold_batchnorm, is_batchnorm
-from neuromask_pl.maths.packing import FrozenConv2d, pack_convolutions
+from neuromask_pl.maths.packing import FrozenConv2d, FrozenLinear, pack_convolutions, pack_linears
 
-__all__ = ["FastPathCache", "FastPath", "FrozenConv2d", "fastest_variant", "fold_batchnorm", "pack_convolutions"]
+__all__ = [
+    "FastPathCache", "FastPath", "FrozenConv2d", "FrozenLinear", "fastest_variant", "fold_batchnorm",
+    "pack_convolutions", "pack_linears",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +50,13 @@ class FastPath:
             :class:`FrozenConv2d` (weights packed once for oneDNN; backward to the input only); None = on for the
             CPU when oneDNN is available and ``compile`` is off. Float32 only: under autocast the layers run as
             they are.
+        pack_linears: on the CPU, run the ``nn.Linear`` layers the classifier calls that hold at least
+            :data:`~neuromask_pl.maths.packing.MIN_PACKED_LINEAR_WEIGHTS` weights as :class:`FrozenLinear`
+            (weights packed once for oneDNN; backward to the input only); None = as ``pack_convolutions`` (so
+            ``pack_convolutions=False`` alone turns packing off). Float32 only, as there.
         auto: time, on the first batch of each image shape and dtype, the variants the switches above allow (the
-            classifier as it is, BatchNorm folded, folded and packed: a few forward + backward steps of each) and
+            classifier as it is, BatchNorm folded, folded and packed (convolutions and Linear layers): a few
+            forward + backward steps of each) and
             run the fastest, so the fast path is never slower than the plain one. Off by default: the variants
             differ by float rounding, and at the ``default`` preset's final temperature rounding can move a mask
             (docs/results/STABILITY.md), so a choice made by timing would make masks depend on the machine's load
@@ -60,6 +69,7 @@ class FastPath:
     compile: bool = False
     pack_convolutions: bool | None = None
     auto: bool = False
+    pack_linears: bool | None = None
 
     @classmethod
     def of(cls, value: FastPath | Mapping[str, Any] | None) -> FastPath:
@@ -88,6 +98,11 @@ class FastPath:
             return False
         return self.pack_convolutions if self.pack_convolutions is not None else not self.compile
 
+    def packs_linears(self, device: torch.device) -> bool:
+        if self.pack_linears is None:
+            return self.packs_convolutions(device)
+        return self.pack_linears and device.type == "cpu" and torch.backends.mkldnn.is_available()
+
     def measures(self) -> bool:
         """Whether the variant to run is chosen by timing them (``auto``, without ``compile``)."""
         return self.auto and not self.compile
@@ -95,11 +110,13 @@ class FastPath:
 
 @dataclass(frozen=True)
 class _Variant:
-    """One way to run the classifier: the module, and how many BatchNorms are folded and convolutions packed."""
+    """One way to run the classifier: the module, and how many BatchNorms are folded, convolutions and Linear layers
+    packed."""
 
     module: nn.Module
     folded: int
     packed: int
+    linears: int = 0
 
 
 def _close(fast: Tensor, reference: Tensor) -> bool:
@@ -127,9 +144,10 @@ class FastPathCache:
         self._choices: dict[tuple, str] = {}  # input key -> variant name
         self._timings: dict[tuple, dict[str, float]] = {}  # input key -> seconds per forward + backward
         self._last: tuple[str, tuple | None] = ("plain", None)  # the variant last returned, and its input key
-        self._totals = (0, 0)  # BatchNorm layers and 2-D convolutions of the classifier
+        self._totals = (0, 0, 0)  # BatchNorm layers, 2-D convolutions and Linear layers of the classifier
         self.folded = 0  # BatchNorm layers folded into the copy last returned
         self.packed = 0  # convolutions of the copy last returned run as FrozenConv2d
+        self.packed_linears = 0  # Linear layers of the copy last returned run as FrozenLinear
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle (and deepcopy) the options and choices only: the copies are rebuilt where they are needed."""
@@ -161,14 +179,16 @@ class FastPathCache:
         options = self.options
         channels_last = options.uses_channels_last(images.device) and images.ndim == 4
         pack = options.packs_convolutions(images.device)
-        if not (options.fold_batchnorm or channels_last or options.compile or pack):
+        pack_linear = options.packs_linears(images.device)
+        if not (options.fold_batchnorm or channels_last or options.compile or pack or pack_linear):
             return self._use("plain", _Variant(classifier, 0, 0), None)
         key = self._state_key(classifier, images.device)
         if key != self._key:
-            self._variants, self._key = self._build(classifier, images, channels_last, pack), key
+            self._variants, self._key = self._build(classifier, images, channels_last, pack, pack_linear), key
             self._totals = (
                 sum(is_batchnorm(m) for m in classifier.modules()),
                 sum(isinstance(m, nn.Conv2d) for m in classifier.modules()),
+                sum(isinstance(m, nn.Linear) for m in classifier.modules()),
             )
         if len(self._variants) == 1:
             name = next(iter(self._variants))
@@ -189,19 +209,20 @@ class FastPathCache:
         return self._use(name, self._variants[name], input_key)
 
     def _usable(self, images: Tensor) -> list[str]:
-        """The variants worth timing for these images: packed convolutions only run on float32 outside autocast."""
+        """The variants worth timing for these images: packed layers only run on float32 outside autocast."""
         float32 = images.dtype == torch.float32 and not torch.is_autocast_enabled(images.device.type)
-        return [name for name, variant in self._variants.items() if float32 or not variant.packed]
+        return [name for name, v in self._variants.items() if float32 or not (v.packed or v.linears)]
 
     def _use(self, name: str, variant: _Variant, input_key: tuple | None) -> nn.Module:
         self._last = (name, input_key)
-        self.folded, self.packed = variant.folded, variant.packed
+        self.folded, self.packed, self.packed_linears = variant.folded, variant.packed, variant.linears
         return variant.module
 
     def report(self) -> dict[str, Any]:
         """What the last :meth:`get` ran, for logs and run records: the variant (``plain``, ``folded``,
-        ``folded+packed``, ...), BatchNorms folded of all, convolutions packed of all 2-D ones, whether it was
-        measured, and the measured forward + backward milliseconds of each variant (empty if not measured)."""
+        ``folded+packed``, ...), BatchNorms folded of all, convolutions packed of all 2-D ones, Linear layers packed
+        of all, whether it was measured, and the measured forward + backward milliseconds of each variant (empty if
+        not measured)."""
         name, input_key = self._last
         return {
             "variant": name,
@@ -209,38 +230,43 @@ class FastPathCache:
             "batchnorm_layers": self._totals[0],
             "packed_convolutions": self.packed,
             "convolutions": self._totals[1],
+            "packed_linears": self.packed_linears,
+            "linears": self._totals[2],
             "measured": input_key is not None,
             "forward_backward_ms": {k: 1e3 * v for k, v in self._timings.get(input_key, {}).items()},
         }
 
-    def _build(self, classifier: nn.Module, images: Tensor, channels_last: bool, pack: bool) -> dict[str, _Variant]:
+    def _build(
+        self, classifier: nn.Module, images: Tensor, channels_last: bool, pack: bool, pack_linear: bool
+    ) -> dict[str, _Variant]:
         """The variants to choose from, in order: ``plain`` (with ``auto``), folded, folded and packed; without
         ``auto`` only the last. A copy that changes the classifier's logits beyond rounding is left out."""
         options, plain = self.options, {"plain": _Variant(classifier, 0, 0)}
         try:
             module, folded = fold_batchnorm(classifier, images[:2]) if options.fold_batchnorm else (classifier, 0)
-            if module is classifier and (pack or channels_last):
+            if module is classifier and (pack or pack_linear or channels_last):
                 module = copy.deepcopy(classifier)
         except Exception as error:  # noqa: BLE001 - e.g. a module holding tensors that cannot be deep-copied
             log.warning(
                 "the classifier cannot be copied for the fast path (%s); using it as it is "
-                "(fast_path={'fold_batchnorm': False, 'pack_convolutions': False} silences this)",
+                "(fast_path={'fold_batchnorm': False, 'pack_convolutions': False, 'pack_linears': False} silences this)",
                 error,
             )
             return plain
         copies: list[_Variant] = []
         if options.measures() and (folded or channels_last):
             copies.append(_Variant(module, folded, 0))
-        if pack:
+        if pack or pack_linear:
             packed_module = _sharing_tensors(module) if options.measures() else module
-            packed = pack_convolutions(packed_module)
-            if packed or not options.measures():
-                copies.append(_Variant(packed_module, folded, packed))
+            packed = pack_convolutions(packed_module) if pack else 0
+            linears = pack_linears(packed_module, images[:2]) if pack_linear else 0
+            if packed or linears or not options.measures():
+                copies.append(_Variant(packed_module, folded, packed, linears))
         elif not options.measures():
             copies.append(_Variant(module, folded, 0))
         variants = plain if options.measures() else {}
         for variant in copies:
-            if not (variant.folded or variant.packed or channels_last or options.compile):
+            if not (variant.folded or variant.packed or variant.linears or channels_last or options.compile):
                 continue  # nothing changed: the classifier itself runs
             if channels_last:
                 variant.module.to(memory_format=torch.channels_last)
@@ -255,9 +281,9 @@ class FastPathCache:
                 if _same_logits(classifier, compiled, images[:2], channels_last, "compiled"):
                     fast = compiled
             fast = _ChannelsLast(fast) if channels_last else fast
-            parts = ["folded"] * bool(variant.folded) + ["packed"] * bool(variant.packed)
+            parts = ["folded"] * bool(variant.folded) + ["packed"] * bool(variant.packed or variant.linears)
             parts += ["channels_last"] * channels_last + ["compiled"] * options.compile
-            variants["+".join(parts)] = _Variant(fast, variant.folded, variant.packed)
+            variants["+".join(parts)] = _Variant(fast, variant.folded, variant.packed, variant.linears)
         return variants or plain
 
 
@@ -344,7 +370,8 @@ def _same_logits(
         return True
     log.warning(
         "the %s copy of the classifier changes its logits beyond float rounding; using %s "
-        "(fast_path={'fold_batchnorm': False, 'pack_convolutions': False, 'compile': False} silences this)",
+        "(fast_path={'fold_batchnorm': False, 'pack_convolutions': False, 'pack_linears': False, 'compile': False} "
+        "silences this)",
         what,
         fallback,
     )
