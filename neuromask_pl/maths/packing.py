@@ -273,15 +273,16 @@ def pack_linears(module: nn.Module, example: Tensor | None = None) -> int:
 
 
 def _called_modules(module: nn.Module, watched: list[nn.Module], example: Tensor | None) -> set[nn.Module] | None:
-    """Which of ``watched`` ``module(example)`` calls, or None without an example or where it does not run."""
+    """Which of ``watched`` ``module(example)`` calls, or None without an example or where it does not run. Run as
+    in a mask step, on inputs that require a gradient (some modules take another path without one)."""
     if example is None or not watched:
         return None
     called: set[nn.Module] = set()
     record: Callable[[nn.Module, Any], None] = lambda layer, args: called.add(layer)  # noqa: E731
     hooks = [layer.register_forward_pre_hook(record) for layer in watched]
     try:
-        with torch.no_grad():
-            module(example)
+        with torch.enable_grad():
+            module(example.detach().requires_grad_(True))
     except Exception:  # noqa: BLE001 - the caller checks the copy's logits anyway
         return None
     finally:
