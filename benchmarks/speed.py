@@ -7,8 +7,9 @@ machine slows every variant alike), it times per optimisation step of the whole 
 - ``floor``: forward + backward-to-input of the unmodified classifier, eager (what any mask step pays);
 - ``plain``: a NeuroMask step with the fast path off (the classifier as it is);
 - the fast path's variants pinned (``FastPath(auto=False)``), named as they run: ``folded`` (BatchNorm folded;
-  channels_last on CUDA), ``folded+packed`` (convolutions packed too, on the CPU), or ``packed`` for a model
-  without BatchNorm; a variant that changes nothing is the plain step and is left out;
+  channels_last on CUDA), ``folded+packed`` (convolutions and large Linear layers packed too, on the CPU), or
+  ``packed`` for a model without BatchNorm; where Linear layers are packed, also ``... (linears unpacked)``, the
+  same without them (``pack_linears=False``); a variant that changes nothing is the plain step and is left out;
 - ``default``: a NeuroMask step as ``NeuroMask`` runs it by default (the switches as given; fused Adam on CUDA), or
   with ``--auto`` the variant ``FastPath(auto=True)`` chose by timing them at set-up;
 - ``fast``: the fast path plus ``torch.compile`` (with CUDA graphs on CUDA); skipped with ``--no-compile``;
@@ -214,12 +215,19 @@ def fast_copies(
     FastPathCache (``auto``) and module, timed among them as NeuroMask does on its first batch; the seconds that
     choice took."""
     pinned: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
-    for switches in ({"pack_convolutions": False, "auto": False}, {"auto": False}):
+    for switches in (
+        {"pack_convolutions": False, "auto": False},
+        {"auto": False},
+        {"pack_linears": False, "auto": False},
+    ):
+        if switches.get("pack_linears") is False and not any(r["packed_linears"] for _, r in pinned.values()):
+            continue  # the packed variant without its packed Linear layers: only where it has some
         fast = FastPathCache(FastPath(**switches))
         with autocast():
             module = fast.get(model, images)
         if module is not model:
-            pinned.setdefault(fast.report()["variant"], (module, fast.report()))
+            suffix = " (linears unpacked)" if switches.get("pack_linears") is False else ""
+            pinned.setdefault(fast.report()["variant"] + suffix, (module, fast.report()))
     default = FastPathCache(FastPath(auto=auto))
     start = time.perf_counter()
     with autocast():

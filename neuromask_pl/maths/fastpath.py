@@ -4,9 +4,9 @@ channels_last, optionally compiled.
 A mask step is one forward and one backward-to-input of a classifier whose weights never change. That allows
 what a training step cannot use: an eval-mode BatchNorm is an affine map, so it folds into the layer beside it
 (:mod:`~neuromask_pl.maths.folding`), and a frozen CPU convolution or Linear layer can keep its weights packed for
-oneDNN and skip its weight gradient (:mod:`~neuromask_pl.maths.packing`). Which of these pays depends on the model and the CPU, so
-by default the copies the switches allow are timed on the first batch and the fastest runs. Everything here works
-on *copies*; the user's model is untouched.
+oneDNN and skip its weight gradient (:mod:`~neuromask_pl.maths.packing`). Which of these pays depends on the model
+and the CPU, so with ``FastPath.auto`` the copies the switches allow are timed on the first batch and the fastest
+runs. Everything here works on *copies*; the user's model is untouched.
 """
 
 from __future__ import annotations
@@ -249,7 +249,8 @@ class FastPathCache:
         except Exception as error:  # noqa: BLE001 - e.g. a module holding tensors that cannot be deep-copied
             log.warning(
                 "the classifier cannot be copied for the fast path (%s); using it as it is "
-                "(fast_path={'fold_batchnorm': False, 'pack_convolutions': False, 'pack_linears': False} silences this)",
+                "(fast_path={'fold_batchnorm': False, 'pack_convolutions': False, 'pack_linears': False} "
+                "silences this)",
                 error,
             )
             return plain
