@@ -193,7 +193,8 @@ def pack_convolutions(module: nn.Module) -> int:
 # Linear layers with fewer weights stay as they are: at the token counts of a mask step (tens to hundreds of rows)
 # their weights stay in the CPU's caches, and oneDNN's packed product measured slower than ATen's there (MobileViT's
 # 64 x 64 to 96 x 288 layers: +7 to +13% for the model); from 256 KiB of float32 weights on, which a forward and a
-# backward read from memory once each, the packed product measured 20-27% faster (ViT-Tiny, ConvNeXt-T, Swin-T).
+# backward read from memory once each, the packed product measured 20-27% faster (ViT-Tiny's layers; whole copies:
+# ConvNeXt-T -25%, Swin-T -10%, ViT-Tiny -6%; docs/results/MODEL_MATRIX.md, "speed15").
 MIN_PACKED_LINEAR_WEIGHTS = 65536
 
 
