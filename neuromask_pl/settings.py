@@ -83,6 +83,12 @@ class MaskSettings:
             where float rounding would then decide which pixels flip.
         lr_hold: with ``lr_end > 0``, the share of the steps (in [0, 1)) run at ``lr`` before the annealing
             starts: the mask forms at the full rate, then settles.
+        sample_temperature: if > 0, during optimisation the classifier sees a random draw of the mask instead of
+            the mask itself: ``sigmoid((w / T + noise) / sample_temperature)`` with logistic noise at the weights'
+            grid (binary concrete), a new draw every step from ``(seed, step)`` only. A kept cell must be kept for
+            sure (a faint, adversarial mask cannot hold the class) and every run of an image is driven by the same
+            draws, which makes the default's runs agree alone or in any batch, on any path and CPU
+            (docs/results/STABILITY.md). The returned mask is ``sigmoid(w / T)``; 0 = the mask itself (reference).
     """
 
     steps: int = 1000
@@ -113,6 +119,7 @@ class MaskSettings:
     upsample_weights: bool = False
     lr_end: float = 0.0
     lr_hold: float = 0.0
+    sample_temperature: float = 0.0
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -136,6 +143,10 @@ class MaskSettings:
             (self.l_delete >= 0, f"l_delete must be >= 0 (0 = off), got {self.l_delete}"),
             (self.lr_end >= 0, f"lr_end must be >= 0 (0 = fixed learning rate), got {self.lr_end}"),
             (0 <= self.lr_hold < 1, f"lr_hold must be in [0, 1) (a share of the steps), got {self.lr_hold}"),
+            (
+                self.sample_temperature >= 0,
+                f"sample_temperature must be >= 0 (0 = no sampling), got {self.sample_temperature}",
+            ),
             (
                 self.l_detail == 0 or self.mask_coarse > 0,
                 f"l_detail={self.l_detail} penalises the fine grid of a two-scale mask: set mask_coarse > 0 too",

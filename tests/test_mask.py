@@ -73,3 +73,21 @@ def test_noise_is_not_a_fixed_baseline() -> None:
 
     with pytest.raises(ValueError, match="drawn anew every optimisation step"):
         make_baseline(torch.rand(1, 3, 8, 8), "noise")
+
+
+def test_logistic_noise_depends_on_seed_and_step_only_and_is_logistic() -> None:
+    """The sampled mask's draw: from (seed, step) alone, a new one per step and seed, and logistic: sigmoid(noise)
+    is uniform, so its mean is 1/2 and its variance 1/12 (with 65,536 draws the standard error of the mean is
+    sqrt(1/12 / 65536) = 0.0011; a tolerance of 0.01 is 9 of them), and noise has mean 0 (standard error
+    sqrt(pi^2/3 / 65536) = 0.007; tolerance 0.05, 7 of them)."""
+    from neuromask_pl.maths.mask import logistic_noise
+
+    noise = logistic_noise(seed=0, step=3, shape=(256, 256))
+    assert noise.shape == (1, 1, 256, 256) and bool(torch.isfinite(noise).all())
+    assert torch.equal(logistic_noise(seed=0, step=3, shape=(256, 256)), noise)
+    assert not torch.equal(logistic_noise(seed=0, step=4, shape=(256, 256)), noise)
+    assert not torch.equal(logistic_noise(seed=1, step=3, shape=(256, 256)), noise)
+    uniform = torch.sigmoid(noise.double())
+    assert abs(float(uniform.mean()) - 0.5) < 0.01
+    assert abs(float(uniform.var()) - 1 / 12) < 0.01
+    assert abs(float(noise.mean())) < 0.05

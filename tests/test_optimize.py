@@ -236,8 +236,17 @@ TWO_SCALE_UPSAMPLED = dict(mask_scale=2, mask_coarse=3, l_detail=2.0, upsample_w
         (32, dict(preset="paper", steps=8, settings=TWO_SCALE_UPSAMPLED)),
         (32, dict(steps=25, settings=dict(l_delete=2.0))),
         (16, dict(steps=15, settings=dict(baseline="noise", temperature=0.05, lr_end=0.001))),
+        (16, dict(preset="paper", steps=10, settings=dict(sample_temperature=0.5))),
     ],
-    ids=["default", "annealed_tie_break", "two_scale", "two_scale_upsampled_weights", "deletion_game", "noise"],
+    ids=[
+        "default",
+        "annealed_tie_break",
+        "two_scale",
+        "two_scale_upsampled_weights",
+        "deletion_game",
+        "noise",
+        "sampled_one_grid",
+    ],
 )
 def test_masks_do_not_depend_on_the_batch(tiny_cnn: torch.nn.Module, size: int, options: dict) -> None:
     images = make_images(3, size=size, seed=5).double()
@@ -454,3 +463,32 @@ def test_the_noise_baseline_is_what_the_classifier_sees_where_the_mask_hides(tin
     expected = images * mask + (1 - mask) * noise_baseline(images, 0, 1)
     torch.testing.assert_close(seen[-1], expected)
     assert not torch.allclose(seen[-1], images * mask)  # not the black baseline
+
+
+@pytest.mark.parametrize("preset", ["default", "paper"])
+def test_the_classifier_sees_a_draw_of_the_mask_and_the_result_is_the_mask(tiny_cnn, preset: str) -> None:
+    """With sample_temperature t the classifier sees sigmoid((w / T + noise) / t) during the steps, with the
+    step's logistic noise at the weights' grid, and the mask sigmoid(w / T) itself after them."""
+    from neuromask_pl.maths.mask import logistic_noise, unpack_weights
+    from neuromask_pl.maths.optimize import image_mask
+
+    images = make_images(2, size=16, seed=3)
+    settings = resolve_settings(preset, 3, {"sample_temperature": 0.7, "mask_scale": 2, "mask_size": 0})
+    seen = []
+    hook = tiny_cnn.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    try:
+        problem = MaskOptimisation(tiny_cnn, images, torch.tensor([0, 1]), torch.arange(2), settings, seed=4)
+        mask, _, _ = problem.evaluate(step=1)
+        final, _, _ = problem.evaluate()
+    finally:
+        hook.remove()
+    weights = problem.weights.detach()
+    if problem.grids is not None:
+        weights, _ = unpack_weights(weights, *problem.grids)
+    temperature = temperature_at(settings, 1)
+    noise = logistic_noise(4, 1, tuple(weights.shape[-2:]))
+    drawn = image_mask(weights + temperature * noise, temperature * 0.7, settings.upsample_weights, 16, 16)
+    torch.testing.assert_close(seen[0], images * drawn)
+    torch.testing.assert_close(mask, image_mask(weights, temperature, settings.upsample_weights, 16, 16))
+    assert not torch.allclose(seen[0], images * mask)  # a draw, not the mask
+    torch.testing.assert_close(seen[1], images * final)  # after the steps: the mask itself

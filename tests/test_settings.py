@@ -125,6 +125,7 @@ def test_former_presets_documented_as_set_lines_are_the_tests_settings() -> None
         ({"stop_patience": -1}, "stop_patience"),
         ({"stop_tolerance": -0.1}, "stop_tolerance"),
         ({"l_delete": -1}, "l_delete must be >= 0"),
+        ({"sample_temperature": -0.5}, "sample_temperature must be >= 0"),
     ],
 )
 def test_mask_settings_validation(changes: dict, message: str) -> None:

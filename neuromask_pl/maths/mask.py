@@ -108,6 +108,18 @@ def noise_baseline(images: Tensor, seed: int, step: int) -> Tensor:
     return low + (images.amax(dim=(1, 2, 3), keepdim=True) - low) * pattern
 
 
+#: Offset of the sampled masks' seeds (see :func:`logistic_noise`), apart from every other stream.
+SAMPLE_STREAM = -(2 * 10**9)
+
+
+def logistic_noise(seed: int, step: int, shape: tuple[int, int]) -> Tensor:
+    """Logistic noise ``log u - log(1 - u)`` (u uniform) of shape (1, 1, h, w) on the CPU: the draw of step ``step``
+    of a sampled mask, from ``(seed, step)`` only, so the same for every image of the step."""
+    generator = torch.Generator().manual_seed(sample_seed(seed, SAMPLE_STREAM - step))
+    u = torch.rand((1, 1, *shape), generator=generator).clamp_(1e-6, 1 - 1e-6)
+    return u.log() - (-u).log1p()
+
+
 def apply_mask(images: Tensor, mask: Tensor, baseline: Tensor | None) -> Tensor:
     """``x * m + (1 - m) * baseline``; the one-channel mask broadcasts over the image's channels.
 

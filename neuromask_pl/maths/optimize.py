@@ -13,6 +13,7 @@ from neuromask_pl.maths.mask import (
     apply_mask,
     blur_kernel_size,
     init_weights,
+    logistic_noise,
     make_baseline,
     mask_shape,
     noise_baseline,
@@ -102,8 +103,13 @@ def masked_batch(
     temperature: float,
     upsample_weights: bool,
     deleting: bool,
+    sample: tuple[Tensor, float] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """The mask arithmetic before the classifier: ``(mask, masked images, logits, fine)``.
+
+    With ``sample = (noise, t)`` the classifier sees a draw of the mask instead of the mask itself (binary
+    concrete): ``sigmoid((w / T + noise) / t)``, ``noise`` logistic at the weights' grid (see
+    :func:`~neuromask_pl.maths.mask.logistic_noise`); the returned mask stays ``sigmoid(w / T)``.
 
     ``weights`` are the learned weights (two-scale ones packed, with ``grids`` their (fine, coarse) shapes);
     ``logits`` are the weights the mask is the sigmoid of (for a two-scale mask, fine plus upsampled coarse) and
@@ -115,14 +121,23 @@ def masked_batch(
     fine = None
     if grids is not None:
         weights, fine = unpack_weights(weights, *grids)
-    if upsample_weights:
-        mask = weights_to_mask(upsample_mask(weights, height, width), temperature)
-    else:
-        mask = upsample_mask(weights_to_mask(weights, temperature), height, width)
-    masked = apply_mask(images, mask, baseline)
+    size = (height, width)
+    mask = image_mask(weights, temperature, upsample_weights, *size)
+    seen = mask  # what the classifier sees: the mask, or a draw of it (binary concrete)
+    if sample is not None:  # sigmoid((w / T + noise) / t) = sigmoid((w + T noise) / (T t))
+        noise, sample_temperature = sample
+        seen = image_mask(weights + temperature * noise, temperature * sample_temperature, upsample_weights, *size)
+    masked = apply_mask(images, seen, baseline)
     if deleting:  # in the same forward pass as the masked images
-        masked = torch.cat([masked, apply_mask(images, 1 - mask, baseline)])
+        masked = torch.cat([masked, apply_mask(images, 1 - seen, baseline)])
     return mask, masked, weights, fine
+
+
+def image_mask(weights: Tensor, temperature: float, upsample_weights: bool, height: int, width: int) -> Tensor:
+    """``sigmoid(w / T)`` at the image's size: the weights upsampled before the sigmoid, or the mask after it."""
+    if upsample_weights:
+        return weights_to_mask(upsample_mask(weights, height, width), temperature)
+    return upsample_mask(weights_to_mask(weights, temperature), height, width)
 
 
 def jitter_shift(seed: int, step: int, jitter: int) -> tuple[int, int]:
@@ -267,8 +282,13 @@ class MaskOptimisation:
             baseline = noise_baseline(images, self.seed, self.settings.steps if step is None else step)
         current = settings_at(self.settings, step)
         deleting = current.l_delete > 0
+        sample = None
+        if self.settings.sample_temperature and step is not None:
+            grid = self.grids[0] if self.grids is not None else tuple(self.weights.shape[-2:])
+            noise = logistic_noise(self.seed, step, grid).to(images.device, weights.dtype)
+            sample = (noise, self.settings.sample_temperature)
         mask, masked, weights, fine = masked_batch(
-            weights, images, baseline, self.grids, current.temperature, current.upsample_weights, deleting
+            weights, images, baseline, self.grids, current.temperature, current.upsample_weights, deleting, sample
         )
         if shift != (0, 0):
             masked = torch.roll(masked, shifts=shift, dims=(-2, -1))
