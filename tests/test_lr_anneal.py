@@ -47,7 +47,8 @@ def test_the_loop_steps_with_the_annealed_learning_rate() -> None:
         first = (run.weights.detach() - before).abs()
         run.run()
     moved = first[first > 0]
-    # Adam's first update is lr * g / (|g| + eps): exactly lr where |g| >> eps = 1e-8 (float64 here).
-    assert moved.max().item() == pytest.approx(0.1, rel=1e-6)
+    # Adam's first update is lr * g / (|g| + eps): lr up to eps / |g| = 1e-8 / |g| (float64 here); the steepest
+    # weight's |g| is above 1e-3 here, so within 1e-5 of lr.
+    assert moved.max().item() == pytest.approx(0.1, rel=1e-5)
     last = [group["lr"] for group in run.optimizer.param_groups]
     assert last == [pytest.approx(0.001, rel=1e-12)] and math.isclose(lr_at(settings, 3), 0.001, rel_tol=1e-12)

@@ -452,7 +452,7 @@ def test_the_noise_baseline_is_what_the_classifier_sees_where_the_mask_hides(tin
     from neuromask_pl.maths.mask import noise_baseline
 
     images = make_images(2, size=16, seed=3)
-    settings = resolve_settings("default", 3, {"baseline": "noise"})
+    settings = resolve_settings("default", 3, {"baseline": "noise", "sample_temperature": 0.0})  # the mask itself
     seen = []
     hook = tiny_cnn.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
     try:

@@ -65,7 +65,8 @@ def test_default_preset_anneals_and_breaks_ties() -> None:
 def test_default_preset_is_two_scale_with_upsampled_weights() -> None:
     default = PRESETS["default"]
     assert (default.mask_size, default.mask_coarse, default.l_detail, default.upsample_weights) == (32, 16, 10.0, True)
-    assert (default.l_pred, default.l_sparse, default.l_smooth) == (1.0, 1.0, 1.0)
+    assert (default.l_pred, default.l_sparse, default.l_smooth) == (1.0, 1.5, 1.0)
+    assert default.sample_temperature == 1.0
     assert (default.temperature_start, default.temperature, default.tie_break) == (2.0, 0.01, 0.001)
     # a 224 px photo: fine cells of 7 px, coarse cells of 14 px; a 64 px canvas: 2 px and 4 px
     assert (default.scale_for(224, 224), default.coarse_scale_for(224, 224)) == (7, 14)
