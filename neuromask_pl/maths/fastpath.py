@@ -46,10 +46,10 @@ class FastPath:
         channels_last: run the copy in channels_last memory format; None = on CUDA only
             (measured slower on the CPU).
         compile: ``torch.compile`` the copy (mode ``reduce-overhead``, i.e. with CUDA graphs, on CUDA).
-        pack_convolutions: on the CPU, run the convolutions :meth:`FrozenConv2d.padding_of` accepts as
-            :class:`FrozenConv2d` (weights packed once for oneDNN; backward to the input only); None = on for the
-            CPU when oneDNN is available and ``compile`` is off. Float32 only: under autocast the layers run as
-            they are.
+        pack_convolutions: on the CPU, run the convolutions :meth:`FrozenConv2d.padding_of` accepts and for which
+            :func:`~neuromask_pl.maths.packing.packing_pays` at the first batch's shape as :class:`FrozenConv2d`
+            (weights packed once for oneDNN; backward to the input only); None = on for the CPU when oneDNN is
+            available and ``compile`` is off. Float32 only: under autocast the layers run as they are.
         pack_linears: on the CPU, run the ``nn.Linear`` layers the classifier calls that hold at least
             :data:`~neuromask_pl.maths.packing.MIN_PACKED_LINEAR_WEIGHTS` weights as :class:`FrozenLinear`
             (weights packed once for oneDNN; backward to the input only); None = as ``pack_convolutions`` (so
@@ -259,7 +259,7 @@ class FastPathCache:
             copies.append(_Variant(module, folded, 0))
         if pack or pack_linear:
             packed_module = _sharing_tensors(module) if options.measures() else module
-            packed = pack_convolutions(packed_module) if pack else 0
+            packed = pack_convolutions(packed_module, images[:2]) if pack else 0
             linears = pack_linears(packed_module, images[:2]) if pack_linear else 0
             if packed or linears or not options.measures():
                 copies.append(_Variant(packed_module, folded, packed, linears))

@@ -8,7 +8,6 @@ weight gradient.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -175,19 +174,56 @@ def _reproduces(conv: nn.Conv2d, sample: Tensor, own: Tensor, padding: list[int]
     return plain.shape == own.shape and torch.allclose(plain, own, rtol=1e-5, atol=1e-6)
 
 
-def pack_convolutions(module: nn.Module) -> int:
-    """Replace, in place, every convolution of a frozen CPU module that :class:`FrozenConv2d` applies to;
-    returns how many. Only for copies: the layers lose their weight gradients."""
-    replaced = 0
+def pack_convolutions(module: nn.Module, example: Tensor | None = None) -> int:
+    """Replace, in place, every convolution of a frozen CPU module that :class:`FrozenConv2d` applies to and, where
+    ``module(example)`` runs, that :func:`packing_pays` for at the input it gets there; returns how many. Only for
+    copies: the layers lose their weight gradients."""
+    candidates = []
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Conv2d) or child.weight.device.type != "cpu":
-                continue
-            padding = FrozenConv2d.padding_of(child)
-            if padding is not None:
-                setattr(parent, name, FrozenConv2d(child, padding))
-                replaced += 1
+            if isinstance(child, nn.Conv2d) and child.weight.device.type == "cpu":
+                padding = FrozenConv2d.padding_of(child)
+                if padding is not None:
+                    candidates.append((parent, name, child, padding))
+    inputs = _called_modules(module, [child for _, _, child, _ in candidates], example)
+    replaced = 0
+    for parent, name, child, padding in candidates:
+        shape = inputs.get(child) if inputs is not None else None
+        if shape is None or packing_pays(child, shape):
+            setattr(parent, name, FrozenConv2d(child, padding))
+            replaced += 1
     return replaced
+
+
+#: (cells per image of a 1x1 convolution's input, at most; weights from which packing pays there, None: never):
+#: docs/results/MODEL_MATRIX.md, section "speed16".
+PACKED_POINTWISE_MIN_WEIGHTS: tuple[tuple[float, int | None], ...] = (
+    (1, None),
+    (16, 32768),
+    (float("inf"), 16384),
+)
+
+
+def packing_pays(conv: nn.Conv2d, input_shape: torch.Size) -> bool:
+    """Whether :class:`FrozenConv2d` measured faster than the plain layer (forward and input gradient, 1 thread)
+    for layers like ``conv`` at an input of ``input_shape``; by the layer's shape only, so the same on every run.
+
+    Timed layer by layer on all 809 convolutions of the 18 models of docs/results/MODEL_MATRIX.md (64 px, batch 2)
+    and checked on the whole models (section "speed16"): a packed 1x1 convolution costs about 100 us more than
+    ATen's (the activations' reorders) unless it has many weights for its input's size (ATen's own is slow there:
+    EfficientNet-B0's 1152 -> 192 at 2 x 2 cells, 1130 us plain, 290 packed), so 1x1 layers stay unpacked at one
+    cell per image (squeeze-and-excitation) and below 32,768 weights at up to 16 cells or 16,384 beyond (the
+    thresholds are those at which no whole model measured slower: DenseNet-121's bottlenecks measured faster
+    unpacked alone, 2% slower inside the model). Depthwise convolutions of stride 2 measured slower packed (26 of
+    28), of stride 1 as fast or faster; every other kind (k x k, grouped, patch embeddings) faster packed.
+    """
+    if conv.groups > 1 and conv.groups == conv.in_channels:  # depthwise
+        return tuple(conv.stride) == (1, 1)
+    if tuple(conv.kernel_size) != (1, 1) or conv.groups != 1:
+        return True
+    cells = input_shape[-2] * input_shape[-1]
+    least = next(weights for most_cells, weights in PACKED_POINTWISE_MIN_WEIGHTS if cells <= most_cells)
+    return least is not None and conv.weight.numel() >= least
 
 
 # Linear layers with fewer weights stay as they are: at the token counts of a mask step (tens to hundreds of rows)
@@ -273,13 +309,20 @@ def pack_linears(module: nn.Module, example: Tensor | None = None) -> int:
     return replaced
 
 
-def _called_modules(module: nn.Module, watched: list[nn.Module], example: Tensor | None) -> set[nn.Module] | None:
-    """Which of ``watched`` ``module(example)`` calls, or None without an example or where it does not run. Run as
-    in a mask step, on inputs that require a gradient (some modules take another path without one)."""
+def _called_modules(
+    module: nn.Module, watched: list[nn.Module], example: Tensor | None
+) -> dict[nn.Module, torch.Size | None] | None:
+    """Which of ``watched`` ``module(example)`` calls, with the shape of its first input (None if not a tensor), or
+    None without an example or where it does not run. Run as in a mask step, on inputs that require a gradient
+    (some modules take another path without one)."""
     if example is None or not watched:
         return None
-    called: set[nn.Module] = set()
-    record: Callable[[nn.Module, Any], None] = lambda layer, args: called.add(layer)  # noqa: E731
+    called: dict[nn.Module, torch.Size | None] = {}
+
+    def record(layer: nn.Module, args: Any) -> None:
+        if layer not in called:
+            called[layer] = args[0].shape if args and isinstance(args[0], Tensor) else None
+
     hooks = [layer.register_forward_pre_hook(record) for layer in watched]
     try:
         with torch.enable_grad():
