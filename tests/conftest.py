@@ -199,6 +199,8 @@ NUMERICS_FILES = {
     "test_module.py",
     "test_metrics.py",
     "test_bad_input.py",
+    "test_upsample_planes.py",
+    "test_lr_anneal.py",
 }
 
 
