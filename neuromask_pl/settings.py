@@ -314,7 +314,7 @@ def resolve_settings(
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``key=value`` strings (a script's ``--set``) as MaskSettings fields, each value of its field's type."""
-    hints = typing.get_type_hints(MaskSettings)
+    hints = dict(zip((f.name for f in fields(MaskSettings)), _field_types(MaskSettings)))
     parsed: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")

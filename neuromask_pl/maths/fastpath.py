@@ -94,14 +94,16 @@ class FastPath:
         return self.compile and device.type == "cuda"
 
     def packs_convolutions(self, device: torch.device) -> bool:
-        if device.type != "cpu" or not torch.backends.mkldnn.is_available():
-            return False
-        return self.pack_convolutions if self.pack_convolutions is not None else not self.compile
+        return self._packs(self.pack_convolutions, device)
 
     def packs_linears(self, device: torch.device) -> bool:
-        if self.pack_linears is None:
-            return self.packs_convolutions(device)
-        return self.pack_linears and device.type == "cpu" and torch.backends.mkldnn.is_available()
+        return self._packs(self.pack_convolutions if self.pack_linears is None else self.pack_linears, device)
+
+    def _packs(self, switch: bool | None, device: torch.device) -> bool:
+        """A packing switch on ``device``: only on the CPU with oneDNN; None = on unless ``compile``."""
+        if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+            return False
+        return switch if switch is not None else not self.compile
 
     def measures(self) -> bool:
         """Whether the variant to run is chosen by timing them (``auto``, without ``compile``)."""

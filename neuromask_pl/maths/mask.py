@@ -133,28 +133,30 @@ def make_baseline(images: Tensor, kind: str) -> Tensor:
     raise ValueError(f"unknown baseline {kind!r}; choose black, mean or blur")
 
 
-#: Offset of the noise baseline's seeds, apart from the initial weights' (sample ids >= 0) and the jitter's (-1 - step).
-NOISE_STREAM = -(10**9)
+#: Offsets of the per-step random streams (see :func:`step_generator`), apart from the initial weights' (sample
+#: ids >= 0) and from each other: the jitter's shifts, the noise baseline and the sampled masks' draws.
+JITTER_STREAM, NOISE_STREAM, SAMPLE_STREAM = -1, -(10**9), -(2 * 10**9)
+
+
+def step_generator(seed: int, stream: int, step: int) -> torch.Generator:
+    """A CPU generator seeded from ``(seed, stream, step)`` only: the same draw for every image of a step, whatever
+    the batch, the path or the device."""
+    return torch.Generator().manual_seed(sample_seed(seed, stream - step))
 
 
 def noise_baseline(images: Tensor, seed: int, step: int) -> Tensor:
     """Uniform noise over each image's value range, the same pattern for every image of step ``step`` (drawn from
     ``(seed, step)`` only, so independent of the batch) and a new one each step."""
-    generator = torch.Generator().manual_seed(sample_seed(seed, NOISE_STREAM - step))
-    pattern = torch.rand((1, *images.shape[1:]), generator=generator).to(images.device, images.dtype)
+    pattern = torch.rand((1, *images.shape[1:]), generator=step_generator(seed, NOISE_STREAM, step))
+    pattern = pattern.to(images.device, images.dtype)
     low = images.amin(dim=(1, 2, 3), keepdim=True)
     return low + (images.amax(dim=(1, 2, 3), keepdim=True) - low) * pattern
-
-
-#: Offset of the sampled masks' seeds (see :func:`logistic_noise`), apart from every other stream.
-SAMPLE_STREAM = -(2 * 10**9)
 
 
 def logistic_noise(seed: int, step: int, shape: tuple[int, int]) -> Tensor:
     """Logistic noise ``log u - log(1 - u)`` (u uniform) of shape (1, 1, h, w) on the CPU: the draw of step ``step``
     of a sampled mask, from ``(seed, step)`` only, so the same for every image of the step."""
-    generator = torch.Generator().manual_seed(sample_seed(seed, SAMPLE_STREAM - step))
-    u = torch.rand((1, 1, *shape), generator=generator).clamp_(1e-6, 1 - 1e-6)
+    u = torch.rand((1, 1, *shape), generator=step_generator(seed, SAMPLE_STREAM, step)).clamp_(1e-6, 1 - 1e-6)
     return u.log() - (-u).log1p()
 
 

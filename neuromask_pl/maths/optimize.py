@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from neuromask_pl.maths.losses import laplacian_kernel, laplacian_size, loss_terms, lr_at, settings_at, temperature_at
 from neuromask_pl.maths.mask import (
+    JITTER_STREAM,
     apply_mask,
     blur_kernel_size,
     init_weights,
@@ -18,7 +19,7 @@ from neuromask_pl.maths.mask import (
     mask_shape,
     noise_baseline,
     pack_weights,
-    sample_seed,
+    step_generator,
     tie_free_map,
     unpack_weights,
     upsample_mask,
@@ -145,8 +146,7 @@ def jitter_shift(seed: int, step: int, jitter: int) -> tuple[int, int]:
     every image of the step and independent of the batch."""
     if jitter == 0:
         return (0, 0)
-    generator = torch.Generator().manual_seed(sample_seed(seed, -1 - step))
-    dy, dx = torch.randint(-jitter, jitter + 1, (2,), generator=generator).tolist()
+    dy, dx = torch.randint(-jitter, jitter + 1, (2,), generator=step_generator(seed, JITTER_STREAM, step)).tolist()
     return (dy, dx)
 
 
