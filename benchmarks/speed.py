@@ -5,8 +5,8 @@ For one model, resolution, batch and precision, in one process and in interleave
 machine slows every variant alike), it times per optimisation step of the whole batch:
 
 - ``floor``: forward + backward-to-input of the unmodified classifier, eager (what any mask step pays);
-- ``plain``: a NeuroMask step with the fast path off (the classifier as it is);
-- the fast path's variants pinned (``FastPath(auto=False)``), named as they run: ``folded`` (BatchNorm folded;
+- ``plain``: a NeuroMask step with the fast path off (the classifier as it is, the mask step by autograd);
+- the fast path's variants pinned (``FastPath(auto=False)``; the mask step fused where it applies), named as they run: ``folded`` (BatchNorm folded;
   channels_last on CUDA), ``folded+packed`` (convolutions and large Linear layers packed too, on the CPU), or
   ``packed`` for a model without BatchNorm; where Linear layers are packed, also ``... (linears unpacked)``, the
   same without them (``pack_linears=False``); a variant that changes nothing is the plain step and is left out;
@@ -176,9 +176,10 @@ def floor_step(model: nn.Module, images: Tensor) -> Callable[[], None]:
     return run
 
 
-def mask_steps(model: nn.Module, images: Tensor, targets: Tensor, preset: str) -> Callable[[], None]:
+def mask_steps(model: nn.Module, images: Tensor, targets: Tensor, preset: str, fused: bool = False) -> Callable[[], None]:
+    """One mask step of ``preset`` per call; ``fused`` as ``FastPath.fuse_mask_step`` on the images' device."""
     settings = replace(PRESETS[preset], steps=10**9)  # stepped by hand: never "done"
-    problem = MaskOptimisation(model, images, targets, torch.arange(len(images)), settings, seed=0)
+    problem = MaskOptimisation(model, images, targets, torch.arange(len(images)), settings, seed=0, fused=fused)
     return problem.step
 
 
@@ -286,9 +287,10 @@ def measure(args: argparse.Namespace, spec: str, kwargs: dict[str, Any], size: i
         variants["floor"] = (floor_step(model, images), args.batch, True)
         variants["plain"] = (mask_steps(model, images, targets, args.preset), args.batch, True)
         pinned, default, default_model, choice_s = fast_copies(model, images, autocast, args.auto)
+        fused = FastPath().fuses_mask_step(device)  # the fast path's mask step, as NeuroMask runs it
         for name, (module, _) in pinned.items():
-            variants[name] = (mask_steps(module, images, targets, args.preset), args.batch, True)
-        variants["default"] = (mask_steps(default_model, images, targets, args.preset), args.batch, True)
+            variants[name] = (mask_steps(module, images, targets, args.preset, fused), args.batch, True)
+        variants["default"] = (mask_steps(default_model, images, targets, args.preset, fused), args.batch, True)
         compile_s = None
         if full and not args.no_compile:
             with autocast():

@@ -9,7 +9,7 @@ intersection over union of their binarised maps, per image (:func:`iou`); a mask
 numbers ``compare_methods.py --stability`` and ``photo_check.py --stability`` report:
 
 - ``alone``: each image explained alone (batch of one);
-- ``plain``: the plain path (NeuroMask with ``fold_batchnorm=False, pack_convolutions=False``);
+- ``plain``: the plain path (NeuroMask's fast path off: the classifier itself, the mask step by autograd);
 - ``avx2``: the same command in a subprocess with ``ATEN_CPU_CAPABILITY=avx2`` (another machine's kernels);
 - ``seed``: another seed (NeuroMask's, RISE's); a deterministic method repeats itself.
 
@@ -39,8 +39,8 @@ VARIANTS = ("alone", "plain", "avx2", "seed")
 THRESHOLD = 0.5
 #: Kernels of another x86-64 machine for variant ``avx2``.
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2"}
-#: NeuroMask's constructor options of the plain path (variant ``plain``).
-PLAIN_PATH = {"fold_batchnorm": False, "pack_convolutions": False}
+#: NeuroMask's ``fast_path`` of the plain path (variant ``plain``): no folding, no packing, no fused mask step.
+PLAIN_PATH = {"fold_batchnorm": False, "pack_convolutions": False, "fuse_mask_step": False}
 
 
 def parse_variants(text: str | None) -> list[str]:

@@ -21,6 +21,7 @@ from neuromask_pl.data.checks import (
 )
 from neuromask_pl.explanation import Explanation
 from neuromask_pl.maths.fastpath import FastPath, FastPathCache
+from neuromask_pl.maths.fused import fuses
 from neuromask_pl.maths.optimize import MaskFit, learn_masks
 from neuromask_pl.metrics import explanation_metrics, update_explanation_metrics
 from neuromask_pl.settings import MaskSettings, SettingsOverrides, resolve_settings
@@ -117,8 +118,10 @@ class NeuroMask(pl.LightningModule):
     @property
     def fast_path_report(self) -> dict[str, Any]:
         """What the fast path ran for the last batch: the variant, BatchNorms folded and convolutions packed (of
-        all), and the timings it was chosen by with ``auto`` (see FastPathCache.report)."""
-        return self._fast_copies.report()
+        all), the timings it was chosen by with ``auto`` (see FastPathCache.report), and how the mask step's
+        gradient is computed (``mask_step``: ``fused`` by hand, except under float16 loss scaling, or ``autograd``)."""
+        fused = self.fast_path.fuses_mask_step(self.device) and fuses(self.settings)
+        return {**self._fast_copies.report(), "mask_step": "fused" if fused else "autograd"}
 
     @property
     def class_names(self) -> list[str] | None:
@@ -190,6 +193,7 @@ class NeuroMask(pl.LightningModule):
                         self.settings,
                         self.seed,
                         few_batch_sizes=self.fast_path.records_cuda_graphs(images.device),  # fewer recordings
+                        fused=self.fast_path.fuses_mask_step(images.device),
                     )
                 )
                 start += size

@@ -62,6 +62,10 @@ class FastPath:
             (docs/results/STABILITY.md), so a choice made by timing would make masks depend on the machine's load
             from run to run; False runs the switches as given (bit-reproducible from run to run). Not with
             ``compile``, which runs as given.
+        fuse_mask_step: compute the mask step's gradient by hand where its settings allow
+            (:func:`~neuromask_pl.maths.fused.fuses`; the ``default`` preset does): the same maths with half the
+            kernels of autograd, which around a small classifier is most of the step (:mod:`~neuromask_pl.maths.fused`);
+            None = on the CPU (on CUDA the kernels run asynchronously and ``compile`` fuses them).
     """
 
     fold_batchnorm: bool = True
@@ -70,6 +74,7 @@ class FastPath:
     pack_convolutions: bool | None = None
     auto: bool = False
     pack_linears: bool | None = None
+    fuse_mask_step: bool | None = None
 
     @classmethod
     def of(cls, value: FastPath | Mapping[str, Any] | None) -> FastPath:
@@ -104,6 +109,9 @@ class FastPath:
         if device.type != "cpu" or not torch.backends.mkldnn.is_available():
             return False
         return switch if switch is not None else not self.compile
+
+    def fuses_mask_step(self, device: torch.device) -> bool:
+        return self.fuse_mask_step if self.fuse_mask_step is not None else device.type == "cpu"
 
     def measures(self) -> bool:
         """Whether the variant to run is chosen by timing them (``auto``, without ``compile``)."""

@@ -154,10 +154,10 @@ def noise_baseline(images: Tensor, seed: int, step: int) -> Tensor:
 
 
 def logistic_noise(seed: int, step: int, shape: tuple[int, int]) -> Tensor:
-    """Logistic noise ``log u - log(1 - u)`` (u uniform) of shape (1, 1, h, w) on the CPU: the draw of step ``step``
-    of a sampled mask, from ``(seed, step)`` only, so the same for every image of the step."""
-    u = torch.rand((1, 1, *shape), generator=step_generator(seed, SAMPLE_STREAM, step)).clamp_(1e-6, 1 - 1e-6)
-    return u.log() - (-u).log1p()
+    """Logistic noise ``logit(u) = log(u / (1 - u))`` (u uniform, clamped to [1e-6, 1 - 1e-6]) of shape
+    (1, 1, h, w) on the CPU: the draw of step ``step`` of a sampled mask, from ``(seed, step)`` only, so the same for
+    every image of the step."""
+    return torch.rand((1, 1, *shape), generator=step_generator(seed, SAMPLE_STREAM, step)).logit_(1e-6)
 
 
 def apply_mask(images: Tensor, mask: Tensor, baseline: Tensor | None) -> Tensor:

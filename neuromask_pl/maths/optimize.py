@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from neuromask_pl.maths.fused import MaskGrids, fused_mask_step, fuses
 from neuromask_pl.maths.losses import laplacian_kernel, laplacian_size, loss_terms, lr_at, settings_at, temperature_at
 from neuromask_pl.maths.mask import (
     JITTER_STREAM,
@@ -216,7 +217,9 @@ class MaskOptimisation:
     The summed loss is minimised; since every term is per sample and the optimisers are element-wise,
     each mask follows exactly the path it would follow alone. Samples that early stopping has stopped
     leave the forward passes and keep their weights; with ``few_batch_sizes`` (for CUDA graphs) the rows
-    that run are topped up to a power of two, see :func:`running_rows`. The classifier must already
+    that run are topped up to a power of two, see :func:`running_rows`. With ``fused``, a step whose settings
+    :func:`~neuromask_pl.maths.fused.fuses` computes its gradient by hand (``fused_mask_step``: the same maths,
+    half the kernels) unless float16 loss scaling is on. The classifier must already
     be frozen (eval mode, no parameter gradients) by the caller; it may be a fast copy (see
     :mod:`neuromask_pl.maths.fastpath`).
     """
@@ -230,6 +233,7 @@ class MaskOptimisation:
         settings: MaskSettings,
         seed: int,
         few_batch_sizes: bool = False,
+        fused: bool = False,
     ) -> None:
         self.classifier, self.images, self.targets = classifier, images, targets
         self.settings, self.seed, self.few_batch_sizes = settings, seed, few_batch_sizes
@@ -251,6 +255,10 @@ class MaskOptimisation:
             self.grids = ((mask_height, mask_width), coarse)
             weights = pack_weights(weights, weights.new_zeros(len(ids), 1, *coarse))
         self.weights = weights.requires_grad_(True)
+        self.fused_grids = None  # the resizes of the fused step, when it runs
+        if fused and fuses(settings):
+            coarse = self.grids[1] if self.grids is not None else None
+            self.fused_grids = MaskGrids.of((mask_height, mask_width), coarse, (height, width), weights)
         self.optimizer = make_optimizer([self.weights], settings)
         batch = images.shape[0]
         self.steps_run = torch.zeros(batch, dtype=torch.long, device=images.device)
@@ -282,11 +290,8 @@ class MaskOptimisation:
             baseline = noise_baseline(images, self.seed, self.settings.steps if step is None else step)
         current = settings_at(self.settings, step)
         deleting = current.l_delete > 0
-        sample = None
-        if self.settings.sample_temperature and step is not None:
-            grid = self.grids[0] if self.grids is not None else tuple(self.weights.shape[-2:])
-            noise = logistic_noise(self.seed, step, grid).to(images.device, weights.dtype)
-            sample = (noise, self.settings.sample_temperature)
+        noise = self.draw(step)
+        sample = (noise, self.settings.sample_temperature) if noise is not None else None
         mask, masked, weights, fine = masked_batch(
             weights, images, baseline, self.grids, current.temperature, current.upsample_weights, deleting, sample
         )
@@ -296,6 +301,37 @@ class MaskOptimisation:
         logits, logits_deleted = logits.chunk(2) if deleting else (logits, None)
         terms = loss_terms(logits, targets, weights, mask, self.kernel, current, fine, logits_deleted)
         return mask, logits, terms
+
+    def draw(self, step: int | None) -> Tensor | None:
+        """The logistic noise of step ``step`` at the (fine) weights' grid, or None without sampled masks (and
+        after the last step)."""
+        if not self.settings.sample_temperature or step is None:
+            return None
+        grid = self.grids[0] if self.grids is not None else tuple(self.weights.shape[-2:])
+        return logistic_noise(self.seed, step, grid).to(self.images.device, self.weights.dtype)
+
+    def loss_and_grad(self, rows: Tensor | None) -> tuple[Tensor, dict[str, Tensor] | None, Tensor]:
+        """The mask, loss terms and gradient (of the summed, loss-scaled total, for all weights) of this step for
+        the samples ``rows`` (None = all): fused where it runs (the terms only with early stopping, which reads
+        them), else by autograd."""
+        if self.fused_grids is not None and self.loss_scale is None:
+            images, targets, weights = self.images, self.targets, self.weights
+            if rows is not None:
+                images, targets, weights = images[rows], targets[rows], weights[rows]
+            temperature = temperature_at(self.settings, self._step)
+            mask, terms, grad = fused_mask_step(
+                self.classifier, images, targets, weights, self.fused_grids, self.settings, temperature,
+                self.draw(self._step), with_terms=bool(self.settings.stop_patience),
+            )  # fmt: skip
+            if rows is not None:
+                grad = torch.zeros_like(self.weights).index_copy_(0, rows, grad)
+            return mask, terms, grad
+        mask, _, terms = self.evaluate(rows, jitter_shift(self.seed, self._step, self.settings.jitter), self._step)
+        total = terms["total"]
+        if self.loss_scale is not None:
+            total = total * (self.loss_scale.scale if rows is None else self.loss_scale.scale[rows])
+        (grad,) = torch.autograd.grad(total.sum(), [self.weights])
+        return mask, terms, grad
 
     def step(self) -> None:
         """One optimisation step of every sample still running."""
@@ -309,7 +345,7 @@ class MaskOptimisation:
             torch.compiler.cudagraph_mark_step_begin()
         if self.loss_scale is None and autocast_float16(self.images.device):
             self.loss_scale = SampleLossScale(len(self.images), self.images.device)
-        mask, _, terms = self.evaluate(rows, jitter_shift(self.seed, self._step, settings.jitter), self._step)
+        mask, terms, grad = self.loss_and_grad(rows)
         if self.path is not None:  # the masks summed over each sample's (active) steps, for the tie-free map
             contribution = mask.detach().float()
             if not self._all_active:  # rows topped up with stopped samples: their paths stay as they are
@@ -319,11 +355,6 @@ class MaskOptimisation:
                 self.path += contribution
             else:
                 self.path[rows] += contribution
-        total = terms["total"]
-        if self.loss_scale is not None:
-            scale = self.loss_scale.scale if rows is None else self.loss_scale.scale[rows]
-            total = total * scale
-        (grad,) = torch.autograd.grad(total.sum(), [self.weights])
         step_rows = self.active
         if self.loss_scale is not None:
             grad, finite = self.loss_scale.unscale(grad)
@@ -389,6 +420,7 @@ def learn_masks(
     settings: MaskSettings,
     seed: int,
     few_batch_sizes: bool = False,
+    fused: bool = False,
 ) -> MaskFit:
     """Optimise one mask per image for ``settings.steps`` steps (fewer for samples that stop early)."""
-    return MaskOptimisation(classifier, images, targets, ids, settings, seed, few_batch_sizes).run().result()
+    return MaskOptimisation(classifier, images, targets, ids, settings, seed, few_batch_sizes, fused).run().result()

@@ -1,0 +1,203 @@
+"""The mask step of the ``default`` family with its gradient written out, for the CPU.
+
+Autograd records some 150 small kernels for a ``default`` mask step (the two-scale mask, the sampled draw, the
+sigmoids, total variation, the sparsity and detail terms, and their backward); on the CPU each costs a few
+microseconds whatever its size, so around a small classifier the mask arithmetic, not the classifier, sets the
+step's time. :func:`fused_mask_step` computes the same loss (:func:`~neuromask_pl.maths.losses.loss_terms`) and
+its gradient with the derivative written out: autograd runs only the classifier. The bilinear resizes are
+products with interpolation matrices (:class:`Resize`), whose adjoint is the transposed product. It is the same
+maths, rounded differently: tests/test_fused_step.py checks it against autograd in float64.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from neuromask_pl.maths.losses import prediction_loss
+from neuromask_pl.settings import MaskSettings
+
+
+def fuses(settings: MaskSettings) -> bool:
+    """Whether :func:`fused_mask_step` covers the settings: the weights upsampled before the sigmoid, total
+    variation of the mask, sparsity on the mask, black hidden pixels, no deletion game, no jitter."""
+    return (
+        settings.upsample_weights
+        and settings.smooth_penalty == "tv"
+        and settings.smooth_on == "mask"
+        and settings.sparsity_on == "mask"
+        and settings.baseline == "black"
+        and not settings.l_delete
+        and not settings.jitter
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _interpolation_matrix(size_in: int, size_out: int) -> Tensor:
+    """(size_out, size_in) weights of 1-D linear interpolation as ``F.interpolate`` (``align_corners=False``)
+    computes them, from the identity interpolated in float64."""
+    identity = torch.eye(size_in, dtype=torch.float64).unsqueeze(1)
+    return F.interpolate(identity, size=size_out, mode="linear", align_corners=False).squeeze(1).T.contiguous()
+
+
+@dataclass(frozen=True)
+class Resize:
+    """Bilinear resizing (``align_corners=False``) of (..., h, w) planes to (..., H, W) as ``rows @ x @ cols.T``;
+    :meth:`adjoint` is its transpose, the gradient of the resize. The same values as ``F.interpolate`` up to
+    rounding; each plane is its own matrix product, so a plane's result does not depend on the others."""
+
+    rows: Tensor  # (H, h)
+    cols_t: Tensor  # (w, W)
+    rows_t: Tensor  # (h, H): the transposes, contiguous, for the adjoint
+    cols: Tensor  # (W, w)
+
+    @classmethod
+    def between(cls, size_in: tuple[int, int], size_out: tuple[int, int], like: Tensor) -> Resize | None:
+        """The resize from ``size_in`` to ``size_out`` in ``like``'s dtype and device; None when they are equal."""
+        if tuple(size_in) == tuple(size_out):
+            return None
+        rows = _interpolation_matrix(size_in[0], size_out[0]).to(like.device, like.dtype)
+        cols = _interpolation_matrix(size_in[1], size_out[1]).to(like.device, like.dtype)
+        return cls(rows, cols.T.contiguous(), rows.T.contiguous(), cols)
+
+    def __call__(self, planes: Tensor) -> Tensor:
+        return self.rows @ (planes @ self.cols_t)
+
+    def adjoint(self, planes: Tensor) -> Tensor:
+        return self.rows_t @ (planes @ self.cols)
+
+
+def resize(planes: Tensor, by: Resize | None) -> Tensor:
+    return planes if by is None else by(planes)
+
+
+def resize_adjoint(planes: Tensor, by: Resize | None) -> Tensor:
+    return planes if by is None else by.adjoint(planes)
+
+
+def total_variation_parts(values: Tensor) -> tuple[Tensor, Tensor]:
+    """Vertical and horizontal differences of neighbouring cells of (B, h, w) planes."""
+    return values[:, 1:] - values[:, :-1], values[:, :, 1:] - values[:, :, :-1]
+
+
+def total_variation_grad(vertical: Tensor, horizontal: Tensor) -> Tensor:
+    """Gradient of ``mean|vertical| + mean|horizontal|`` (per plane) with respect to the planes they come from:
+    each difference ``a - b`` adds its sign to ``a`` and subtracts it from ``b``."""
+    dv = F.pad(vertical.sign().mul_(1.0 / vertical[0].numel()), (0, 0, 1, 1))
+    dh = F.pad(horizontal.sign().mul_(1.0 / horizontal[0].numel()), (1, 1))
+    return (dv[:, :-1] - dv[:, 1:]).add_(dh[..., :-1]).sub_(dh[..., 1:])
+
+
+def mean_abs(planes: Tensor) -> Tensor:
+    """``mean|x|`` per plane of (B, h, w) planes."""
+    return torch.linalg.vector_norm(planes, 1, dim=(1, 2)) / planes[0].numel()
+
+
+def sigmoid_grad(grad: Tensor, output: Tensor) -> Tensor:
+    """``grad * s'(x)`` from the sigmoid's output ``s(x)``."""
+    return torch.ops.aten.sigmoid_backward(grad, output)
+
+
+@dataclass(frozen=True)
+class MaskGrids:
+    """The resizes of a mask: its coarse grid to the fine one (None for one grid) and the fine one to the image."""
+
+    fine: tuple[int, int]
+    coarse: tuple[int, int] | None
+    coarse_to_fine: Resize | None
+    to_image: Resize | None
+
+    @classmethod
+    def of(
+        cls, fine: tuple[int, int], coarse: tuple[int, int] | None, image: tuple[int, int], like: Tensor
+    ) -> MaskGrids:
+        coarse_to_fine = Resize.between(coarse, fine, like) if coarse is not None else None
+        return cls(tuple(fine), coarse, coarse_to_fine, Resize.between(fine, image, like))
+
+    def unpack(self, weights: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(fine, coarse) planes, (B, h, w) and (B, hc, wc), of the learned weights (coarse None for one grid)."""
+        if self.coarse is None:
+            return weights.view(-1, *self.fine), None
+        fine, coarse = weights.view(len(weights), -1).split(
+            [self.fine[0] * self.fine[1], self.coarse[0] * self.coarse[1]], 1
+        )
+        return fine.view(-1, *self.fine), coarse.view(-1, *self.coarse)
+
+
+def fused_mask_step(
+    classifier: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    weights: Tensor,
+    grids: MaskGrids,
+    settings: MaskSettings,
+    temperature: float,
+    noise: Tensor | None,
+    with_terms: bool = True,
+) -> tuple[Tensor, dict[str, Tensor] | None, Tensor]:
+    """One step's mask (B, 1, H, W), loss terms (each (B,), as :func:`~neuromask_pl.maths.losses.loss_terms`; None
+    without ``with_terms``) and the gradient of the summed total loss with respect to ``weights`` (their shape), for
+    settings that :func:`fuses`. ``temperature`` is the step's; ``noise`` the step's logistic draw at the fine grid
+    (1, 1, h, w) with ``settings.sample_temperature``, or None for the mask itself. Only the classifier runs under
+    autocast.
+    """
+    t_mask = temperature
+    t_seen = t_mask * settings.sample_temperature if noise is not None else t_mask
+    with torch.autocast(images.device.type, enabled=False), torch.no_grad():
+        fine, coarse = grids.unpack(weights.detach())
+        logits = fine if coarse is None else fine + resize(coarse, grids.coarse_to_fine)  # (B, h, w)
+        # up(w) / T at the image's size (a new tensor: it is changed in place below)
+        scaled = logits / t_mask if grids.to_image is None else grids.to_image(logits).mul_(1.0 / t_mask)
+        mask = torch.sigmoid(scaled)
+        seen = mask
+        if noise is not None:  # sigmoid((w / T + noise) / t) = sigmoid((up(w) / T + up(noise)) / t)
+            drawn = scaled.add_(resize(noise.view(1, *grids.fine), grids.to_image))
+            seen = torch.sigmoid(
+                drawn if settings.sample_temperature == 1 else drawn.mul_(1.0 / settings.sample_temperature)
+            )
+        masked = (images * seen.unsqueeze(1)).requires_grad_(True)
+    with torch.enable_grad():
+        pred = prediction_loss(classifier(masked), targets)
+        # d total / d masked, divided by t T: the factor of the seen mask's sigmoid, folded in here
+        (masked_grad,) = torch.autograd.grad(pred, masked, grad_outputs=torch.full_like(pred, settings.l_pred / t_seen))
+    with torch.autocast(images.device.type, enabled=False), torch.no_grad():
+        cells = torch.sigmoid(logits * (1.0 / t_mask))  # the mask at the grid, for total variation
+        vertical, horizontal = total_variation_parts(cells)
+        detail = fine if coarse is not None else None
+        terms = loss_values(pred.detach(), mask, vertical, horizontal, detail, settings) if with_terms else None
+        image_grad = sigmoid_grad((masked_grad * images).sum(1).to(seen.dtype), seen)
+        image_grad.addcmul_(mask, 1.0 - mask, value=settings.l_sparse / mask[0].numel() / t_mask)  # d sparse
+        logits_grad = resize_adjoint(image_grad, grids.to_image)
+        smooth_grad = total_variation_grad(vertical, horizontal)
+        logits_grad.add_(sigmoid_grad(smooth_grad, cells), alpha=settings.l_smooth / t_mask)
+        if coarse is None:
+            return mask.unsqueeze(1), terms, logits_grad.view_as(weights)
+        coarse_grad = resize_adjoint(logits_grad, grids.coarse_to_fine)
+        fine_grad = logits_grad.add(fine.sign(), alpha=settings.l_detail / fine[0].numel())
+        grad = torch.cat([fine_grad.flatten(1), coarse_grad.flatten(1)], dim=1).view_as(weights)
+    return mask.unsqueeze(1), terms, grad
+
+
+def loss_values(
+    pred: Tensor, mask: Tensor, vertical: Tensor, horizontal: Tensor, fine: Tensor | None, settings: MaskSettings
+) -> dict[str, Tensor]:
+    """The loss terms of :func:`~neuromask_pl.maths.losses.loss_terms` from the step's pieces (``fine`` None for
+    one grid)."""
+    zero = torch.zeros_like(pred)
+    terms = {
+        "pred": pred,
+        "sparse": mask.mean((1, 2)),
+        "smooth": mean_abs(vertical) + mean_abs(horizontal),
+        "detail": mean_abs(fine) if fine is not None else zero,
+        "delete": zero,
+    }
+    total = settings.l_pred * terms["pred"] + settings.l_sparse * terms["sparse"]
+    total = total + settings.l_smooth * terms["smooth"]
+    if fine is not None and settings.l_detail:
+        total = total + settings.l_detail * terms["detail"]
+    terms["total"] = total
+    return terms
