@@ -11,6 +11,7 @@ maths, rounded differently: tests/test_fused_step.py checks it against autograd 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -147,7 +148,11 @@ def fused_mask_step(
     """
     t_mask = temperature
     t_seen = t_mask * settings.sample_temperature if noise is not None else t_mask
-    with torch.autocast(images.device.type, enabled=False), torch.no_grad():
+    device = images.device.type
+    autocast_off = (  # entering autocast costs more than asking whether it is on
+        (lambda: torch.autocast(device, enabled=False)) if torch.is_autocast_enabled(device) else contextlib.nullcontext
+    )
+    with autocast_off(), torch.no_grad():
         fine, coarse = grids.unpack(weights.detach())
         logits = fine if coarse is None else fine + resize(coarse, grids.coarse_to_fine)  # (B, h, w)
         # up(w) / T at the image's size (a new tensor: it is changed in place below)
@@ -164,7 +169,7 @@ def fused_mask_step(
         pred = prediction_loss(classifier(masked), targets)
         # d total / d masked, divided by t T: the factor of the seen mask's sigmoid, folded in here
         (masked_grad,) = torch.autograd.grad(pred, masked, grad_outputs=torch.full_like(pred, settings.l_pred / t_seen))
-    with torch.autocast(images.device.type, enabled=False), torch.no_grad():
+    with autocast_off(), torch.no_grad():
         cells = torch.sigmoid(logits * (1.0 / t_mask))  # the mask at the grid, for total variation
         vertical, horizontal = total_variation_parts(cells)
         detail = fine if coarse is not None else None
