@@ -30,7 +30,7 @@ def test_benchmark_writes_rows_ratios_and_the_target(benchmark, tmp_path, capsys
     result = benchmark.main([*args.split(), "--target-ms", str(target_ms), "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     rows = {row["variant"]: row for row in result["rows"]}
-    assert list(rows) == ["floor", "plain", "folded", "folded+packed", "default", "reference"]
+    assert list(rows) == ["floor", "plain", "folded", "folded+packed", "default", benchmark.AUTOGRAD_STEP, "reference"]
     assert rows["floor"]["ratio_to_floor"] == 1.0
     assert all(row["ms_per_image_step"] > 0 and row["ratio_min"] <= row["ratio_max"] for row in rows.values())
     assert rows["reference"]["batch"] == 1 and rows["default"]["batch"] == 2
