@@ -68,6 +68,8 @@ class ExplanationLogger(Callback):
         for key in ("folded_batchnorm", "batchnorm_layers", "packed_convolutions", "convolutions"):
             if isinstance(report.get(key), int):
                 metrics[f"explain/fast_path/{key}"] = float(report[key])
+        if "mask_step" in report:  # 1: the mask step's gradient written out (maths/fused.py), 0: by autograd
+            metrics["explain/fast_path/fused_mask_step"] = float(report["mask_step"] == "fused")
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=self._batches)
 
