@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from neuromask_pl.maths.losses import prediction_loss
+from neuromask_pl.maths.losses import prediction_loss, total_loss
+from neuromask_pl.maths.mask import pack_weights, split_weights
 from neuromask_pl.settings import MaskSettings
 
 
@@ -123,10 +124,8 @@ class MaskGrids:
         """(fine, coarse) planes, (B, h, w) and (B, hc, wc), of the learned weights (coarse None for one grid)."""
         if self.coarse is None:
             return weights.view(-1, *self.fine), None
-        fine, coarse = weights.view(len(weights), -1).split(
-            [self.fine[0] * self.fine[1], self.coarse[0] * self.coarse[1]], 1
-        )
-        return fine.view(-1, *self.fine), coarse.view(-1, *self.coarse)
+        fine, coarse = split_weights(weights, self.fine, self.coarse)
+        return fine.squeeze(1), coarse.squeeze(1)
 
 
 def fused_mask_step(
@@ -183,8 +182,7 @@ def fused_mask_step(
             return mask.unsqueeze(1), terms, logits_grad.view_as(weights)
         coarse_grad = resize_adjoint(logits_grad, grids.coarse_to_fine)
         fine_grad = logits_grad.add(fine.sign(), alpha=settings.l_detail / fine[0].numel())
-        grad = torch.cat([fine_grad.flatten(1), coarse_grad.flatten(1)], dim=1).view_as(weights)
-    return mask.unsqueeze(1), terms, grad
+    return mask.unsqueeze(1), terms, pack_weights(fine_grad, coarse_grad)
 
 
 def loss_values(
@@ -200,9 +198,5 @@ def loss_values(
         "detail": mean_abs(fine) if fine is not None else zero,
         "delete": zero,
     }
-    total = settings.l_pred * terms["pred"] + settings.l_sparse * terms["sparse"]
-    total = total + settings.l_smooth * terms["smooth"]
-    if fine is not None and settings.l_detail:
-        total = total + settings.l_detail * terms["detail"]
-    terms["total"] = total
+    terms["total"] = total_loss(terms, settings, detail=fine is not None, delete=False)
     return terms

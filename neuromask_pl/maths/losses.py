@@ -145,13 +145,18 @@ def loss_terms(
         "detail": detail_penalty(fine) if fine is not None else zero,
         "delete": deletion_loss(logits_deleted, targets) if logits_deleted is not None else zero,
     }
-    total = settings.l_pred * terms["pred"] + settings.l_sparse * terms["sparse"] + settings.l_smooth * terms["smooth"]
-    if fine is not None and settings.l_detail:
-        total = total + settings.l_detail * terms["detail"]
-    if logits_deleted is not None:
-        total = total + settings.l_delete * terms["delete"]
-    terms["total"] = total
+    terms["total"] = total_loss(terms, settings, detail=fine is not None, delete=logits_deleted is not None)
     return terms
+
+
+def total_loss(terms: dict[str, Tensor], settings: MaskSettings, detail: bool, delete: bool) -> Tensor:
+    """The weighted sum of the loss terms, per sample; the detail and deletion terms only where they exist."""
+    total = settings.l_pred * terms["pred"] + settings.l_sparse * terms["sparse"] + settings.l_smooth * terms["smooth"]
+    if detail and settings.l_detail:
+        total = total + settings.l_detail * terms["detail"]
+    if delete:
+        total = total + settings.l_delete * terms["delete"]
+    return total
 
 
 def deletion_loss(logits: Tensor, targets: Tensor) -> Tensor:

@@ -31,12 +31,16 @@ def pack_weights(fine: Tensor, coarse: Tensor) -> Tensor:
     return torch.cat([fine.flatten(1), coarse.flatten(1)], dim=1).view(fine.shape[0], 1, 1, -1)
 
 
-def unpack_weights(packed: Tensor, fine_shape: tuple[int, int], coarse_shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """Undo :func:`pack_weights`: ``(logits, fine)`` where ``logits = up(coarse) + fine`` (bilinear), per sample."""
+def split_weights(packed: Tensor, fine_shape: tuple[int, int], coarse_shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """The fine (B, 1, h, w) and coarse (B, 1, hc, wc) grids of :func:`pack_weights`' tensor, as views of it."""
     flat = packed.flatten(1)
     cut = fine_shape[0] * fine_shape[1]
-    fine = flat[:, :cut].view(-1, 1, *fine_shape)
-    coarse = flat[:, cut:].view(-1, 1, *coarse_shape)
+    return flat[:, :cut].view(-1, 1, *fine_shape), flat[:, cut:].view(-1, 1, *coarse_shape)
+
+
+def unpack_weights(packed: Tensor, fine_shape: tuple[int, int], coarse_shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Undo :func:`pack_weights`: ``(logits, fine)`` where ``logits = up(coarse) + fine`` (bilinear), per sample."""
+    fine, coarse = split_weights(packed, fine_shape, coarse_shape)
     return fine + upsample_mask(coarse, *fine_shape), fine
 
 
