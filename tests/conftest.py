@@ -192,6 +192,7 @@ def trainer_factory() -> Callable[..., pl.Trainer]:
 # (ATEN_CPU_CAPABILITY=avx2), so that a green CI means green on CPUs other than this one.
 NUMERICS_FILES = {
     "test_golden_masks.py",
+    "test_batch_invariance.py",
     "test_fused_step.py",
     "test_losses.py",
     "test_mask.py",

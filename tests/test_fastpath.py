@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from neuromask_pl import NeuroMask
 from neuromask_pl.data import TensorDataModule
 from neuromask_pl.maths import fastpath, packing
-from neuromask_pl.maths.fastpath import FastPath, FastPathCache, FrozenConv2d, fold_batchnorm
+from neuromask_pl.maths.fastpath import FastPath, FastPathCache, FrozenConv2d, FrozenLinear, fold_batchnorm
 from neuromask_pl.maths.optimize import learn_masks
 
 # ----------------------------------------------------------------------------- models
@@ -200,8 +200,15 @@ def test_a_conv_whose_forward_is_not_a_plain_convolution_is_not_folded_into(capl
     torch.testing.assert_close(folded(images), net(images), rtol=0, atol=0)
     fast = FastPathCache(FastPath(auto=False))
     with caplog.at_level(logging.WARNING, logger="neuromask_pl.maths.fastpath"):
-        assert fast.get(net, images) is net  # nothing to fold or pack: the classifier itself
+        copied = fast.get(net, images)
     assert caplog.text == ""
+    # nothing folded or packed: only the head runs as a blocked FrozenLinear (the same products in any batch)
+    assert fast.folded == 0 and fast.packed == 0 and fast.packed_linears == 0
+    layers = dict(copied.named_modules())
+    assert isinstance(layers["0"], StandardisedConv) and isinstance(layers["1"], nn.BatchNorm2d)
+    assert isinstance(layers["4"], FrozenLinear) and layers["4"].blocked and not layers["4"].packed
+    assert fast.get(net, images) is copied
+    assert FastPathCache(FastPath(auto=False, pack_convolutions=False)).get(net, images) is net  # nothing changes
 
 
 def test_fast_copy_is_cached_until_the_weights_change(tiny_cnn, image_factory) -> None:

@@ -118,8 +118,9 @@ def test_only_plain_large_linears_that_the_model_calls_are_packed() -> None:
     model = frozen(Mixed())
     copied = copy.deepcopy(model)
     assert pack_linears(copied, torch.randn(3, 256)) == 1
-    assert isinstance(copied.large, FrozenLinear)
-    assert type(copied.small) is nn.Linear and type(copied.read_only) is nn.Linear
+    assert isinstance(copied.large, FrozenLinear) and copied.large.packed and copied.large.blocked  # 1 row each
+    assert isinstance(copied.small, FrozenLinear) and copied.small.blocked and not copied.small.packed  # 1 row each
+    assert type(copied.read_only) is nn.Linear
     assert type(copied.subclass) is nn.modules.linear.NonDynamicallyQuantizableLinear
     assert_same_function(copied, model, torch.randn(3, 256), MODEL_TOLERANCE)
     without_example = copy.deepcopy(model)
@@ -134,6 +135,7 @@ def test_multihead_attention_keeps_its_out_proj_and_its_feed_forward_is_packed()
     copied = fast.get(model, tokens)
     assert fast.report()["packed_linears"] == 2 and fast.report()["linears"] == 3
     assert isinstance(copied.linear1, FrozenLinear) and isinstance(copied.linear2, FrozenLinear)
+    assert not (copied.linear1.blocked or copied.linear2.blocked)  # 9 rows an image: one product for all rows
     assert not isinstance(copied.self_attn.out_proj, FrozenLinear)
     assert_same_function(copied, model, tokens, MODEL_TOLERANCE)
 

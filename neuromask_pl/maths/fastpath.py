@@ -23,11 +23,11 @@ import torch
 from torch import Tensor, nn
 
 from neuromask_pl.maths.folding import fold_batchnorm, is_batchnorm
-from neuromask_pl.maths.packing import FrozenConv2d, FrozenLinear, pack_convolutions, pack_linears
+from neuromask_pl.maths.packing import FrozenConv2d, FrozenLinear, PerImageConv2d, pack_convolutions, pack_linears
 
 __all__ = [
-    "FastPathCache", "FastPath", "FrozenConv2d", "FrozenLinear", "fastest_variant", "fold_batchnorm",
-    "pack_convolutions", "pack_linears",
+    "FastPathCache", "FastPath", "FrozenConv2d", "FrozenLinear", "PerImageConv2d", "fastest_variant",
+    "fold_batchnorm", "pack_convolutions", "pack_linears",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -48,12 +48,17 @@ class FastPath:
         compile: ``torch.compile`` the copy (mode ``reduce-overhead``, i.e. with CUDA graphs, on CUDA).
         pack_convolutions: on the CPU, run the convolutions :meth:`FrozenConv2d.padding_of` accepts and for which
             :func:`~neuromask_pl.maths.packing.packing_pays` at the first batch's shape as :class:`FrozenConv2d`
-            (weights packed once for oneDNN; backward to the input only); None = on for the CPU when oneDNN is
+            (weights packed once for oneDNN; backward to the input only), and the other 1x1 ones as
+            :class:`PerImageConv2d` (the same kernel at any batch size); None = on for the CPU when oneDNN is
             available and ``compile`` is off. Float32 only: under autocast the layers run as they are.
         pack_linears: on the CPU, run the ``nn.Linear`` layers the classifier calls that hold at least
             :data:`~neuromask_pl.maths.packing.MIN_PACKED_LINEAR_WEIGHTS` weights as :class:`FrozenLinear`
-            (weights packed once for oneDNN; backward to the input only); None = as ``pack_convolutions`` (so
-            ``pack_convolutions=False`` alone turns packing off). Float32 only, as there.
+            (weights packed once for oneDNN; backward to the input only), and those that get under
+            :data:`~neuromask_pl.maths.packing.MIN_ROWS` rows an image (a head) as a ``blocked`` FrozenLinear
+            (the same products at any batch size); None = as ``pack_convolutions`` (so ``pack_convolutions=False``
+            alone turns packing off). Float32 only, as there. With both, each image's logits and input gradient are
+            the same bit for bit alone or in any batch on the CPU, for the layers measured
+            (docs/results/STABILITY.md, "Bit for bit alone or in any batch").
         auto: time, on the first batch of each image shape and dtype, the variants the switches above allow (the
             classifier as it is, BatchNorm folded, folded and packed (convolutions and Linear layers): a few
             forward + backward steps of each) and
@@ -277,7 +282,9 @@ class FastPathCache:
             copies.append(_Variant(module, folded, 0))
         variants = plain if options.measures() else {}
         for variant in copies:
-            if not (variant.folded or variant.packed or variant.linears or channels_last or options.compile):
+            invariant = any(isinstance(m, (FrozenLinear, PerImageConv2d)) for m in variant.module.modules())
+            changed = variant.folded or variant.packed or variant.linears or invariant
+            if not (changed or channels_last or options.compile):
                 continue  # nothing changed: the classifier itself runs
             if channels_last:
                 variant.module.to(memory_format=torch.channels_last)

@@ -8,6 +8,7 @@ weight gradient.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -104,6 +105,37 @@ class FrozenConv2d(nn.Module):
         return _FrozenConvFunction.apply(F.pad(x, self.pre_pad) if self.pre_pad else x, self)
 
 
+class PerImageConv2d(nn.Module):
+    """A frozen 1x1 ``nn.Conv2d`` that always runs ATen's per-image kernel (``thnn_conv2d``: one matrix product per
+    image), for the 1x1 convolutions where packing does not pay.
+
+    ``F.conv2d`` picks its CPU kernel by the batch and the thread count (oneDNN from 16 images or 2 threads on, the
+    per-image kernel below), and the two round differently, so a 1x1 layer's output for an image would depend on
+    how many images run with it. The per-image kernel gives each image the same result in any batch, on any
+    number of threads. Only float32 CPU inputs outside autocast take this path; anything else runs the original
+    layer.
+    """
+
+    def __init__(self, conv: nn.Conv2d, padding: list[int]) -> None:
+        super().__init__()
+        self.conv = conv
+        self.weight = conv.weight.detach()
+        self.bias = conv.bias.detach() if conv.bias is not None else None
+        self.stride = list(conv.stride)
+        self.padding = [padding[2], padding[0]]  # symmetric: see applies_to
+
+    @staticmethod
+    def applies_to(conv: nn.Conv2d, padding: list[int]) -> bool:
+        """Whether ``conv`` is a 1x1, ungrouped convolution with even padding (as :meth:`FrozenConv2d.padding_of`)."""
+        left, right, top, bottom = padding
+        return tuple(conv.kernel_size) == (1, 1) and conv.groups == 1 and left == right and top == bottom
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+            return self.conv(x)
+        return torch._C._nn.thnn_conv2d(x, self.weight, [1, 1], self.bias, self.stride, self.padding)
+
+
 def plain_padding(conv: nn.Module) -> list[int] | None:
     """The zero padding ``[left, right, top, bottom]`` under which ``conv`` is a plain convolution (no
     dilation, no side wider than the kernel), or None if it is not one: ``nn.Conv2d``'s own padding, or for
@@ -176,8 +208,9 @@ def _reproduces(conv: nn.Conv2d, sample: Tensor, own: Tensor, padding: list[int]
 
 def pack_convolutions(module: nn.Module, example: Tensor | None = None) -> int:
     """Replace, in place, every convolution of a frozen CPU module that :class:`FrozenConv2d` applies to and, where
-    ``module(example)`` runs, that :func:`packing_pays` for at the input it gets there; returns how many. Only for
-    copies: the layers lose their weight gradients."""
+    ``module(example)`` runs, that :func:`packing_pays` for at the input it gets there; returns how many. The 1x1
+    ones packing does not pay for run as :class:`PerImageConv2d` (not counted). Only for copies: the layers lose
+    their weight gradients."""
     candidates = []
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
@@ -192,6 +225,8 @@ def pack_convolutions(module: nn.Module, example: Tensor | None = None) -> int:
         if shape is None or packing_pays(child, shape):
             setattr(parent, name, FrozenConv2d(child, padding))
             replaced += 1
+        elif PerImageConv2d.applies_to(child, padding):
+            setattr(parent, name, PerImageConv2d(child, padding))
     return replaced
 
 
@@ -234,54 +269,85 @@ def packing_pays(conv: nn.Conv2d, input_shape: torch.Size) -> bool:
 MIN_PACKED_LINEAR_WEIGHTS = 65536
 
 
+#: Matrix products take other kernels below this many rows on the CPU (ATen: one row a vector product, two or three
+#: a small-matrix kernel; oneDNN: one row), and with several threads they split a product with few columns
+#: differently for different row counts (5-7 and 9-11 rows against 17, for a 10-class head's input gradient), so a
+#: row's result would depend on how many others run with it. A classifier's head therefore runs its rows in blocks of
+#: exactly this many (zero rows added to the last): every product it runs has the same shape, whatever the batch.
+MIN_ROWS = 4
+
+
+def _by_blocks(product: Callable[[Tensor], Tensor], x: Tensor, blocked: bool) -> Tensor:
+    """``product`` of the rows of ``x`` (the last dimension the features), shaped as ``x`` with the product's
+    features; with ``blocked``, run on blocks of exactly :data:`MIN_ROWS` rows."""
+    rows = x.reshape(-1, x.shape[-1])
+    if not blocked:
+        out = product(rows)
+    else:
+        count = len(rows)
+        padded = torch.cat([rows, rows.new_zeros(-count % MIN_ROWS, rows.shape[1])]) if count % MIN_ROWS else rows
+        out = torch.cat([product(block) for block in padded.split(MIN_ROWS)])[:count]
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 class _FrozenLinearFunction(torch.autograd.Function):
-    """Linear map with packed weights; backward gives the input's gradient only (the weights are frozen)."""
+    """Linear map of a frozen layer (see :class:`FrozenLinear`); backward gives the input's gradient only."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, layer: FrozenLinear) -> Tensor:  # type: ignore[override]
         ctx.layer = layer
-        return torch.ops.mkldnn._linear_pointwise.default(x, layer.packed_weight(x), layer.bias, "none", [], "")
+        return _by_blocks(layer.product, x, layer.blocked)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        packed = ctx.layer.packed_transposed(grad)
-        return torch.ops.mkldnn._linear_pointwise.default(grad, packed, None, "none", [], ""), None
+        return _by_blocks(ctx.layer.input_gradient, grad, ctx.layer.blocked), None
 
 
 class FrozenLinear(nn.Module):
-    """A frozen ``nn.Linear`` for the CPU: ``x W^T + b`` with ``W`` packed once for oneDNN, and the gradient to its
-    input ``g W`` with ``W^T`` packed too (mathematically the same as autograd's; the weight gradient is skipped).
+    """A frozen ``nn.Linear`` for the CPU: ``x W^T + b`` and the gradient to its input ``g W`` (mathematically the
+    same as autograd's; the weight gradient is skipped). With ``packed``, ``W`` and ``W^T`` are packed once for
+    oneDNN (faster for large layers); else ATen's products run. With ``blocked`` (for a layer that gets fewer than
+    :data:`MIN_ROWS` rows an image, a classifier's head), the rows run in blocks of :data:`MIN_ROWS`, so that a
+    row's result does not depend on how many rows run.
 
     The layer keeps ``weight`` and ``bias`` (the same tensors), so code that reads them still works. Only float32
     CPU inputs outside autocast take this path; anything else runs the original layer.
     """
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, packed: bool = True, blocked: bool = False) -> None:
         super().__init__()
         self.linear = linear
         self.weight = linear.weight.detach()
         self.bias = linear.bias.detach() if linear.bias is not None else None
+        self.packed, self.blocked = packed, blocked
         self._packed: Tensor | None = None
         self._packed_transposed: Tensor | None = None
 
     @staticmethod
     def applies_to(module: nn.Module) -> bool:
-        """Whether ``module`` is a plain CPU ``nn.Linear`` (not a subclass) large enough to pay for packing."""
-        return (
-            type(module) is nn.Linear
-            and module.weight.device.type == "cpu"
-            and module.weight.numel() >= MIN_PACKED_LINEAR_WEIGHTS
-        )
+        """Whether ``module`` is a plain CPU ``nn.Linear`` (not a subclass)."""
+        return type(module) is nn.Linear and module.weight.device.type == "cpu"
 
-    def packed_weight(self, x: Tensor) -> Tensor:
+    @staticmethod
+    def packing_pays(module: nn.Linear) -> bool:
+        """Whether the layer holds enough weights (:data:`MIN_PACKED_LINEAR_WEIGHTS`) for packing to pay."""
+        return module.weight.numel() >= MIN_PACKED_LINEAR_WEIGHTS
+
+    def product(self, rows: Tensor) -> Tensor:
+        if not self.packed:
+            return F.linear(rows, self.weight, self.bias)
         if self._packed is None:  # packed for the first call's number of rows (any number runs)
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, _rows(x))
-        return self._packed
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, len(rows))
+        return torch.ops.mkldnn._linear_pointwise.default(rows, self._packed, self.bias, "none", [], "")
 
-    def packed_transposed(self, grad: Tensor) -> Tensor:
+    def input_gradient(self, grad_rows: Tensor) -> Tensor:
+        if not self.packed:
+            return grad_rows.mm(self.weight)
         if self._packed_transposed is None:
-            self._packed_transposed = torch.ops.mkldnn._reorder_linear_weight(self.weight.t().contiguous(), _rows(grad))
-        return self._packed_transposed
+            self._packed_transposed = torch.ops.mkldnn._reorder_linear_weight(
+                self.weight.t().contiguous(), len(grad_rows)
+            )
+        return torch.ops.mkldnn._linear_pointwise.default(grad_rows, self._packed_transposed, None, "none", [], "")
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
@@ -289,24 +355,33 @@ class FrozenLinear(nn.Module):
         return _FrozenLinearFunction.apply(x, self)
 
 
-def _rows(x: Tensor) -> int:
-    return x.numel() // x.shape[-1] if x.shape[-1] else 1
-
-
 def pack_linears(module: nn.Module, example: Tensor | None = None) -> int:
-    """Replace, in place, every Linear layer of a frozen CPU module that :class:`FrozenLinear` applies to and that
+    """Replace, in place, the Linear layers of a frozen CPU module that :class:`FrozenLinear` applies to and that
     ``module(example)`` calls as a module (not one whose weights another layer reads, as ``nn.MultiheadAttention``
-    does with its ``out_proj``); returns how many. Without ``example`` (or if it does not run), every one that
-    applies. Only for copies: the layers lose their weight gradients."""
+    does with its ``out_proj``): packed where :meth:`FrozenLinear.packing_pays`, and ``blocked`` where an image
+    gives the layer fewer than :data:`MIN_ROWS` rows (a classifier's head); returns how many were packed. Without
+    ``example`` (or if it does not run), every large one is packed. Only for copies: the layers lose their weight
+    gradients."""
     candidates = [(parent, name, child) for parent in list(module.modules()) for name, child in parent.named_children()
                   if FrozenLinear.applies_to(child)]  # fmt: skip
     called = _called_modules(module, [child for _, _, child in candidates], example)
-    replaced = 0
+    packed = 0
     for parent, name, child in candidates:
-        if called is None or child in called:
-            setattr(parent, name, FrozenLinear(child))
-            replaced += 1
-    return replaced
+        if called is None:
+            pack, blocked = FrozenLinear.packing_pays(child), False
+        else:
+            shape = called.get(child)
+            pack = child in called and FrozenLinear.packing_pays(child)
+            blocked = shape is not None and _rows_per_image(shape, len(example)) < MIN_ROWS  # type: ignore[arg-type]
+        if pack or blocked:
+            setattr(parent, name, FrozenLinear(child, packed=pack, blocked=blocked))
+            packed += pack
+    return packed
+
+
+def _rows_per_image(shape: torch.Size, images: int) -> float:
+    """Rows a Linear layer's input of ``shape`` gives it per image, for ``images`` images."""
+    return (shape.numel() // shape[-1] if shape[-1] else 0) / max(images, 1)
 
 
 def _called_modules(

@@ -1,0 +1,162 @@
+"""An image's mask is the same bit for bit alone or in any batch, on the CPU's default fast path, in float32.
+
+Float32 rounding alone would not stay small here: the default's annealed optimisation grows a 1e-7 difference into
+another mask (docs/results/STABILITY.md). So these tests ask for equality, not closeness, and name the kernels that
+would otherwise change with the batch: autograd's cross-entropy backward (rows of 10 classes round differently with
+the number of rows), matrix products under 4 rows (a classifier's head), ATen's choice of kernel for 1x1
+convolutions (oneDNN from 16 images or 2 threads on) and for k x k ones (another kernel for a single image).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_images
+from torch import nn
+
+from neuromask_pl import NeuroMask
+from neuromask_pl.maths.losses import prediction_loss
+from neuromask_pl.maths.packing import MIN_ROWS, FrozenLinear, PerImageConv2d, pack_convolutions, pack_linears
+
+BATCH = 17  # at least 16 images: ATen runs a 1x1 convolution by oneDNN from there, by another kernel below
+
+
+class MobileBlockNet(nn.Module):
+    """A small mobile-style CNN: a strided stem with BatchNorm, a depthwise and a pointwise (1x1) convolution, a
+    squeeze-and-excitation gate of 1x1 convolutions on one cell, global pooling and a Linear head.
+
+    The gate is a hard sigmoid written with exactly rounded operations: ``torch.sigmoid`` of a few values an image
+    rounds differently alone and in a batch (ATen's vectorised loop runs the last elements of a tensor by a scalar
+    kernel), a limit of the guarantee stated in docs/results/STABILITY.md."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.depthwise = nn.Conv2d(8, 8, 3, 1, 1, groups=8)
+        self.pointwise = nn.Conv2d(8, 16, 1)
+        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 4, 1), nn.ReLU(), nn.Conv2d(4, 16, 1))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.pointwise(self.depthwise(self.stem(x))))
+        x = x * (self.gate(x) + 3.0).clamp(0.0, 6.0) / 6.0
+        return self.head(x.mean((2, 3)))
+
+
+def mobile_net() -> nn.Module:
+    torch.manual_seed(3)
+    net = MobileBlockNet()
+    with torch.no_grad():
+        net.stem[1].running_mean.uniform_(-0.2, 0.2)
+        net.stem[1].running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def tiny_vit() -> nn.Module:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(3)
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+        num_classes=10,
+    ).eval()  # fmt: skip
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("make_net", [mobile_net, tiny_vit], ids=["mobile_cnn", "vit"])
+def test_each_mask_alone_equals_its_mask_in_a_batch_bit_for_bit(make_net, threads: int) -> None:
+    net = make_net()
+    images = make_images(BATCH, size=16, seed=7)
+    ids = torch.arange(BATCH)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        explainer = NeuroMask(net, steps=30, seed=0)
+        together = explainer.explain(images, ids=ids)
+        assert explainer.fast_path_report["mask_step"] == "fused"
+        for rows in ([0], [5, 6], [14, 15, 16], list(range(4, 9))):
+            part = explainer.explain(images[rows], together.targets[rows], ids=ids[rows])
+            assert torch.equal(part.masks, together.masks[rows]), rows
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_cross_entropy_values_are_torchs_and_its_gradient_rows_do_not_depend_on_the_batch() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 10, generator=generator) * 5
+    targets = torch.randint(0, 10, (8,), generator=generator)
+    weights = torch.rand(8, generator=generator)
+    assert torch.equal(prediction_loss(logits, targets), F.cross_entropy(logits, targets, reduction="none"))
+
+    def gradient(rows: slice) -> torch.Tensor:
+        part = logits[rows].clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(prediction_loss(part, targets[rows]), part, weights[rows])
+        return grad
+
+    full = gradient(slice(None))
+    for size in (1, 2, 3, 5):
+        assert torch.equal(torch.cat([gradient(slice(i, i + size)) for i in range(0, 8, size)]), full), size
+    # the written-out gradient is autograd's up to float64 rounding (softmax of well-scaled logits: 1e-15)
+    double = logits.double().requires_grad_(True)
+    (ours,) = torch.autograd.grad(prediction_loss(double, targets), double, weights.double())
+    (torchs,) = torch.autograd.grad(F.cross_entropy(double, targets, reduction="none"), double, weights.double())
+    torch.testing.assert_close(ours, torchs, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_frozen_linear_rows_are_the_same_whatever_the_number_of_rows(packed: bool) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(300, 250 if packed else 10).requires_grad_(False)  # 75,000 weights: packing pays
+    layer = FrozenLinear(copy.deepcopy(linear), packed=packed, blocked=True)
+    x = torch.randn(8, 300)
+    grad_out = torch.randn(8, linear.out_features)
+
+    def run(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        part = x[rows].clone().requires_grad_(True)
+        out = layer(part)
+        (grad,) = torch.autograd.grad(out, part, grad_out[rows])
+        return out, grad
+
+    full_out, full_grad = run(slice(None))
+    assert MIN_ROWS == 4
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):  # with 2 threads ATen splits an unblocked product by its row count (5-7, 9-11 rows)
+            torch.set_num_threads(threads)
+            full_out, full_grad = run(slice(None))
+            for size in (1, 2, 3, 5, 6, 7):
+                parts = [run(slice(i, i + size)) for i in range(0, 8, size)]
+                assert torch.equal(torch.cat([p[0] for p in parts]), full_out), (threads, size)
+                assert torch.equal(torch.cat([p[1] for p in parts]), full_grad), (threads, size)
+    finally:
+        torch.set_num_threads(previous)
+    # the same function as the layer (float32 products of 300 terms: relative error well under 1e-5)
+    torch.testing.assert_close(full_out, linear(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(full_grad, grad_out @ linear.weight, rtol=1e-5, atol=1e-5)
+    assert layer(x[:1].unsqueeze(0)).shape == (1, 1, linear.out_features)  # leading dimensions kept
+
+
+def test_pointwise_convolutions_run_one_kernel_at_any_batch_and_thread_count() -> None:
+    net = mobile_net().requires_grad_(False)
+    copied = copy.deepcopy(net)
+    images = make_images(BATCH, size=16, seed=1)
+    packed = pack_convolutions(copied, images[:2])
+    assert isinstance(copied.gate[1], PerImageConv2d) and isinstance(copied.gate[3], PerImageConv2d)  # one cell
+    assert packed >= 2  # the stem and the depthwise convolution (stride 1) are packed
+    pack_linears(copied, images[:2])
+    assert isinstance(copied.head, FrozenLinear) and copied.head.blocked and not copied.head.packed  # 1 row an image
+    torch.testing.assert_close(copied(images), net(images), rtol=1e-5, atol=1e-5)
+    previous = torch.get_num_threads()
+    try:
+        outputs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                outputs.append(torch.cat([copied(images[i : i + 1]) for i in range(BATCH)]))
+                outputs.append(copied(images))
+    finally:
+        torch.set_num_threads(previous)
+    for other in outputs[1:]:
+        assert torch.equal(other, outputs[0])
