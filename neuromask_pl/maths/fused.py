@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from neuromask_pl.maths.losses import prediction_loss, total_loss
+from neuromask_pl.maths.losses import cross_entropy_grad, total_loss
 from neuromask_pl.maths.mask import pack_weights, split_weights
 from neuromask_pl.settings import MaskSettings
 
@@ -165,9 +165,13 @@ def fused_mask_step(
             )
         masked = (images * seen.unsqueeze(1)).requires_grad_(True)
     with torch.enable_grad():
-        pred = prediction_loss(classifier(masked), targets)
-        # d total / d masked, divided by t T: the factor of the seen mask's sigmoid, folded in here
-        (masked_grad,) = torch.autograd.grad(pred, masked, grad_outputs=torch.full_like(pred, settings.l_pred / t_seen))
+        outputs = classifier(masked)
+    with autocast_off(), torch.no_grad():
+        scores = outputs.detach() if outputs.dtype == torch.float64 else outputs.detach().float()
+        pred = F.cross_entropy(scores, targets, reduction="none")  # prediction_loss's values, without its graph
+        # d total / d outputs, divided by t T: the factor of the seen mask's sigmoid, folded in here
+        outputs_grad = cross_entropy_grad(scores, targets, settings.l_pred / t_seen).to(outputs.dtype)
+    (masked_grad,) = torch.autograd.grad(outputs, masked, grad_outputs=outputs_grad)
     with autocast_off(), torch.no_grad():
         cells = torch.sigmoid(logits * (1.0 / t_mask))  # the mask at the grid, for total variation
         vertical, horizontal = total_variation_parts(cells)

@@ -62,9 +62,15 @@ class TargetCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         logits, targets = ctx.saved_tensors
-        probabilities = torch.softmax(logits, 1)
-        probabilities.scatter_add_(1, targets.unsqueeze(1), probabilities.new_full((len(targets), 1), -1.0))
-        return probabilities * grad.unsqueeze(1), None
+        return cross_entropy_grad(logits, targets, grad), None
+
+
+def cross_entropy_grad(logits: Tensor, targets: Tensor, scale: Tensor | float) -> Tensor:
+    """The gradient of ``scale`` times each row's cross-entropy with respect to its logits,
+    ``(softmax(logits) - onehot(targets)) * scale``: row by row, the same in any batch."""
+    probabilities = torch.softmax(logits, 1)
+    probabilities.scatter_add_(1, targets.unsqueeze(1), probabilities.new_full((len(targets), 1), -1.0))
+    return probabilities.mul_(scale.unsqueeze(1) if isinstance(scale, Tensor) else scale)
 
 
 def temperature_at(settings: MaskSettings, step: int | None) -> float:

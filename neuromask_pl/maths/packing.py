@@ -279,15 +279,17 @@ MIN_ROWS = 4
 
 def _by_blocks(product: Callable[[Tensor], Tensor], x: Tensor, blocked: bool) -> Tensor:
     """``product`` of the rows of ``x`` (the last dimension the features), shaped as ``x`` with the product's
-    features; with ``blocked``, run on blocks of exactly :data:`MIN_ROWS` rows."""
-    rows = x.reshape(-1, x.shape[-1])
-    if not blocked:
+    features; with ``blocked``, run on blocks of exactly :data:`MIN_ROWS` rows (autograd follows it)."""
+    rows = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
+    count = rows.shape[0]
+    if not blocked or count == MIN_ROWS:
         out = product(rows)
+    elif count < MIN_ROWS:
+        out = product(F.pad(rows, (0, 0, 0, MIN_ROWS - count)))[:count]
     else:
-        count = len(rows)
-        padded = torch.cat([rows, rows.new_zeros(-count % MIN_ROWS, rows.shape[1])]) if count % MIN_ROWS else rows
+        padded = F.pad(rows, (0, 0, 0, -count % MIN_ROWS)) if count % MIN_ROWS else rows
         out = torch.cat([product(block) for block in padded.split(MIN_ROWS)])[:count]
-    return out.reshape(*x.shape[:-1], out.shape[-1])
+    return out if x.ndim == 2 else out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 class _FrozenLinearFunction(torch.autograd.Function):
@@ -352,6 +354,8 @@ class FrozenLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
             return self.linear(x)
+        if not self.packed:  # ATen's products: autograd runs the blocks' input gradients (blocks of the same shape)
+            return _by_blocks(self.product, x, self.blocked)
         return _FrozenLinearFunction.apply(x, self)
 
 
