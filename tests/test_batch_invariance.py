@@ -160,3 +160,17 @@ def test_pointwise_convolutions_run_one_kernel_at_any_batch_and_thread_count() -
         torch.set_num_threads(previous)
     for other in outputs[1:]:
         assert torch.equal(other, outputs[0])
+
+
+def test_a_blocked_packed_head_feeds_an_in_place_activation() -> None:
+    """A head's output is a fresh tensor, not a view of its padded block: torchvision's MobileNetV3 runs an in-place
+    Hardswish on it (autograd forbids changing a custom Function's view in place)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(300, 250), nn.Hardswish(inplace=True), nn.Linear(250, 10)).eval()
+    net.requires_grad_(False)
+    copied = copy.deepcopy(net)
+    assert pack_linears(copied, torch.randn(2, 300)) == 1 and copied[0].blocked and copied[2].blocked
+    x = torch.randn(2, 300, requires_grad=True)
+    (ours,) = torch.autograd.grad(copied(x).sum(), x)
+    (reference,) = torch.autograd.grad(net(x).sum(), x)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)  # 250- and 300-term float32 sums

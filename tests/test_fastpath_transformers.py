@@ -98,33 +98,42 @@ def test_frozen_linear_runs_the_original_layer_under_autocast_and_for_other_dtyp
 # ----------------------------------------------------------------------------- which layers are packed
 
 
+class ScaledLinear(nn.Linear):
+    """A Linear subclass whose forward changes the maths (as LoRA or a quantised layer would)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return 2.0 * super().forward(x)
+
+
 class Mixed(nn.Module):
-    """A large Linear that runs, a small one, a large subclass, and a large one whose weights are only read."""
+    """A large Linear that runs, a small one, a large subclass computing F.linear (as timm's ``Linear``), one that
+    changes the maths, and a large one whose weights are only read."""
 
     def __init__(self) -> None:
         super().__init__()
         self.large = nn.Linear(256, 256)  # 65536 weights: packed
         self.small = nn.Linear(256, 16)  # too small to pay
-        self.subclass = nn.modules.linear.NonDynamicallyQuantizableLinear(256, 256)  # not a plain Linear
+        self.subclass = nn.modules.linear.NonDynamicallyQuantizableLinear(256, 256)  # F.linear itself
+        self.changed = ScaledLinear(256, 256)  # its own maths
         self.read_only = nn.Linear(256, 256)  # weights read through F.linear, never called
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.subclass(self.large(x)) + F.linear(x, self.read_only.weight, self.read_only.bias)
+        x = self.changed(self.subclass(self.large(x))) + F.linear(x, self.read_only.weight, self.read_only.bias)
         return self.small(x)
 
 
-def test_only_plain_large_linears_that_the_model_calls_are_packed() -> None:
+def test_linears_computing_f_linear_that_the_model_calls_are_packed_when_large_and_blocked_when_heads() -> None:
     assert MIN_PACKED_LINEAR_WEIGHTS == 256 * 256
     model = frozen(Mixed())
     copied = copy.deepcopy(model)
-    assert pack_linears(copied, torch.randn(3, 256)) == 1
-    assert isinstance(copied.large, FrozenLinear) and copied.large.packed and copied.large.blocked  # 1 row each
-    assert isinstance(copied.small, FrozenLinear) and copied.small.blocked and not copied.small.packed  # 1 row each
-    assert type(copied.read_only) is nn.Linear
-    assert type(copied.subclass) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert pack_linears(copied, torch.randn(3, 256)) == 2
+    for layer in (copied.large, copied.subclass):
+        assert isinstance(layer, FrozenLinear) and layer.packed and layer.blocked  # one row an image: blocked
+    assert isinstance(copied.small, FrozenLinear) and copied.small.blocked and not copied.small.packed
+    assert type(copied.read_only) is nn.Linear and type(copied.changed) is ScaledLinear
     assert_same_function(copied, model, torch.randn(3, 256), MODEL_TOLERANCE)
     without_example = copy.deepcopy(model)
-    assert pack_linears(without_example) == 2  # without an example: every plain large one, called or not
+    assert pack_linears(without_example) == 3  # without an example: every large one computing F.linear, called or not
     assert_same_function(without_example, model, torch.randn(3, 256), MODEL_TOLERANCE)  # weights kept readable
 
 

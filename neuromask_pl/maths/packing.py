@@ -35,7 +35,8 @@ class FrozenConv2d(nn.Module):
 
     - stride 1: a convolution of the gradient with the flipped, transposed kernel (packed too);
     - strided with at most 4 input channels (an image stem): a matrix product and ``fold`` (col2im);
-    - other strided layers: ``conv_transpose2d``.
+    - other strided layers: oneDNN's transposed convolution, packed too (``F.conv_transpose2d`` takes another
+      kernel for one or two images than for more, which would round an image's gradient by the batch).
 
     Grouped (e.g. depthwise) convolutions are packed too. ``padding`` is the layer's effective zero padding
     as ``[left, right, top, bottom]`` (see :meth:`padding_of`; default: the layer's own): a conv subclass that
@@ -57,6 +58,7 @@ class FrozenConv2d(nn.Module):
         self.kernel_size = list(conv.kernel_size)
         self._packed: Tensor | None = None
         self._packed_flipped: Tensor | None = None
+        self._packed_transposed: dict[tuple[int, ...], Tensor] = {}  # by output padding
         # (C_in * kh * kw, C_out), for the col2im gradient of image stems
         stem = self.weight.shape[1] <= 4 and self.groups == 1
         self.columns = self.weight.flatten(1).t().contiguous() if stem else None
@@ -97,7 +99,15 @@ class FrozenConv2d(nn.Module):
         output_padding = [
             (size + 2 * p - k) % s for size, p, k, s in zip(input_size, self.padding, self.kernel_size, self.stride)
         ]
-        return F.conv_transpose2d(grad, self.weight, None, self.stride, self.padding, output_padding, self.groups)
+        key = tuple(output_padding)
+        if key not in self._packed_transposed:  # oneDNN's transposed convolution, as F.conv_transpose2d runs it
+            self._packed_transposed[key] = torch.ops.mkldnn._reorder_convolution_transpose_weight(
+                self.weight, self.padding, output_padding, self.stride, [1, 1], self.groups, list(grad.shape)
+            )
+        return torch.ops.mkldnn._convolution_transpose_pointwise(
+            grad, self._packed_transposed[key], None, self.padding, output_padding, self.stride, [1, 1], self.groups,
+            "none", [], "",
+        )  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
@@ -298,7 +308,8 @@ class _FrozenLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, layer: FrozenLinear) -> Tensor:  # type: ignore[override]
         ctx.layer = layer
-        return _by_blocks(layer.product, x, layer.blocked)
+        out = _by_blocks(layer.product, x, layer.blocked)
+        return out if out._base is None else out.clone()  # not a view: the next layer may work in place (Hardswish)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
@@ -327,8 +338,20 @@ class FrozenLinear(nn.Module):
 
     @staticmethod
     def applies_to(module: nn.Module) -> bool:
-        """Whether ``module`` is a plain CPU ``nn.Linear`` (not a subclass)."""
-        return type(module) is nn.Linear and module.weight.device.type == "cpu"
+        """Whether ``module`` is a CPU ``nn.Linear``, or a subclass whose forward gives ``F.linear``'s output on
+        seeded random inputs (e.g. timm's ``Linear``; not one that changes the maths)."""
+        if not isinstance(module, nn.Linear) or module.weight.device.type != "cpu":
+            return False
+        if type(module) is nn.Linear:
+            return True
+        sample = torch.randn(MIN_ROWS, module.in_features, generator=torch.Generator().manual_seed(0))
+        sample = sample.to(module.weight.dtype)
+        with torch.no_grad():
+            try:
+                own = module(sample)
+            except Exception:  # noqa: BLE001 - a forward that cannot run on a plain input is not a plain Linear
+                return False
+            return isinstance(own, Tensor) and torch.equal(own, F.linear(sample, module.weight, module.bias))
 
     @staticmethod
     def packing_pays(module: nn.Linear) -> bool:
