@@ -4,7 +4,9 @@ Float32 rounding alone would not stay small here: the default's annealed optimis
 another mask (docs/results/STABILITY.md). So these tests ask for equality, not closeness, and name the kernels that
 would otherwise change with the batch: autograd's cross-entropy backward (rows of 10 classes round differently with
 the number of rows), matrix products under 4 rows (a classifier's head), ATen's choice of kernel for 1x1
-convolutions (oneDNN from 16 images or 2 threads on) and for k x k ones (another kernel for a single image).
+convolutions (oneDNN from 16 images or 2 threads on), its transposed convolution (another kernel for one or two
+images), and the scalar loop ATen runs a tensor's last few values by (a sigmoid of a few values an image, or of an
+odd-sized mask).
 """
 
 from __future__ import annotations
@@ -14,36 +16,42 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_images
+from conftest import make_images, make_tiny_cnn
 from torch import nn
 
 from neuromask_pl import NeuroMask
 from neuromask_pl.maths.losses import prediction_loss
-from neuromask_pl.maths.packing import MIN_ROWS, FrozenLinear, PerImageConv2d, pack_convolutions, pack_linears
+from neuromask_pl.maths.packing import (
+    MIN_ROWS,
+    FrozenLinear,
+    PerImageConv2d,
+    PlanewiseActivation,
+    align_activations,
+    pack_convolutions,
+    pack_linears,
+)
 
 BATCH = 17  # at least 16 images: ATen runs a 1x1 convolution by oneDNN from there, by another kernel below
 
 
 class MobileBlockNet(nn.Module):
     """A small mobile-style CNN: a strided stem with BatchNorm, a depthwise and a pointwise (1x1) convolution, a
-    squeeze-and-excitation gate of 1x1 convolutions on one cell, global pooling and a Linear head.
-
-    The gate is a hard sigmoid written with exactly rounded operations: ``torch.sigmoid`` of a few values an image
-    rounds differently alone and in a batch (ATen's vectorised loop runs the last elements of a tensor by a scalar
-    kernel), a limit of the guarantee stated in docs/results/STABILITY.md."""
+    squeeze-and-excitation gate (1x1 convolutions on one cell and a sigmoid of 16 values an image, whose last values
+    ATen would run by its scalar loop alone and by its vectorised one in a batch), global pooling and a Linear head."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
         self.depthwise = nn.Conv2d(8, 8, 3, 1, 1, groups=8)
         self.pointwise = nn.Conv2d(8, 16, 1)
-        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 4, 1), nn.ReLU(), nn.Conv2d(4, 16, 1))
+        self.gate = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 4, 1), nn.ReLU(), nn.Conv2d(4, 16, 1), nn.Sigmoid()
+        )
         self.head = nn.Linear(16, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.pointwise(self.depthwise(self.stem(x))))
-        x = x * (self.gate(x) + 3.0).clamp(0.0, 6.0) / 6.0
-        return self.head(x.mean((2, 3)))
+        return self.head((x * self.gate(x)).mean((2, 3)))
 
 
 def mobile_net() -> nn.Module:
@@ -81,6 +89,19 @@ def test_each_mask_alone_equals_its_mask_in_a_batch_bit_for_bit(make_net, thread
             assert torch.equal(part.masks, together.masks[rows]), rows
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("size", [(45, 30), (28, 28)])
+def test_odd_image_sizes_give_the_same_mask_alone_or_in_a_batch(size: tuple[int, int]) -> None:
+    """Sizes whose pixel count is no multiple of 64: the fused step's sigmoids run on planes padded to whole vector
+    iterations (``planewise_sigmoid``), so no plane's last values take ATen's scalar kernel."""
+    net = make_tiny_cnn(0)
+    images = torch.rand(5, 3, *size, generator=torch.Generator().manual_seed(2))
+    explainer = NeuroMask(net, steps=30, seed=0)
+    together = explainer.explain(images)
+    for rows in ([0], [1, 2], [4]):
+        part = explainer.explain(images[rows], together.targets[rows], ids=torch.tensor(rows))
+        assert torch.equal(part.masks, together.masks[rows]), rows
 
 
 def test_cross_entropy_values_are_torchs_and_its_gradient_rows_do_not_depend_on_the_batch() -> None:
@@ -147,6 +168,7 @@ def test_pointwise_convolutions_run_one_kernel_at_any_batch_and_thread_count() -
     assert packed >= 2  # the stem and the depthwise convolution (stride 1) are packed
     pack_linears(copied, images[:2])
     assert isinstance(copied.head, FrozenLinear) and copied.head.blocked and not copied.head.packed  # 1 row an image
+    assert align_activations(copied, images[:2]) == 1 and isinstance(copied.gate[4], PlanewiseActivation)
     torch.testing.assert_close(copied(images), net(images), rtol=1e-5, atol=1e-5)
     previous = torch.get_num_threads()
     try:

@@ -23,7 +23,15 @@ import torch
 from torch import Tensor, nn
 
 from neuromask_pl.maths.folding import fold_batchnorm, is_batchnorm
-from neuromask_pl.maths.packing import FrozenConv2d, FrozenLinear, PerImageConv2d, pack_convolutions, pack_linears
+from neuromask_pl.maths.packing import (
+    FrozenConv2d,
+    FrozenLinear,
+    PerImageConv2d,
+    PlanewiseActivation,
+    align_activations,
+    pack_convolutions,
+    pack_linears,
+)
 
 __all__ = [
     "FastPathCache", "FastPath", "FrozenConv2d", "FrozenLinear", "PerImageConv2d", "fastest_variant",
@@ -31,6 +39,9 @@ __all__ = [
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
+
+#: Layers the packed copy runs only so that an image's result does not depend on its batch (no speed-up).
+BATCH_INVARIANT_LAYERS = (FrozenLinear, PerImageConv2d, PlanewiseActivation)
 
 # Timed forward + backward steps per variant when choosing (after one warm-up each): at least MEASURED_ROUNDS, more
 # while all rounds so far took less than MEASURED_SECONDS (cheap models: more samples, hence a steadier choice).
@@ -276,13 +287,16 @@ class FastPathCache:
             packed_module = _sharing_tensors(module) if options.measures() else module
             packed = pack_convolutions(packed_module, images[:2]) if pack else 0
             linears = pack_linears(packed_module, images[:2]) if pack_linear else 0
+            align_activations(packed_module, images[:2])  # the same rounding alone or in any batch (not counted)
             if packed or linears or not options.measures():
                 copies.append(_Variant(packed_module, folded, packed, linears))
         elif not options.measures():
             copies.append(_Variant(module, folded, 0))
         variants = plain if options.measures() else {}
         for variant in copies:
-            invariant = any(isinstance(m, (FrozenLinear, PerImageConv2d)) for m in variant.module.modules())
+            invariant = any(
+                isinstance(m, (FrozenLinear, PerImageConv2d, PlanewiseActivation)) for m in variant.module.modules()
+            )
             changed = variant.folded or variant.packed or variant.linears or invariant
             if not (changed or channels_last or options.compile):
                 continue  # nothing changed: the classifier itself runs

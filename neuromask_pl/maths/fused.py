@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from neuromask_pl.maths.losses import cross_entropy_grad, total_loss
 from neuromask_pl.maths.mask import pack_weights, split_weights
+from neuromask_pl.maths.packing import planewise
 from neuromask_pl.settings import MaskSettings
 
 
@@ -99,6 +100,12 @@ def mean_abs(planes: Tensor) -> Tensor:
     return torch.linalg.vector_norm(planes, 1, dim=(1, 2)) / planes[0].numel()
 
 
+def planewise_sigmoid(planes: Tensor) -> Tensor:
+    """``torch.sigmoid`` of (B, ...) planes by :func:`~neuromask_pl.maths.packing.planewise`: each plane's result the
+    same alone or in any batch, whatever its size."""
+    return planewise(torch.sigmoid, planes)
+
+
 def sigmoid_grad(grad: Tensor, output: Tensor) -> Tensor:
     """``grad * s'(x)`` from the sigmoid's output ``s(x)``."""
     return torch.ops.aten.sigmoid_backward(grad, output)
@@ -156,11 +163,11 @@ def fused_mask_step(
         logits = fine if coarse is None else fine + resize(coarse, grids.coarse_to_fine)  # (B, h, w)
         # up(w) / T at the image's size (a new tensor: it is changed in place below)
         scaled = logits / t_mask if grids.to_image is None else grids.to_image(logits).mul_(1.0 / t_mask)
-        mask = torch.sigmoid(scaled)
+        mask = planewise_sigmoid(scaled)
         seen = mask
         if noise is not None:  # sigmoid((w / T + noise) / t) = sigmoid((up(w) / T + up(noise)) / t)
             drawn = scaled.add_(resize(noise.view(1, *grids.fine), grids.to_image))
-            seen = torch.sigmoid(
+            seen = planewise_sigmoid(
                 drawn if settings.sample_temperature == 1 else drawn.mul_(1.0 / settings.sample_temperature)
             )
         masked = (images * seen.unsqueeze(1)).requires_grad_(True)
@@ -173,7 +180,7 @@ def fused_mask_step(
         outputs_grad = cross_entropy_grad(scores, targets, settings.l_pred / t_seen).to(outputs.dtype)
     (masked_grad,) = torch.autograd.grad(outputs, masked, grad_outputs=outputs_grad)
     with autocast_off(), torch.no_grad():
-        cells = torch.sigmoid(logits * (1.0 / t_mask))  # the mask at the grid, for total variation
+        cells = planewise_sigmoid(logits * (1.0 / t_mask))  # the mask at the grid, for total variation
         vertical, horizontal = total_variation_parts(cells)
         detail = fine if coarse is not None else None
         terms = loss_values(pred.detach(), mask, vertical, horizontal, detail, settings) if with_terms else None

@@ -411,6 +411,58 @@ def _rows_per_image(shape: torch.Size, images: int) -> float:
     return (shape.numel() // shape[-1] if shape[-1] else 0) / max(images, 1)
 
 
+#: Values per vectorised iteration of ATen's elementwise CPU kernels, at most (two 512-bit vectors of float32; 64 is a
+#: multiple of every width times two). A tensor's last values short of a full iteration run a scalar loop, which
+#: rounds a transcendental function (``sigmoid``, ``exp``, ...) differently, so an image's values would round by
+#: where they fall in the batch's tensor.
+VECTOR_SPAN = 64
+
+#: Elementwise activations whose CPU kernels can round a value differently in the vectorised and the scalar loop.
+ROUNDING_ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.Sigmoid, nn.SiLU, nn.GELU, nn.Tanh, nn.Hardsigmoid, nn.Hardswish, nn.Mish, nn.ELU, nn.Softplus,
+)  # fmt: skip
+
+
+def planewise(function: Callable[[Tensor], Tensor], planes: Tensor) -> Tensor:
+    """``function`` (elementwise) of (B, ...) planes, each plane's values padded to a multiple of
+    :data:`VECTOR_SPAN`, so that every value takes the vectorised loop: a plane's result is then the same alone or
+    in any batch."""
+    count = planes[0].numel() if len(planes) else 0
+    if count % VECTOR_SPAN == 0:
+        return function(planes)
+    padded = F.pad(planes.reshape(len(planes), count), (0, -count % VECTOR_SPAN))
+    return function(padded)[:, :count].reshape(planes.shape)
+
+
+class PlanewiseActivation(nn.Module):
+    """An elementwise activation run by :func:`planewise` (for inputs with a few values an image, as a
+    squeeze-and-excitation gate's sigmoid, whose values would otherwise take the scalar loop alone and the
+    vectorised one in a batch)."""
+
+    def __init__(self, activation: nn.Module) -> None:
+        super().__init__()
+        self.activation = activation
+
+    def forward(self, x: Tensor) -> Tensor:
+        return planewise(self.activation, x)
+
+
+def align_activations(module: nn.Module, example: Tensor | None) -> int:
+    """Replace, in place, the activations of :data:`ROUNDING_ACTIVATIONS` that ``module(example)`` calls on inputs
+    of a number of values per image that is no multiple of :data:`VECTOR_SPAN` by :class:`PlanewiseActivation`;
+    returns how many. Only for copies (the module's function is unchanged)."""
+    candidates = [(parent, name, child) for parent in list(module.modules()) for name, child in parent.named_children()
+                  if type(child) in ROUNDING_ACTIVATIONS]  # fmt: skip
+    called = _called_modules(module, [child for _, _, child in candidates], example)
+    replaced = 0
+    for parent, name, child in candidates:
+        shape = called.get(child) if called is not None else None
+        if shape is not None and len(shape) > 0 and shape[0] and (shape.numel() // shape[0]) % VECTOR_SPAN:
+            setattr(parent, name, PlanewiseActivation(child))
+            replaced += 1
+    return replaced
+
+
 def _called_modules(
     module: nn.Module, watched: list[nn.Module], example: Tensor | None
 ) -> dict[nn.Module, torch.Size | None] | None:
