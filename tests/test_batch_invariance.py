@@ -16,7 +16,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_images, make_tiny_cnn
+from conftest import load_script, make_images, make_tiny_cnn
 from torch import nn
 
 from neuromask_pl import NeuroMask
@@ -196,3 +196,12 @@ def test_a_blocked_packed_head_feeds_an_in_place_activation() -> None:
     (ours,) = torch.autograd.grad(copied(x).sum(), x)
     (reference,) = torch.autograd.grad(net(x).sum(), x)
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)  # 250- and 300-term float32 sums
+
+
+def test_the_model_check_script_reports_every_model_it_ran(capsys) -> None:
+    pytest.importorskip("timm")
+    script = load_script("benchmarks/batch_invariance.py")
+    assert script.main(["--only", "resnet18", "convnext_atto", "--size", "32", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| torchvision resnet18 | 0 |" in out and "| timm convnext_atto | 0 |" in out
+    assert "0 model(s) whose masks depend on the batch" in out
