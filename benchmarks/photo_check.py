@@ -2,7 +2,7 @@
 whether the soft-masked image keeps the class (``preserved``) and whether the mask thresholded at 0.5 alone,
 black elsewhere, keeps it (``selection``); writes the panels (photo | heat map | photo x mask) as one image.
 
-    python benchmarks/photo_check.py --ids 0,1,5,3 --steps 150 --out docs/demo_overlay.jpg
+    python benchmarks/photo_check.py --ids 0,1,5,3 --out docs/demo_overlay.jpg
     python benchmarks/photo_check.py --preset default --set mask_coarse=0 --out /tmp/single_scale.png
 
 With ``--stability alone,plain,avx2,seed`` (or ``all``) it also reports the IoU of the thresholded masks with
@@ -29,7 +29,7 @@ from neuromask_pl.viz import explanation_panel, save_png, to_uint8
 
 p = argparse.ArgumentParser()
 p.add_argument("--ids", default="0,1,5,3")
-p.add_argument("--steps", type=int, default=150)
+p.add_argument("--steps", type=int, default=300, help="as the default preset and configs/demo.yaml")
 p.add_argument("--preset", default="default")
 p.add_argument("--set", nargs="*", default=[], help="settings overrides key=value")
 p.add_argument("--out", default="photo_check.png", help="panels; .jpg is written as JPEG (quality 90); '' = none")
