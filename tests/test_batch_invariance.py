@@ -23,6 +23,7 @@ from neuromask_pl import NeuroMask
 from neuromask_pl.maths.losses import prediction_loss
 from neuromask_pl.maths.packing import (
     MIN_ROWS,
+    FrozenConv2d,
     FrozenLinear,
     PerImageConv2d,
     PlanewiseActivation,
@@ -205,3 +206,31 @@ def test_the_model_check_script_reports_every_model_it_ran(capsys) -> None:
     out = capsys.readouterr().out
     assert "| torchvision resnet18 | 0 |" in out and "| timm convnext_atto | 0 |" in out
     assert "0 model(s) whose masks depend on the batch" in out
+
+
+def test_a_strided_packed_convolutions_input_gradient_is_the_same_in_any_batch() -> None:
+    """A strided FrozenConv2d's input gradient (a transposed convolution: ATen's takes another kernel for one or two
+    images, and oneDNN's splits its work by the batch with several threads) at 1 and 2 threads."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 128, 3, 2, 1, bias=False).requires_grad_(False)  # ResNet-18's layer2.0.conv1
+    layer = FrozenConv2d(conv)
+    x = torch.randn(5, 64, 16, 16)
+    grad_out = torch.randn(5, 128, 8, 8)
+
+    def input_gradient(rows: slice) -> torch.Tensor:
+        part = x[rows].clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(layer(part), part, grad_out[rows])
+        return grad
+
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            full = input_gradient(slice(None))
+            for size in (1, 2, 3):
+                parts = torch.cat([input_gradient(slice(i, i + size)) for i in range(0, 5, size)])
+                assert torch.equal(parts, full), (threads, size)
+    finally:
+        torch.set_num_threads(previous)
+    reference = torch.nn.grad.conv2d_input(x.shape, conv.weight, grad_out, stride=2, padding=1)
+    torch.testing.assert_close(full, reference, rtol=1e-4, atol=1e-5)  # float32 sums of 9 x 128 products

@@ -36,7 +36,8 @@ class FrozenConv2d(nn.Module):
     - stride 1: a convolution of the gradient with the flipped, transposed kernel (packed too);
     - strided with at most 4 input channels (an image stem): a matrix product and ``fold`` (col2im);
     - other strided layers: oneDNN's transposed convolution, packed too (``F.conv_transpose2d`` takes another
-      kernel for one or two images than for more, which would round an image's gradient by the batch).
+      kernel for one or two images than for more, which would round an image's gradient by the batch), image by
+      image where several threads run (oneDNN then splits its work by the batch, which rounds by it too).
 
     Grouped (e.g. depthwise) convolutions are packed too. ``padding`` is the layer's effective zero padding
     as ``[left, right, top, bottom]`` (see :meth:`padding_of`; default: the layer's own): a conv subclass that
@@ -104,10 +105,16 @@ class FrozenConv2d(nn.Module):
             self._packed_transposed[key] = torch.ops.mkldnn._reorder_convolution_transpose_weight(
                 self.weight, self.padding, output_padding, self.stride, [1, 1], self.groups, list(grad.shape)
             )
-        return torch.ops.mkldnn._convolution_transpose_pointwise(
-            grad, self._packed_transposed[key], None, self.padding, output_padding, self.stride, [1, 1], self.groups,
-            "none", [], "",
-        )  # fmt: skip
+        packed = self._packed_transposed[key]
+
+        def transposed(planes: Tensor) -> Tensor:
+            return torch.ops.mkldnn._convolution_transpose_pointwise(
+                planes, packed, None, self.padding, output_padding, self.stride, [1, 1], self.groups, "none", [], ""
+            )
+
+        if torch.get_num_threads() > 1 and len(grad) > 1:  # with threads, oneDNN splits its work by the batch
+            return torch.cat([transposed(image) for image in grad.split(1)])
+        return transposed(grad)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
