@@ -11,7 +11,9 @@ odd-sized mask).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -31,6 +33,18 @@ from neuromask_pl.maths.packing import (
     pack_convolutions,
     pack_linears,
 )
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` torch threads, then restore the count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
 
 BATCH = 17  # at least 16 images: ATen runs a 1x1 convolution by oneDNN from there, by another kernel below
 
@@ -79,17 +93,13 @@ def test_each_mask_alone_equals_its_mask_in_a_batch_bit_for_bit(make_net, thread
     net = make_net()
     images = make_images(BATCH, size=16, seed=7)
     ids = torch.arange(BATCH)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         explainer = NeuroMask(net, steps=30, seed=0)
         together = explainer.explain(images, ids=ids)
         assert explainer.fast_path_report["mask_step"] == "fused"
         for rows in ([0], [5, 6], [14, 15, 16], list(range(4, 9))):
             part = explainer.explain(images[rows], together.targets[rows], ids=ids[rows])
             assert torch.equal(part.masks, together.masks[rows]), rows
-    finally:
-        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("size", [(45, 30), (28, 28)])
@@ -141,19 +151,14 @@ def test_frozen_linear_rows_are_the_same_whatever_the_number_of_rows(packed: boo
         (grad,) = torch.autograd.grad(out, part, grad_out[rows])
         return out, grad
 
-    full_out, full_grad = run(slice(None))
     assert MIN_ROWS == 4
-    previous = torch.get_num_threads()
-    try:
-        for threads in (1, 2):  # with 2 threads ATen splits an unblocked product by its row count (5-7, 9-11 rows)
-            torch.set_num_threads(threads)
+    for threads in (1, 2):  # with 2 threads ATen splits an unblocked product by its row count (5-7, 9-11 rows)
+        with torch_threads(threads):
             full_out, full_grad = run(slice(None))
             for size in (1, 2, 3, 5, 6, 7):
                 parts = [run(slice(i, i + size)) for i in range(0, 8, size)]
                 assert torch.equal(torch.cat([p[0] for p in parts]), full_out), (threads, size)
                 assert torch.equal(torch.cat([p[1] for p in parts]), full_grad), (threads, size)
-    finally:
-        torch.set_num_threads(previous)
     # the same function as the layer (float32 products of 300 terms: relative error well under 1e-5)
     torch.testing.assert_close(full_out, linear(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(full_grad, grad_out @ linear.weight, rtol=1e-5, atol=1e-5)
@@ -171,16 +176,11 @@ def test_pointwise_convolutions_run_one_kernel_at_any_batch_and_thread_count() -
     assert isinstance(copied.head, FrozenLinear) and copied.head.blocked and not copied.head.packed  # 1 row an image
     assert align_activations(copied, images[:2]) == 1 and isinstance(copied.gate[4], PlanewiseActivation)
     torch.testing.assert_close(copied(images), net(images), rtol=1e-5, atol=1e-5)
-    previous = torch.get_num_threads()
-    try:
-        outputs = []
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            with torch.no_grad():
-                outputs.append(torch.cat([copied(images[i : i + 1]) for i in range(BATCH)]))
-                outputs.append(copied(images))
-    finally:
-        torch.set_num_threads(previous)
+    outputs = []
+    for threads in (1, 2):
+        with torch_threads(threads), torch.no_grad():
+            outputs.append(torch.cat([copied(images[i : i + 1]) for i in range(BATCH)]))
+            outputs.append(copied(images))
     for other in outputs[1:]:
         assert torch.equal(other, outputs[0])
 
@@ -222,15 +222,11 @@ def test_a_strided_packed_convolutions_input_gradient_is_the_same_in_any_batch()
         (grad,) = torch.autograd.grad(layer(part), part, grad_out[rows])
         return grad
 
-    previous = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
+    for threads in (1, 2):
+        with torch_threads(threads):
             full = input_gradient(slice(None))
             for size in (1, 2, 3):
                 parts = torch.cat([input_gradient(slice(i, i + size)) for i in range(0, 5, size)])
                 assert torch.equal(parts, full), (threads, size)
-    finally:
-        torch.set_num_threads(previous)
     reference = torch.nn.grad.conv2d_input(x.shape, conv.weight, grad_out, stride=2, padding=1)
     torch.testing.assert_close(full, reference, rtol=1e-4, atol=1e-5)  # float32 sums of 9 x 128 products
