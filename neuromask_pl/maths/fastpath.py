@@ -29,6 +29,7 @@ from neuromask_pl.maths.packing import (
     PerImageConv2d,
     PlanewiseActivation,
     align_activations,
+    layer_inputs,
     pack_convolutions,
     pack_linears,
 )
@@ -285,18 +286,19 @@ class FastPathCache:
             copies.append(_Variant(module, folded, 0))
         if pack or pack_linear:
             packed_module = _sharing_tensors(module) if options.measures() else module
-            packed = pack_convolutions(packed_module, images[:2]) if pack else 0
-            linears = pack_linears(packed_module, images[:2]) if pack_linear else 0
-            align_activations(packed_module, images[:2])  # the same rounding alone or in any batch (not counted)
+            inputs = layer_inputs(packed_module, images[:2])  # one run of the classifier for the three
+            packed = pack_convolutions(packed_module, images[:2], inputs) if pack else 0
+            linears = pack_linears(packed_module, images[:2], inputs) if pack_linear else 0
+            align_activations(
+                packed_module, images[:2], inputs
+            )  # the same rounding alone or in any batch (not counted)
             if packed or linears or not options.measures():
                 copies.append(_Variant(packed_module, folded, packed, linears))
         elif not options.measures():
             copies.append(_Variant(module, folded, 0))
         variants = plain if options.measures() else {}
         for variant in copies:
-            invariant = any(
-                isinstance(m, (FrozenLinear, PerImageConv2d, PlanewiseActivation)) for m in variant.module.modules()
-            )
+            invariant = any(isinstance(m, BATCH_INVARIANT_LAYERS) for m in variant.module.modules())
             changed = variant.folded or variant.packed or variant.linears or invariant
             if not (changed or channels_last or options.compile):
                 continue  # nothing changed: the classifier itself runs

@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+#: A layer's first input shape in a recorded run (None where it is not a tensor), by layer: see :func:`layer_inputs`.
+LayerInputs = dict[nn.Module, "torch.Size | None"]
+
 
 class _FrozenConvFunction(torch.autograd.Function):
     """Convolution with packed weights; backward gives the input's gradient only (the weights are frozen)."""
@@ -223,19 +226,19 @@ def _reproduces(conv: nn.Conv2d, sample: Tensor, own: Tensor, padding: list[int]
     return plain.shape == own.shape and torch.allclose(plain, own, rtol=1e-5, atol=1e-6)
 
 
-def pack_convolutions(module: nn.Module, example: Tensor | None = None) -> int:
+def pack_convolutions(module: nn.Module, example: Tensor | None = None, inputs: LayerInputs | None = None) -> int:
     """Replace, in place, every convolution of a frozen CPU module that :class:`FrozenConv2d` applies to and, where
     ``module(example)`` runs, that :func:`packing_pays` for at the input it gets there; returns how many. The 1x1
-    ones packing does not pay for run as :class:`PerImageConv2d` (not counted). Only for copies: the layers lose
+    ones packing does not pay for run as :class:`PerImageConv2d` (not counted). ``inputs``: the layers' inputs as
+    :func:`layer_inputs` recorded them, if it did (else they are recorded here). Only for copies: the layers lose
     their weight gradients."""
     candidates = []
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Conv2d) and child.weight.device.type == "cpu":
-                padding = FrozenConv2d.padding_of(child)
-                if padding is not None:
-                    candidates.append((parent, name, child, padding))
-    inputs = _called_modules(module, [child for _, _, child, _ in candidates], example)
+    for parent, name, child in _children(module, _is_cpu_convolution):
+        padding = FrozenConv2d.padding_of(child)
+        if padding is not None:
+            candidates.append((parent, name, child, padding))
+    if inputs is None:
+        inputs = _called_modules(module, [child for _, _, child, _ in candidates], example)
     replaced = 0
     for parent, name, child, padding in candidates:
         shape = inputs.get(child) if inputs is not None else None
@@ -389,16 +392,15 @@ class FrozenLinear(nn.Module):
         return _FrozenLinearFunction.apply(x, self)
 
 
-def pack_linears(module: nn.Module, example: Tensor | None = None) -> int:
+def pack_linears(module: nn.Module, example: Tensor | None = None, inputs: LayerInputs | None = None) -> int:
     """Replace, in place, the Linear layers of a frozen CPU module that :class:`FrozenLinear` applies to and that
     ``module(example)`` calls as a module (not one whose weights another layer reads, as ``nn.MultiheadAttention``
     does with its ``out_proj``): packed where :meth:`FrozenLinear.packing_pays`, and ``blocked`` where an image
     gives the layer fewer than :data:`MIN_ROWS` rows (a classifier's head); returns how many were packed. Without
-    ``example`` (or if it does not run), every large one is packed. Only for copies: the layers lose their weight
-    gradients."""
-    candidates = [(parent, name, child) for parent in list(module.modules()) for name, child in parent.named_children()
-                  if FrozenLinear.applies_to(child)]  # fmt: skip
-    called = _called_modules(module, [child for _, _, child in candidates], example)
+    ``example`` (or if it does not run), every large one is packed. ``inputs`` as for :func:`pack_convolutions`.
+    Only for copies: the layers lose their weight gradients."""
+    candidates = _children(module, FrozenLinear.applies_to)
+    called = inputs if inputs is not None else _called_modules(module, [child for _, _, child in candidates], example)
     packed = 0
     for parent, name, child in candidates:
         if called is None:
@@ -454,13 +456,13 @@ class PlanewiseActivation(nn.Module):
         return planewise(self.activation, x)
 
 
-def align_activations(module: nn.Module, example: Tensor | None) -> int:
+def align_activations(module: nn.Module, example: Tensor | None, inputs: LayerInputs | None = None) -> int:
     """Replace, in place, the activations of :data:`ROUNDING_ACTIVATIONS` that ``module(example)`` calls on inputs
     of a number of values per image that is no multiple of :data:`VECTOR_SPAN` by :class:`PlanewiseActivation`;
-    returns how many. Only for copies (the module's function is unchanged)."""
-    candidates = [(parent, name, child) for parent in list(module.modules()) for name, child in parent.named_children()
-                  if type(child) in ROUNDING_ACTIVATIONS]  # fmt: skip
-    called = _called_modules(module, [child for _, _, child in candidates], example)
+    returns how many. ``inputs`` as for :func:`pack_convolutions`. Only for copies (the module's function is
+    unchanged)."""
+    candidates = _children(module, _is_rounding_activation)
+    called = inputs if inputs is not None else _called_modules(module, [child for _, _, child in candidates], example)
     replaced = 0
     for parent, name, child in candidates:
         shape = called.get(child) if called is not None else None
@@ -470,9 +472,32 @@ def align_activations(module: nn.Module, example: Tensor | None) -> int:
     return replaced
 
 
-def _called_modules(
-    module: nn.Module, watched: list[nn.Module], example: Tensor | None
-) -> dict[nn.Module, torch.Size | None] | None:
+def layer_inputs(module: nn.Module, example: Tensor | None) -> LayerInputs | None:
+    """The input shape of every layer :func:`pack_convolutions`, :func:`pack_linears` and :func:`align_activations`
+    may replace, from one run of ``module(example)`` (as they record it each, see :func:`_called_modules`), so that
+    a copy prepared by all three runs the classifier once."""
+    watched = _children(
+        module,
+        lambda child: _is_cpu_convolution(child) or FrozenLinear.applies_to(child) or _is_rounding_activation(child),
+    )
+    return _called_modules(module, [child for _, _, child in watched], example)
+
+
+def _children(module: nn.Module, keep: Callable[[nn.Module], bool]) -> list[tuple[nn.Module, str, nn.Module]]:
+    """``(parent, name, child)`` of every module of ``module`` (itself included) whose child ``keep`` accepts."""
+    return [(parent, name, child) for parent in list(module.modules()) for name, child in list(parent.named_children())
+            if keep(child)]  # fmt: skip
+
+
+def _is_cpu_convolution(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.weight.device.type == "cpu"
+
+
+def _is_rounding_activation(module: nn.Module) -> bool:
+    return type(module) in ROUNDING_ACTIVATIONS
+
+
+def _called_modules(module: nn.Module, watched: list[nn.Module], example: Tensor | None) -> LayerInputs | None:
     """Which of ``watched`` ``module(example)`` calls, with the shape of its first input (None if not a tensor), or
     None without an example or where it does not run. Run as in a mask step, on inputs that require a gradient
     (some modules take another path without one)."""
