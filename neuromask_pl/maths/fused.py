@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from neuromask_pl.maths.losses import cross_entropy_grad, total_loss
+from neuromask_pl.maths.losses import cross_entropy_grad, cross_entropy_values, loss_precision, total_loss
 from neuromask_pl.maths.mask import pack_weights, split_weights
 from neuromask_pl.maths.packing import planewise
 from neuromask_pl.settings import MaskSettings
@@ -174,8 +174,8 @@ def fused_mask_step(
     with torch.enable_grad():
         outputs = classifier(masked)
     with autocast_off(), torch.no_grad():
-        scores = outputs.detach() if outputs.dtype == torch.float64 else outputs.detach().float()
-        pred = F.cross_entropy(scores, targets, reduction="none")  # prediction_loss's values, without its graph
+        scores = loss_precision(outputs.detach())
+        pred = cross_entropy_values(scores, targets)  # prediction_loss's values, without its graph
         # d total / d outputs, divided by t T: the factor of the seen mask's sigmoid, folded in here
         outputs_grad = cross_entropy_grad(scores, targets, settings.l_pred / t_seen).to(outputs.dtype)
     (masked_grad,) = torch.autograd.grad(outputs, masked, grad_outputs=outputs_grad)

@@ -41,7 +41,18 @@ def laplacian_size(setting: int, height: int, width: int) -> int:
 def prediction_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """Cross-entropy of the target class per sample, computed in float32 (float64 stays float64), with a gradient
     that does not depend on the batch (:class:`TargetCrossEntropy`)."""
-    return TargetCrossEntropy.apply(logits if logits.dtype == torch.float64 else logits.float(), targets)
+    return TargetCrossEntropy.apply(loss_precision(logits), targets)
+
+
+def loss_precision(logits: Tensor) -> Tensor:
+    """``logits`` in the precision the loss is computed in: float32, or float64 where they are float64."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
+def cross_entropy_values(logits: Tensor, targets: Tensor) -> Tensor:
+    """Each row's cross-entropy of its target class, ``-log_softmax(logits)[target]`` (``F.cross_entropy``'s values,
+    without a gradient of their own)."""
+    return -torch.log_softmax(logits, 1).gather(1, targets.unsqueeze(1)).squeeze(1)
 
 
 class TargetCrossEntropy(torch.autograd.Function):
@@ -57,7 +68,7 @@ class TargetCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: Tensor, targets: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(logits, targets)
-        return -torch.log_softmax(logits, 1).gather(1, targets.unsqueeze(1)).squeeze(1)
+        return cross_entropy_values(logits, targets)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
