@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_script, make_images, make_tiny_cnn
+from helpers import load_script, make_images, make_tiny_cnn
 from torch import nn
 
 from neuromask_pl import NeuroMask

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import conftest
+import helpers
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -154,9 +154,9 @@ def expected_loss_total(sample_id: int, offset: float = 0.0) -> float:
 
 
 def make_trainer(root: Path, callbacks: list, **kwargs) -> pl.Trainer:
-    """conftest's Trainer with a TensorBoard logger under ``root``."""
+    """helpers.make_trainer with a TensorBoard logger under ``root``."""
     logger = TensorBoardLogger(root / "logs", name="explain")
-    return conftest.make_trainer(logger=logger, default_root_dir=root, callbacks=callbacks, **kwargs)
+    return helpers.make_trainer(logger=logger, default_root_dir=root, callbacks=callbacks, **kwargs)
 
 
 def read_manifest(out: Path) -> dict[int, dict[str, str]]:
@@ -697,7 +697,7 @@ def test_logger_logs_hparams_when_trainer_does_not(tmp_path):
 
 
 def test_logger_without_logger_does_nothing(tmp_path):
-    trainer = conftest.make_trainer(default_root_dir=tmp_path, callbacks=[ExplanationLogger()])
+    trainer = helpers.make_trainer(default_root_dir=tmp_path, callbacks=[ExplanationLogger()])
     trainer.predict(FakeExplainer(), loader([0, 1]), return_predictions=False)
     assert list(tmp_path.iterdir()) == []
 

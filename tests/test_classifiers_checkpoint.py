@@ -13,7 +13,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from conftest import make_trainer, write_cli_config
+from helpers import make_trainer, write_cli_config
 from jsonargparse import ArgumentParser
 from PIL import Image
 from torch import nn

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import load_script
+from helpers import load_script
 
 pytest.importorskip("captum")
 pytest.importorskip("torchray")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_cli_config
+from helpers import write_cli_config
 from PIL import Image
 
 from neuromask_pl.store import load_results, scan_shards

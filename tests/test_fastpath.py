@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import BLUR_AREA, FAST_TOLERANCE, SHARP
+from helpers import BLUR_AREA, FAST_TOLERANCE, SHARP
 from torch import Tensor, nn
 
 from neuromask_pl import NeuroMask

@@ -16,7 +16,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_images, make_tiny_cnn
+from helpers import make_images, make_tiny_cnn
 
 from neuromask_pl import NeuroMask
 from neuromask_pl.maths.fastpath import FastPath

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import make_images, make_tiny_cnn
+from helpers import make_images, make_tiny_cnn
 
 from neuromask_pl import NeuroMask
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_trainer
+from helpers import make_trainer
 from PIL import Image
 
 L = pytest.importorskip("lightning")

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import BLUR_AREA
+from helpers import BLUR_AREA
 
 from neuromask_pl.maths.losses import (
     LOSS_TERMS,

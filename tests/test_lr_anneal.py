@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_images, make_tiny_cnn
+from helpers import make_images, make_tiny_cnn
 
 from neuromask_pl.maths.losses import lr_at
 from neuromask_pl.maths.optimize import MaskOptimisation

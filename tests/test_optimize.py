@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BLUR_AREA, FAST_TOLERANCE, assert_masks_independent_of_the_batch, make_images
+from helpers import BLUR_AREA, FAST_TOLERANCE, assert_masks_independent_of_the_batch, make_images
 from torch import Tensor, nn
 
 from neuromask_pl import NeuroMask

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
-from conftest import BLUR_AREA, SHARP
+from helpers import BLUR_AREA, SHARP
 
 from neuromask_pl.settings import PRESETS, MaskSettings, SettingsOverrides, parse_overrides, resolve_settings
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import load_script
+from helpers import load_script
 
 from neuromask_pl.maths import fastpath
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import load_script
+from helpers import load_script
 from torch import nn
 
 

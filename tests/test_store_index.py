@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 import pytest
-from store_helpers import HASH, sha256, shard_files, temp_files, write
+from helpers import HASH, sha256, shard_files, temp_files, write
 
 from neuromask_pl.store import (
     ShardWriter,

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
-from store_helpers import HASH, read_only, shard_files, temp_files, write
+from helpers import HASH, read_only, shard_files, temp_files, write
 
 from neuromask_pl.store import StoreWriteError, config_hash, load_results, merge_index, open_store
 

@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from store_helpers import read_only, run_python
+from helpers import read_only, run_python
 
 from neuromask_pl.store import StoreLock, StoreWriteError
 

@@ -11,7 +11,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from store_helpers import HASH, sha256, shard_files, write
+from helpers import HASH, sha256, shard_files, write
 
 from neuromask_pl.store import (
     INDEX_BYTES_PER_SAMPLE,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from store_helpers import HASH, shard_files, write
+from helpers import HASH, shard_files, write
 
 from neuromask_pl.store import ShardWriter, load_results, merge_index, open_store, scan_shards
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from store_helpers import HASH, read_only, run_python, sha256, shard_files, temp_files, write
+from helpers import HASH, read_only, run_python, sha256, shard_files, temp_files, write
 
 from neuromask_pl.store import ShardWriter, StoreWriteError, load_results, merge_index, open_store, scan_shards
 

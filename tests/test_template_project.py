@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_trainer
+from helpers import make_trainer
 from PIL import Image
 
 L = pytest.importorskip("lightning")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_images, make_tiny_cnn
+from helpers import make_images, make_tiny_cnn
 
 import neuromask_pl.maths.mask as mask_module
 import neuromask_pl.maths.optimize as optimize_module
