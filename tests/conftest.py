@@ -39,27 +39,3 @@ def image_factory() -> Callable[..., torch.Tensor]:
 def trainer_factory() -> Callable[..., pl.Trainer]:
     """:func:`helpers.make_trainer`."""
     return make_trainer
-
-
-# The tests of numerics: .ci/run (scripts/test.sh) runs them a second time under another CPU's kernels
-# (ATEN_CPU_CAPABILITY=avx2), so that a green CI means green on CPUs other than this one.
-NUMERICS_FILES = {
-    "test_golden_masks.py",
-    "test_batch_invariance.py",
-    "test_fused_step.py",
-    "test_losses.py",
-    "test_mask.py",
-    "test_optimize.py",
-    "test_fastpath.py",
-    "test_module.py",
-    "test_metrics.py",
-    "test_bad_input.py",
-    "test_upsample_planes.py",
-    "test_lr_anneal.py",
-}
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.path.name in NUMERICS_FILES:
-            item.add_marker(pytest.mark.numerics)

@@ -8,6 +8,8 @@ from torch import nn
 
 from neuromask_pl import NeuroMask
 
+pytestmark = pytest.mark.numerics
+
 
 class Returns(nn.Module):
     """A 'classifier' whose output is fixed by a function of the input (to test what NeuroMask accepts)."""

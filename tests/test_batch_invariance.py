@@ -34,6 +34,8 @@ from neuromask_pl.maths.packing import (
     pack_linears,
 )
 
+pytestmark = pytest.mark.numerics
+
 
 @contextlib.contextmanager
 def torch_threads(count: int) -> Iterator[None]:

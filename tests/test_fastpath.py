@@ -24,6 +24,8 @@ from neuromask_pl.maths import fastpath, packing
 from neuromask_pl.maths.fastpath import FastPath, FastPathCache, FrozenConv2d, FrozenLinear, fold_batchnorm
 from neuromask_pl.maths.optimize import learn_masks
 
+pytestmark = pytest.mark.numerics
+
 # ----------------------------------------------------------------------------- models
 
 

@@ -24,6 +24,8 @@ from neuromask_pl.maths.fused import MaskGrids, Resize, fuses
 from neuromask_pl.maths.optimize import MaskOptimisation, learn_masks
 from neuromask_pl.settings import PRESETS
 
+pytestmark = pytest.mark.numerics
+
 DEFAULT = PRESETS["default"]
 VARIANTS = {
     "default": {},

@@ -11,10 +11,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import make_images, make_tiny_cnn
 
 from neuromask_pl import NeuroMask
+
+pytestmark = pytest.mark.numerics
 
 GOLDEN = Path(__file__).with_name("data") / "golden_masks.pt"
 CASES = {"default": 40, "paper": 40}  # preset -> steps

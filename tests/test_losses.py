@@ -24,6 +24,8 @@ from neuromask_pl.maths.losses import (
 )
 from neuromask_pl.settings import PRESETS, MaskSettings, resolve_settings
 
+pytestmark = pytest.mark.numerics
+
 # Two 6x6 weight grids with known, irregular values (one per sample).
 GRID_A = [[((7 * (6 * i + j)) % 11 - 5) / 2.0 for j in range(6)] for i in range(6)]
 GRID_B = [[((5 * i * i + 3 * j) % 13 - 6) / 3.0 - 9.0 for j in range(6)] for i in range(6)]

@@ -13,6 +13,8 @@ from neuromask_pl.maths.losses import lr_at
 from neuromask_pl.maths.optimize import MaskOptimisation
 from neuromask_pl.settings import PRESETS, MaskSettings
 
+pytestmark = pytest.mark.numerics
+
 
 def test_lr_schedule_is_geometric_from_lr_to_lr_end() -> None:
     settings = MaskSettings(steps=5, lr=0.1, lr_end=0.001)

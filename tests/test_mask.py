@@ -7,6 +7,8 @@ import torch
 
 from neuromask_pl.maths.mask import pack_weights, tie_free_map, unpack_weights
 
+pytestmark = pytest.mark.numerics
+
 
 def test_tie_free_map_by_hand_keeps_the_threshold() -> None:
     mask = torch.tensor([[[[1.0, 1.0, 0.0, 0.0, 0.7]]]])

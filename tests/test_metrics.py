@@ -39,6 +39,8 @@ from neuromask_pl.metrics import (
     update_explanation_metrics,
 )
 
+pytestmark = pytest.mark.numerics
+
 WEIGHTS = [0.1, 0.2, 0.3, 0.4]  # class-0 weight of each pixel of a 2 x 2 image, in raster order
 
 

@@ -20,6 +20,8 @@ from neuromask_pl.maths.mask import init_weights, mask_shape, upsample_mask
 from neuromask_pl.module import NeuroMask
 from neuromask_pl.settings import MaskSettings
 
+pytestmark = pytest.mark.numerics
+
 # Settings under which the masks of the tiny CNN move well away from their random start in few steps.
 BATCH_CONFIGS = {
     "paper": dict(preset="paper", steps=40),

@@ -30,6 +30,8 @@ from neuromask_pl.maths.optimize import (
 from neuromask_pl.metrics import deletion_auc
 from neuromask_pl.settings import resolve_settings
 
+pytestmark = pytest.mark.numerics
+
 
 class RecordsBatchSizes(nn.Module):
     """Wraps a model and records the batch size of every forward pass run with gradients (the mask steps)."""

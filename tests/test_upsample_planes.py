@@ -14,6 +14,8 @@ import neuromask_pl.maths.optimize as optimize_module
 from neuromask_pl import NeuroMask
 from neuromask_pl.maths.mask import PlanewiseUpsampleBackward, upsample_mask
 
+pytestmark = pytest.mark.numerics
+
 
 def plain_upsample(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """The reference: one ``F.interpolate`` call on the (B, 1, h, w) masks (the code before the change)."""
