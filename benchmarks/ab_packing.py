@@ -18,7 +18,8 @@ import time
 import torch
 
 from neuromask_pl.classifiers import EfficientNetLite0
-from neuromask_pl.maths.fastpath import FastPath, FastPathCache, FrozenConv2d
+from neuromask_pl.fastcopy import FastCopies, FastPath
+from neuromask_pl.fastcopy.packed import FrozenConv2d
 from neuromask_pl.maths.optimize import MaskOptimisation
 from neuromask_pl.settings import resolve_settings
 
@@ -50,11 +51,11 @@ def main() -> None:
     for name, rule in (("pointwise", pointwise_rule), ("even", even_rule), ("all", CURRENT)):
         FrozenConv2d.padding_of = staticmethod(rule)
         try:
-            fast = FastPathCache(FastPath())
+            fast = FastCopies(FastPath())
             model = fast.get(classifier, images)
         finally:
             FrozenConv2d.padding_of = staticmethod(CURRENT)
-        print(f"{name}: {fast.packed} convolutions packed")
+        print(f"{name}: {fast.report()['packed_convolutions']} convolutions packed")
         targets, ids = torch.zeros(args.batch, dtype=torch.long), torch.arange(args.batch)
         problems[name] = MaskOptimisation(model, images, targets, ids, resolve_settings("default", 10**6), 0)
     for problem in problems.values():  # warm-up: weight packing on the first call

@@ -280,9 +280,9 @@ def variant_maps(
     if method == "neuromask":
         preset, overrides = row["settings"]["preset"], row["settings"]["overrides"]
         steps, seed, batch = row["settings"]["resolved"]["steps"], args.seed, args.batch_size
-        fast_path = PLAIN_PATH if variant == "plain" else None
+        path = PLAIN_PATH if variant == "plain" else {}
         seed, batch = (seed + 1, batch) if variant == "seed" else (seed, 1 if variant == "alone" else batch)
-        explainer = NeuroMask(classifier, preset, steps, overrides, seed=seed, fast_path=fast_path)
+        explainer = NeuroMask(classifier, preset, steps, overrides, seed=seed, **path)
         return neuromask_maps(explainer, images, targets, ids, batch)[0]
     if method == "rise" and variant in ("alone", "seed"):
         return rise_maps(classifier, images, targets, alone if variant == "alone" else args, int(variant == "seed"))

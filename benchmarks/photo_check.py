@@ -71,9 +71,9 @@ def remake(variant):
     if variant == "avx2":
         rest = stability.argv_without(sys.argv[1:], {"--stability", "--out", "--dump-maps"})
         return stability.maps_in_subprocess(__file__, rest + ["--out", ""], stability.AVX2_ENV)["neuromask"]
-    fast_path = stability.PLAIN_PATH if variant == "plain" else None
+    path = stability.PLAIN_PATH if variant == "plain" else {}
     seed = a.seed + (variant == "seed")
-    other = NeuroMask(clf, a.preset, a.steps, parse_overrides(a.set), seed=seed, fast_path=fast_path)
+    other = NeuroMask(clf, a.preset, a.steps, parse_overrides(a.set), seed=seed, **path)
     if variant == "alone":
         return torch.cat([other.explain(imgs[j : j + 1], ids=torch.tensor([i])).masks for j, i in enumerate(ids)])
     return other.explain(imgs, ids=torch.tensor(ids)).masks

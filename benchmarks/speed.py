@@ -6,15 +6,16 @@ machine slows every variant alike), it times per optimisation step of the whole 
 
 - ``floor``: forward + backward-to-input of the unmodified classifier, eager (what any mask step pays);
 - ``plain``: a NeuroMask step with the fast path off (the classifier as it is, the mask step by autograd);
-- the fast path's variants pinned (``FastPath(auto=False)``; the mask step fused where it applies), named as they
+- the fast path's variants pinned (``FastPath(auto=False)``; the explicit mask gradient where it applies), named as they
   run: ``folded`` (BatchNorm folded; channels_last on CUDA), ``folded+packed`` (convolutions and large Linear layers
   packed too, on the CPU), or ``packed`` for a model without BatchNorm; where Linear layers are packed, also
   ``... (linears unpacked)``, the same without them (``pack_linears=False``); a variant that changes nothing is
   the plain step and is left out;
-- ``default``: a NeuroMask step as ``NeuroMask`` runs it by default (the switches as given; fused Adam on CUDA), or
+- ``default``: a NeuroMask step as ``NeuroMask`` runs it by default (the switches as given; single-kernel Adam on
+  CUDA), or
   with ``--auto`` the variant ``FastPath(auto=True)`` chose by timing them at set-up;
-- ``default, autograd step``: where the default fuses the mask step (the CPU), the same classifier with the mask
-  step by autograd (``fuse_mask_step=False``): what the fused step buys;
+- ``default, autograd step``: where the default computes the mask gradient explicitly (the CPU), the same
+  classifier with the mask gradient by autograd (``mask_gradient="autograd"``): what the explicit gradient buys;
 - ``fast``: the fast path plus ``torch.compile`` (with CUDA graphs on CUDA); skipped with ``--no-compile``;
 - ``reference``: the ``paper`` objective one image at a time, fp32, unmodified classifier (the reference's shape).
 
@@ -61,8 +62,8 @@ import torchvision
 from torch import Tensor, nn
 
 from neuromask_pl.data.checks import frozen
-from neuromask_pl.maths.fastpath import FastPath, FastPathCache
-from neuromask_pl.maths.folding import is_batchnorm
+from neuromask_pl.fastcopy import FastCopies, FastPath, is_batchnorm
+from neuromask_pl.maths.explicit import covers, uses_explicit_gradient
 from neuromask_pl.maths.optimize import MaskOptimisation
 from neuromask_pl.settings import PRESETS
 
@@ -181,11 +182,12 @@ def floor_step(model: nn.Module, images: Tensor) -> Callable[[], None]:
 
 
 def mask_steps(
-    model: nn.Module, images: Tensor, targets: Tensor, preset: str, fused: bool = False
+    model: nn.Module, images: Tensor, targets: Tensor, preset: str, explicit: bool = False
 ) -> Callable[[], None]:
-    """One mask step of ``preset`` per call; ``fused`` as ``FastPath.fuse_mask_step`` on the images' device."""
+    """One mask step of ``preset`` per call; ``explicit``: the explicit mask gradient where the settings allow it."""
     settings = replace(PRESETS[preset], steps=10**9)  # stepped by hand: never "done"
-    problem = MaskOptimisation(model, images, targets, torch.arange(len(images)), settings, seed=0, fused=fused)
+    explicit = explicit and covers(settings)
+    problem = MaskOptimisation(model, images, targets, torch.arange(len(images)), settings, seed=0, explicit=explicit)
     return problem.step
 
 
@@ -216,26 +218,26 @@ def saved_bytes(step: Callable[[], None]) -> int:
 
 def fast_copies(
     model: nn.Module, images: Tensor, autocast: Callable, auto: bool = False
-) -> tuple[dict[str, tuple[nn.Module, dict[str, Any]]], FastPathCache, nn.Module, float]:
+) -> tuple[dict[str, tuple[nn.Module, dict[str, Any]]], FastCopies, nn.Module, float]:
     """The fast path's variants pinned, with their reports (by the name they run as; none that is the plain
     classifier): BatchNorm folded, then convolutions packed too; the default's
-    FastPathCache (``auto``) and module, timed among them as NeuroMask does on its first batch; the seconds that
+    FastCopies (``auto``) and module, timed among them as NeuroMask does on its first batch; the seconds that
     choice took."""
     pinned: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
     for switches in (
-        {"pack_convolutions": False, "auto": False},
+        {"pack_convolutions": False, "pack_linears": False, "batch_invariant": False, "auto": False},
         {"auto": False},
         {"pack_linears": False, "auto": False},
     ):
         if switches.get("pack_linears") is False and not any(r["packed_linears"] for _, r in pinned.values()):
             continue  # the packed variant without its packed Linear layers: only where it has some
-        fast = FastPathCache(FastPath(**switches))
+        fast = FastCopies(FastPath(**switches))
         with autocast():
             module = fast.get(model, images)
         if module is not model:
             suffix = " (linears unpacked)" if switches.get("pack_linears") is False else ""
             pinned.setdefault(fast.report()["variant"] + suffix, (module, fast.report()))
-    default = FastPathCache(FastPath(auto=auto))
+    default = FastCopies(FastPath(auto=auto))
     start = time.perf_counter()
     with autocast():
         module = default.get(model, images)
@@ -293,16 +295,16 @@ def measure(args: argparse.Namespace, spec: str, kwargs: dict[str, Any], size: i
         variants["floor"] = (floor_step(model, images), args.batch, True)
         variants["plain"] = (mask_steps(model, images, targets, args.preset), args.batch, True)
         pinned, default, default_model, choice_s = fast_copies(model, images, autocast, args.auto)
-        fused = FastPath().fuses_mask_step(device)  # the fast path's mask step, as NeuroMask runs it
+        explicit = uses_explicit_gradient("auto", PRESETS[args.preset], device)  # as NeuroMask runs it
         for name, (module, _) in pinned.items():
-            variants[name] = (mask_steps(module, images, targets, args.preset, fused), args.batch, True)
-        variants["default"] = (mask_steps(default_model, images, targets, args.preset, fused), args.batch, True)
-        if fused:  # what the fused mask step buys: the same classifier, the mask step by autograd
+            variants[name] = (mask_steps(module, images, targets, args.preset, explicit), args.batch, True)
+        variants["default"] = (mask_steps(default_model, images, targets, args.preset, explicit), args.batch, True)
+        if explicit:  # what the explicit gradient buys: the same classifier, the mask gradient by autograd
             variants[AUTOGRAD_STEP] = (mask_steps(default_model, images, targets, args.preset), args.batch, True)
         compile_s = None
         if full and not args.no_compile:
             with autocast():
-                compiled = FastPathCache(FastPath(compile=True)).get(model, images)
+                compiled = FastCopies(FastPath(compile=True)).get(model, images)
                 fast = mask_steps(compiled, images, targets, args.preset)
                 start = time.perf_counter()
                 fast()

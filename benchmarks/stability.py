@@ -34,16 +34,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from neuromask_pl.callbacks.training import PLAIN_PATH as TRAINING_PLAIN_PATH
+from neuromask_pl.fastcopy import FastPath
 
 VARIANTS = ("alone", "plain", "avx2", "seed")
 #: A NeuroMask mask keeps a pixel where it is above this value.
 THRESHOLD = 0.5
 #: Kernels of another x86-64 machine for variant ``avx2``.
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2"}
-#: NeuroMask's ``fast_path`` of the plain path (variant ``plain``): the classifier itself (as ExplainDuringTraining's
-#: default), and no fused mask step.
-PLAIN_PATH = {**TRAINING_PLAIN_PATH, "fuse_mask_step": False}
+#: NeuroMask's arguments for the plain path (variant ``plain``): the classifier itself, no copy (as
+#: ExplainDuringTraining's default), and the mask gradient by autograd.
+PLAIN_PATH = {"fast_path": FastPath.off(), "mask_gradient": "autograd"}
 
 
 def parse_variants(text: str | None) -> list[str]:

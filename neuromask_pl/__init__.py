@@ -12,6 +12,8 @@ DEMO_INSTALL_HINT = "pip install 'neuromask-pl[demo]'"  # what the demo's extra 
 # `import neuromask_pl` stays light.
 _EXPORTS = {
     "NeuroMask": "neuromask_pl.module",
+    "Explainer": "neuromask_pl.explainer",
+    "FastPath": "neuromask_pl.fastcopy",
     "Explanation": "neuromask_pl.explanation",
     "MaskSettings": "neuromask_pl.settings",
     "PRESETS": "neuromask_pl.settings",

@@ -30,10 +30,6 @@ def explain_folder(
     root: str | os.PathLike[str],
     output_dir: str | os.PathLike[str] | None = None,
     *,
-    preset: str = "default",
-    steps: int | None = None,
-    settings: dict[str, Any] | None = None,
-    seed: int = 0,
     image_size: int | None = 224,
     resize: int | None = None,
     channels: int | None = None,
@@ -42,14 +38,18 @@ def explain_folder(
     overwrite: bool = False,
     default_root_dir: str | os.PathLike[str] = ".",
     trainer: dict[str, Any] | None = None,
+    **explainer: Any,
 ) -> Path:
     """Explain every image under ``root`` for ``classifier``; returns the output folder (read it with
     :func:`~neuromask_pl.load_results`).
 
+    ``explainer`` holds the arguments of :class:`~neuromask_pl.Explainer` (``preset``, ``steps``, ``settings``,
+    ``seed``, ``target_class``, ``fast_path``, ``mask_gradient``).
     ``output_dir`` defaults to ``<default_root_dir>/lightning_logs/version_N/explanations``; ``channels`` to the
     classifier's (its ``in_channels``, else 3); ``trainer`` holds more Trainer arguments (``accelerator``,
     ``devices``, ``precision``, ``logger``, ...). Rerunning on the same ``output_dir`` resumes.
     """
+    module = NeuroMask(classifier, **explainer)  # first: a bad setting fails before any file is made
     channels = channels or getattr(classifier, "in_channels", None) or 3
     datamodule = ImageFolderDataModule(
         str(root), image_size=image_size, resize=resize, batch_size=batch_size, num_workers=num_workers,
@@ -65,8 +65,7 @@ def explain_folder(
             **(trainer or {}),
         }
     )
-    explainer = NeuroMask(classifier, preset=preset, steps=steps, settings=settings, seed=seed)
-    run.predict(explainer, datamodule=datamodule, return_predictions=False)
+    run.predict(module, datamodule=datamodule, return_predictions=False)
     return Path(writer.out)
 
 

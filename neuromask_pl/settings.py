@@ -293,16 +293,19 @@ def overrides_of(settings: Mapping[str, Any] | SettingsOverrides | None) -> dict
 
 
 def resolve_settings(
-    preset: str = "default",
+    preset: str | None = "default",
     steps: int | None = None,
     settings: Mapping[str, Any] | SettingsOverrides | MaskSettings | None = None,
 ) -> MaskSettings:
     """The settings that run: ``preset`` with the fields of ``settings``, then ``steps`` (when not None), replaced.
 
-    A complete :class:`MaskSettings` as ``settings`` is used as it is, in place of the preset.
+    A complete :class:`MaskSettings` as ``settings`` is used as it is, in place of the preset; ``preset`` None
+    starts from :class:`MaskSettings`' own defaults (for settings recorded complete, see :func:`recorded_preset`).
     """
     if isinstance(settings, MaskSettings):
         base, overrides = settings, {}
+    elif preset is None:
+        base, overrides = MaskSettings(), overrides_of(settings)
     else:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -310,6 +313,16 @@ def resolve_settings(
     if steps is not None:
         overrides["steps"] = steps
     return replace(base, **overrides)
+
+
+def recorded_preset(
+    preset: str | None, settings: Mapping[str, Any] | SettingsOverrides | MaskSettings | None, resolved: MaskSettings
+) -> str | None:
+    """The preset name a record of ``resolved`` may carry: ``preset`` when the settings are that preset with
+    overrides, else (a complete ``MaskSettings`` given) the name of a preset equal to it, or None."""
+    if not isinstance(settings, MaskSettings) and preset is not None:
+        return preset
+    return next((name for name, values in PRESETS.items() if values == resolved), None)
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

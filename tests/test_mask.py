@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neuromask_pl.maths.mask import pack_weights, tie_free_map, unpack_weights
+from neuromask_pl.maths.mask import join_grids, tie_free_map, grid_logits
 
 pytestmark = pytest.mark.numerics
 
@@ -24,9 +24,9 @@ def test_tie_free_map_by_hand_keeps_the_threshold() -> None:
 def test_pack_and_unpack_by_hand() -> None:
     fine = torch.arange(2 * 16, dtype=torch.float64).view(2, 1, 4, 4)
     coarse = torch.tensor([[1.0, -1.0], [2.0, 0.0], [0.5, 0.5], [0.5, 0.5]], dtype=torch.float64).view(2, 1, 2, 2)
-    packed = pack_weights(fine, coarse)
+    packed = join_grids(fine, coarse)
     assert packed.shape == (2, 1, 1, 20)
-    logits, fine_back = unpack_weights(packed, (4, 4), (2, 2))
+    logits, fine_back = grid_logits(packed, (4, 4), (2, 2))
     assert torch.equal(fine_back, fine)
     # bilinear (align_corners=False) 2x2 -> 4x4: the first row of sample 0's coarse part is 1, 0.5, -0.5, -1
     expected_row = torch.tensor([1.0, 0.5, -0.5, -1.0], dtype=torch.float64)

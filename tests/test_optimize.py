@@ -471,7 +471,7 @@ def test_the_noise_baseline_is_what_the_classifier_sees_where_the_mask_hides(tin
 def test_the_classifier_sees_a_draw_of_the_mask_and_the_result_is_the_mask(tiny_cnn, preset: str) -> None:
     """With sample_temperature t the classifier sees sigmoid((w / T + noise) / t) during the steps, with the
     step's logistic noise at the weights' grid, and the mask sigmoid(w / T) itself after them."""
-    from neuromask_pl.maths.mask import logistic_noise, unpack_weights
+    from neuromask_pl.maths.mask import logistic_noise, grid_logits
     from neuromask_pl.maths.optimize import image_mask
 
     images = make_images(2, size=16, seed=3)
@@ -486,7 +486,7 @@ def test_the_classifier_sees_a_draw_of_the_mask_and_the_result_is_the_mask(tiny_
         hook.remove()
     weights = problem.weights.detach()
     if problem.grids is not None:
-        weights, _ = unpack_weights(weights, *problem.grids)
+        weights, _ = grid_logits(weights, *problem.grids)
     temperature = temperature_at(settings, 1)
     noise = logistic_noise(4, 1, tuple(weights.shape[-2:]))
     drawn = image_mask(weights + temperature * noise, temperature * 0.7, settings.upsample_weights, 16, 16)

@@ -38,7 +38,7 @@ def plain_upsample(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
     ],
 )
 def test_planewise_backward_equals_one_interpolate_call(shape, size, dtype) -> None:
-    """Values and gradients, for the masks as they are and as rows of a wider tensor (unpack_weights' views)."""
+    """Values and gradients, for the masks as they are and as rows of a wider tensor (grid_logits' views)."""
     generator = torch.Generator().manual_seed(0)
     weights = torch.randn(*shape, generator=generator, dtype=dtype)
     upstream = torch.randn(shape[0], 1, *size, generator=generator, dtype=dtype)
@@ -64,7 +64,7 @@ def test_default_masks_bit_identical_to_the_plain_upsampling(monkeypatch, size, 
         return NeuroMask(net, preset="default", steps=300, seed=0).explain(images, ids=torch.arange(count)).masks
 
     fast = masks()
-    monkeypatch.setattr(mask_module, "upsample_mask", plain_upsample)  # unpack_weights' coarse grid
+    monkeypatch.setattr(mask_module, "upsample_mask", plain_upsample)  # grid_logits' coarse grid
     monkeypatch.setattr(optimize_module, "upsample_mask", plain_upsample)  # image_mask
     reference = masks()
     assert 0.01 < (reference > 0.5).float().mean() < 0.99  # masks that keep something and hide something

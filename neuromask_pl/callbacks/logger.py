@@ -68,8 +68,11 @@ class ExplanationLogger(Callback):
         for key in ("folded_batchnorm", "batchnorm_layers", "packed_convolutions", "convolutions"):
             if isinstance(report.get(key), int):
                 metrics[f"explain/fast_path/{key}"] = float(report[key])
-        if "mask_step" in report:  # 1: the mask step's gradient written out (maths/fused.py), 0: by autograd
-            metrics["explain/fast_path/fused_mask_step"] = float(report["mask_step"] == "fused")
+        for key in ("batch_invariant", "replaced_layers_ran"):
+            if isinstance(report.get(key), bool):
+                metrics[f"explain/fast_path/{key}"] = float(report[key])
+        if report.get("mask_gradient"):  # 1: the mask gradient written out (maths/explicit.py), 0: by autograd
+            metrics["explain/fast_path/explicit_mask_gradient"] = float(report["mask_gradient"] == "explicit")
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=self._batches)
 

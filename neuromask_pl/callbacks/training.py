@@ -17,16 +17,15 @@ from pytorch_lightning.callbacks import Callback
 
 from neuromask_pl.classifiers import Normalize, submodule
 from neuromask_pl.data import check_images, unpack_batch
-from neuromask_pl.data.checks import check_target_class, device_of
+from neuromask_pl.data.checks import device_of
+from neuromask_pl.explainer import Explainer
 from neuromask_pl.explanation import Explanation
-from neuromask_pl.maths.fastpath import FastPath
-from neuromask_pl.module import NeuroMask
-from neuromask_pl.settings import SettingsOverrides, resolve_settings
+from neuromask_pl.fastcopy import FastPath
+from neuromask_pl.maths.explicit import MaskGradient
+from neuromask_pl.settings import SettingsOverrides
 from neuromask_pl.viz import panel_grid, save_png, to_uint8
 
 log = logging.getLogger(__name__)
-
-PLAIN_PATH = {"fold_batchnorm": False, "pack_convolutions": False}  # the classifier itself, never a copy
 
 
 def _close_to_unit(pixels: torch.Tensor) -> bool:
@@ -70,7 +69,7 @@ class ExplainDuringTraining(Callback):
     """Explain a fixed set of validation images with the current weights while a model trains.
 
     At the end of validation, every ``every_n_epochs`` epochs, the images are explained with
-    :class:`~neuromask_pl.module.NeuroMask` (on the module's device) and, on global rank 0,
+    :class:`~neuromask_pl.explainer.Explainer` (on the module's device) and, on global rank 0,
     logged at ``trainer.global_step`` to every logger of the Trainer:
 
     * scalars ``<log_prefix>/<name>`` for each entry of :meth:`Explanation.summary` (loss terms,
@@ -100,9 +99,9 @@ class ExplainDuringTraining(Callback):
     Args:
         num_images: how many validation images to collect (ignored when ``images`` is given).
         every_n_epochs: explain at the end of validation in epochs ``n-1, 2n-1, ...`` (0-based).
-        preset, steps, settings, seed, target_class: as for :class:`~neuromask_pl.NeuroMask`
+        preset, steps, settings, seed, target_class, mask_gradient: as for :class:`~neuromask_pl.Explainer`
             (``steps`` defaults to 100 here, a quick look each epoch).
-        fast_path: as for NeuroMask; default here: off (no copy of the module).
+        fast_path: as for the Explainer; default here: :meth:`FastPath.off` (no copy of the module).
         mean, std: the normalisation the validation images carry (one number, or one per channel, e.g.
             MNIST's ``0.1307`` and ``0.3081``); None when they are [0, 1] pixels.
         model_attribute: dotted attribute of the LightningModule to explain (e.g. ``"model"`` or
@@ -123,6 +122,7 @@ class ExplainDuringTraining(Callback):
         seed: int = 0,
         target_class: int | None = None,
         fast_path: FastPath | None = None,
+        mask_gradient: MaskGradient = "auto",
         model_attribute: str | None = None,
         output_dir: str | Path | None = None,
         images: torch.Tensor | None = None,
@@ -134,15 +134,10 @@ class ExplainDuringTraining(Callback):
             raise ValueError(f"num_images must be >= 1, got {num_images}")
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
-        check_target_class(target_class)
-        # Fail now, not after the first epoch, on a bad preset or setting.
-        self.explainer_args = {
-            "preset": preset,
-            "settings": resolve_settings(preset, steps, settings),
-            "seed": seed,
-            "target_class": target_class,
-            "fast_path": FastPath.of(PLAIN_PATH if fast_path is None else fast_path),
-        }
+        # Built now, so a bad preset or setting fails here, not after the first epoch; the module is given per call.
+        fast_path = FastPath.off() if fast_path is None else fast_path
+        self.explainer = Explainer(torch.nn.Identity(), preset, steps, settings, seed, target_class, fast_path,
+                                   mask_gradient)  # fmt: skip
         self.normalize = Normalize(mean, std)
         if images is not None:
             try:
@@ -233,8 +228,7 @@ class ExplainDuringTraining(Callback):
         start = time.perf_counter()
         with preserved_rng_state(), gradients_enabled():
             images = self.images.clone()  # never an inference tensor
-            explainer = NeuroMask(classifier, **self.explainer_args)
-            explanation = explainer.explain(images).cpu()
+            explanation = self.explainer.with_classifier(classifier).explain(images).cpu()
         self.last_seconds = time.perf_counter() - start
         self.last_explanation = explanation
         if trainer is not None:

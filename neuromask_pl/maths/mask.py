@@ -26,21 +26,21 @@ def init_weights(ids: Tensor, height: int, width: int, weight_limit: float, seed
     return out
 
 
-def pack_weights(fine: Tensor, coarse: Tensor) -> Tensor:
+def join_grids(fine: Tensor, coarse: Tensor) -> Tensor:
     """Fine (B, 1, h, w) and coarse (B, 1, hc, wc) weights of a two-scale mask as one (B, 1, 1, n) tensor."""
     return torch.cat([fine.flatten(1), coarse.flatten(1)], dim=1).view(fine.shape[0], 1, 1, -1)
 
 
-def split_weights(packed: Tensor, fine_shape: tuple[int, int], coarse_shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """The fine (B, 1, h, w) and coarse (B, 1, hc, wc) grids of :func:`pack_weights`' tensor, as views of it."""
-    flat = packed.flatten(1)
+def split_grids(joined: Tensor, fine_shape: tuple[int, int], coarse_shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """The fine (B, 1, h, w) and coarse (B, 1, hc, wc) grids of :func:`join_grids`' tensor, as views of it."""
+    flat = joined.flatten(1)
     cut = fine_shape[0] * fine_shape[1]
     return flat[:, :cut].view(-1, 1, *fine_shape), flat[:, cut:].view(-1, 1, *coarse_shape)
 
 
-def unpack_weights(packed: Tensor, fine_shape: tuple[int, int], coarse_shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """Undo :func:`pack_weights`: ``(logits, fine)`` where ``logits = up(coarse) + fine`` (bilinear), per sample."""
-    fine, coarse = split_weights(packed, fine_shape, coarse_shape)
+def grid_logits(joined: Tensor, fine_shape: tuple[int, int], coarse_shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """``(logits, fine)`` of :func:`join_grids`' tensor, where ``logits = up(coarse) + fine`` (bilinear), per sample."""
+    fine, coarse = split_grids(joined, fine_shape, coarse_shape)
     return fine + upsample_mask(coarse, *fine_shape), fine
 
 

@@ -8,21 +8,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from neuromask_pl.maths.fused import MaskGrids, fused_mask_step, fuses
+from neuromask_pl.maths.explicit import MaskGrids, explicit_mask_step
 from neuromask_pl.maths.losses import laplacian_kernel, laplacian_size, loss_terms, lr_at, settings_at, temperature_at
 from neuromask_pl.maths.mask import (
     JITTER_STREAM,
     apply_mask,
     blur_kernel_size,
+    grid_logits,
     init_weights,
+    join_grids,
     logistic_noise,
     make_baseline,
     mask_shape,
     noise_baseline,
-    pack_weights,
     step_generator,
     tie_free_map,
-    unpack_weights,
     upsample_mask,
     weights_to_mask,
 )
@@ -82,17 +82,17 @@ class LeanAdam(torch.optim.Optimizer):
                 param.addcdiv_(exp_avg, denom, value=-(lr / (1 - beta1**step)))
 
 
-def fuses_adam(device: torch.device) -> bool:
-    """Whether Adam runs as the fused implementation (one kernel per step): on CUDA."""
+def single_kernel_adam(device: torch.device) -> bool:
+    """Whether Adam runs as torch's single-kernel implementation (``fused=True``): on CUDA."""
     return device.type == "cuda"
 
 
 def make_optimizer(params: list[Tensor], settings: MaskSettings) -> torch.optim.Optimizer:
-    """The optimiser named by the settings; both are element-wise, so samples stay independent. Adam runs fused
-    on CUDA, otherwise as :class:`LeanAdam` (torch's per-tensor Adam, bit for bit, with less bookkeeping)."""
+    """The optimiser named by the settings; both are element-wise, so samples stay independent. Adam runs as one
+    kernel on CUDA, otherwise as :class:`LeanAdam` (torch's per-tensor Adam, bit for bit, with less bookkeeping)."""
     if settings.optimizer == "rmsprop_tf":
         return TFRMSprop(params, lr=settings.lr)
-    if fuses_adam(params[0].device):
+    if single_kernel_adam(params[0].device):
         return torch.optim.Adam(params, lr=settings.lr, fused=True)
     return LeanAdam(params, lr=settings.lr)
 
@@ -122,7 +122,7 @@ def masked_batch(
     height, width = images.shape[-2:]
     fine = None
     if grids is not None:
-        weights, fine = unpack_weights(weights, *grids)
+        weights, fine = grid_logits(weights, *grids)
     size = (height, width)
     mask = image_mask(weights, temperature, upsample_weights, *size)
     seen = mask  # what the classifier sees: the mask, or a draw of it (binary concrete)
@@ -217,11 +217,11 @@ class MaskOptimisation:
     The summed loss is minimised; since every term is per sample and the optimisers are element-wise,
     each mask follows exactly the path it would follow alone. Samples that early stopping has stopped
     leave the forward passes and keep their weights; with ``few_batch_sizes`` (for CUDA graphs) the rows
-    that run are topped up to a power of two, see :func:`running_rows`. With ``fused``, a step whose settings
-    :func:`~neuromask_pl.maths.fused.fuses` computes its gradient by hand (``fused_mask_step``: the same maths,
-    half the kernels) unless float16 loss scaling is on. The classifier must already
-    be frozen (eval mode, no parameter gradients) by the caller; it may be a fast copy (see
-    :mod:`neuromask_pl.maths.fastpath`).
+    that run are topped up to a power of two, see :func:`running_rows`. With ``explicit`` (see
+    :func:`~neuromask_pl.maths.explicit.uses_explicit_gradient`), the steps compute their gradient by
+    :func:`~neuromask_pl.maths.explicit.explicit_mask_step` (the same maths, half the kernels). The classifier must
+    already be frozen (eval mode, no parameter gradients) by the caller; it may be a fast copy (see
+    :mod:`neuromask_pl.fastcopy`).
     """
 
     def __init__(
@@ -233,7 +233,7 @@ class MaskOptimisation:
         settings: MaskSettings,
         seed: int,
         few_batch_sizes: bool = False,
-        fused: bool = False,
+        explicit: bool = False,
     ) -> None:
         self.classifier, self.images, self.targets = classifier, images, targets
         self.settings, self.seed, self.few_batch_sizes = settings, seed, few_batch_sizes
@@ -250,15 +250,15 @@ class MaskOptimisation:
         self._hiding = None if settings.baseline in ("black", "noise") else self.baseline  # None: no zeros added
         weights = init_weights(ids.cpu(), mask_height, mask_width, settings.weight_limit, seed).to(images.device)
         self.grids: tuple[tuple[int, int], tuple[int, int]] | None = None  # two-scale: (fine, coarse) shapes
-        if settings.mask_coarse:  # one packed tensor, so the step below treats both grids alike
+        if settings.mask_coarse:  # one joined tensor, so the step below treats both grids alike
             coarse = mask_shape(height, width, settings.coarse_scale_for(height, width))
             self.grids = ((mask_height, mask_width), coarse)
-            weights = pack_weights(weights, weights.new_zeros(len(ids), 1, *coarse))
+            weights = join_grids(weights, weights.new_zeros(len(ids), 1, *coarse))
         self.weights = weights.requires_grad_(True)
-        self.fused_grids = None  # the resizes of the fused step, when it runs
-        if fused and fuses(settings):
+        self.explicit_grids = None  # the resizes of the explicit step, when it runs
+        if explicit:
             coarse = self.grids[1] if self.grids is not None else None
-            self.fused_grids = MaskGrids.of((mask_height, mask_width), coarse, (height, width), weights)
+            self.explicit_grids = MaskGrids.of((mask_height, mask_width), coarse, (height, width), weights)
         self.optimizer = make_optimizer([self.weights], settings)
         batch = images.shape[0]
         self.steps_run = torch.zeros(batch, dtype=torch.long, device=images.device)
@@ -312,15 +312,15 @@ class MaskOptimisation:
 
     def loss_and_grad(self, rows: Tensor | None) -> tuple[Tensor, dict[str, Tensor] | None, Tensor]:
         """The mask, loss terms and gradient (of the summed, loss-scaled total, for all weights) of this step for
-        the samples ``rows`` (None = all): fused where it runs (the terms only with early stopping, which reads
+        the samples ``rows`` (None = all): explicit where it runs (the terms only with early stopping, which reads
         them), else by autograd."""
-        if self.fused_grids is not None and self.loss_scale is None:
+        if self.explicit_grids is not None:
             images, targets, weights = self.images, self.targets, self.weights
             if rows is not None:
                 images, targets, weights = images[rows], targets[rows], weights[rows]
             temperature = temperature_at(self.settings, self._step)
-            mask, terms, grad = fused_mask_step(
-                self.classifier, images, targets, weights, self.fused_grids, self.settings, temperature,
+            mask, terms, grad = explicit_mask_step(
+                self.classifier, images, targets, weights, self.explicit_grids, self.settings, temperature,
                 self.draw(self._step), with_terms=bool(self.settings.stop_patience),
             )  # fmt: skip
             if rows is not None:
@@ -420,7 +420,7 @@ def learn_masks(
     settings: MaskSettings,
     seed: int,
     few_batch_sizes: bool = False,
-    fused: bool = False,
+    explicit: bool = False,
 ) -> MaskFit:
     """Optimise one mask per image for ``settings.steps`` steps (fewer for samples that stop early)."""
-    return MaskOptimisation(classifier, images, targets, ids, settings, seed, few_batch_sizes, fused).run().result()
+    return MaskOptimisation(classifier, images, targets, ids, settings, seed, few_batch_sizes, explicit).run().result()

@@ -1,12 +1,12 @@
-"""The mask step of the ``default`` family with its gradient written out, for the CPU.
+"""The mask step of the ``default`` family with its gradient written out (the explicit mask gradient).
 
 Autograd records some 150 small kernels for a ``default`` mask step (the two-scale mask, the sampled draw, the
 sigmoids, total variation, the sparsity and detail terms, and their backward); on the CPU each costs a few
 microseconds whatever its size, so around a small classifier the mask arithmetic, not the classifier, sets the
-step's time. :func:`fused_mask_step` computes the same loss (:func:`~neuromask_pl.maths.losses.loss_terms`) and
+step's time. :func:`explicit_mask_step` computes the same loss (:func:`~neuromask_pl.maths.losses.loss_terms`) and
 its gradient with the derivative written out: autograd runs only the classifier. The bilinear resizes are
 products with interpolation matrices (:class:`Resize`), whose adjoint is the transposed product. It is the same
-maths, rounded differently: tests/test_fused_step.py checks it against autograd in float64.
+maths, rounded differently: tests/maths/test_explicit.py checks it against autograd in float64.
 """
 
 from __future__ import annotations
@@ -14,19 +14,24 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from neuromask_pl.fastcopy.invariant import planewise
 from neuromask_pl.maths.losses import cross_entropy_grad, cross_entropy_values, loss_precision, total_loss
-from neuromask_pl.maths.mask import pack_weights, split_weights
-from neuromask_pl.maths.packing import planewise
+from neuromask_pl.maths.mask import join_grids, split_grids
 from neuromask_pl.settings import MaskSettings
 
+#: How the mask step's gradient is computed: see :func:`uses_explicit_gradient`.
+MaskGradient = Literal["auto", "explicit", "autograd"]
+MASK_GRADIENTS: tuple[str, ...] = get_args(MaskGradient)
 
-def fuses(settings: MaskSettings) -> bool:
-    """Whether :func:`fused_mask_step` covers the settings: the weights upsampled before the sigmoid, total
+
+def covers(settings: MaskSettings) -> bool:
+    """Whether :func:`explicit_mask_step` covers the settings: the weights upsampled before the sigmoid, total
     variation of the mask, sparsity on the mask, black hidden pixels, no deletion game, no jitter."""
     return (
         settings.upsample_weights
@@ -37,6 +42,21 @@ def fuses(settings: MaskSettings) -> bool:
         and not settings.l_delete
         and not settings.jitter
     )
+
+
+def uses_explicit_gradient(choice: str, settings: MaskSettings, device: torch.device) -> bool:
+    """Whether the mask steps run :func:`explicit_mask_step`: ``choice`` ``explicit``, or ``auto`` on the CPU, where
+    the settings are :func:`covers`-ed and float16 autocast (per-sample loss scaling, by autograd) is off."""
+    if choice not in MASK_GRADIENTS:
+        raise ValueError(f"mask_gradient must be one of {list(MASK_GRADIENTS)}, got {choice!r}")
+    if choice == "explicit" and not covers(settings):
+        raise ValueError(
+            "mask_gradient='explicit' covers settings with upsample_weights, smooth_penalty='tv', smooth_on='mask', "
+            "sparsity_on='mask', baseline='black', no l_delete and no jitter; use 'auto' or 'autograd' for these"
+        )
+    float16 = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.float16
+    wanted = choice == "explicit" or (choice == "auto" and device.type == "cpu")
+    return wanted and covers(settings) and not float16
 
 
 @functools.lru_cache(maxsize=64)
@@ -101,8 +121,8 @@ def mean_abs(planes: Tensor) -> Tensor:
 
 
 def planewise_sigmoid(planes: Tensor) -> Tensor:
-    """``torch.sigmoid`` of (B, ...) planes by :func:`~neuromask_pl.maths.packing.planewise`: each plane's result the
-    same alone or in any batch, whatever its size."""
+    """``torch.sigmoid`` of (B, ...) planes by :func:`~neuromask_pl.fastcopy.invariant.planewise`: each plane's
+    result the same alone or in any batch, whatever its size."""
     return planewise(torch.sigmoid, planes)
 
 
@@ -131,11 +151,11 @@ class MaskGrids:
         """(fine, coarse) planes, (B, h, w) and (B, hc, wc), of the learned weights (coarse None for one grid)."""
         if self.coarse is None:
             return weights.view(-1, *self.fine), None
-        fine, coarse = split_weights(weights, self.fine, self.coarse)
+        fine, coarse = split_grids(weights, self.fine, self.coarse)
         return fine.squeeze(1), coarse.squeeze(1)
 
 
-def fused_mask_step(
+def explicit_mask_step(
     classifier: nn.Module,
     images: Tensor,
     targets: Tensor,
@@ -148,7 +168,7 @@ def fused_mask_step(
 ) -> tuple[Tensor, dict[str, Tensor] | None, Tensor]:
     """One step's mask (B, 1, H, W), loss terms (each (B,), as :func:`~neuromask_pl.maths.losses.loss_terms`; None
     without ``with_terms``) and the gradient of the summed total loss with respect to ``weights`` (their shape), for
-    settings that :func:`fuses`. ``temperature`` is the step's; ``noise`` the step's logistic draw at the fine grid
+    settings that :func:`covers`. ``temperature`` is the step's; ``noise`` the step's logistic draw at the fine grid
     (1, 1, h, w) with ``settings.sample_temperature``, or None for the mask itself. Only the classifier runs under
     autocast.
     """
@@ -193,7 +213,7 @@ def fused_mask_step(
             return mask.unsqueeze(1), terms, logits_grad.view_as(weights)
         coarse_grad = resize_adjoint(logits_grad, grids.coarse_to_fine)
         fine_grad = logits_grad.add(fine.sign(), alpha=settings.l_detail / fine[0].numel())
-    return mask.unsqueeze(1), terms, pack_weights(fine_grad, coarse_grad)
+    return mask.unsqueeze(1), terms, join_grids(fine_grad, coarse_grad)
 
 
 def loss_values(

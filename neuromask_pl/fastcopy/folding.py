@@ -13,7 +13,7 @@ Folded (in a copy; the user's model is untouched), each exact up to float roundi
 
 A BatchNorm next to anything else (e.g. DenseNet's BatchNorm between a concatenation and a ReLU) cannot be folded
 and stays. Norm subclasses are checked numerically before they are folded; a convolution subclass is folded into
-only if it computes a plain convolution (see :func:`~neuromask_pl.maths.packing.plain_padding`).
+only if it computes a plain convolution (see :func:`~neuromask_pl.fastcopy.surgery.zero_padding`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
-from neuromask_pl.maths.packing import plain_padding
+from neuromask_pl.fastcopy.surgery import zero_padding
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def _is_plain_conv(module: nn.Module, spatial: int) -> bool:
     conv_type = _CONVS[spatial]
     if not isinstance(module, conv_type) or module.transposed:
         return False
-    return type(module) is conv_type or (spatial == 2 and plain_padding(module) is not None)
+    return type(module) is conv_type or (spatial == 2 and zero_padding(module) is not None)
 
 
 def _fold_after(layer: nn.Module, norm: _Norm, norm_input_ndims: set[int]) -> nn.Module | None:
@@ -129,21 +129,21 @@ def _fold_after(layer: nn.Module, norm: _Norm, norm_input_ndims: set[int]) -> nn
     if layer.training or getattr(layer, "weight", None) is None or layer.weight.shape[0] != norm.mean.shape[0]:
         return None  # (a Linear's outputs reshaped to other rows: channel j is its output j mod C; not folded)
     if _is_plain_conv(layer, norm.spatial):
-        fused = copy.deepcopy(layer)
-        fused.weight, fused.bias = fuse_conv_bn_weights(
+        folded_layer = copy.deepcopy(layer)
+        folded_layer.weight, folded_layer.bias = fuse_conv_bn_weights(
             layer.weight, layer.bias, norm.mean, norm.var, norm.eps, norm.weight, norm.bias
         )
     elif type(layer) is nn.Linear and norm.spatial == 1 and norm_input_ndims == {2}:
         # The BatchNorm1d's input is (N, C): its channels are the Linear's last dimension.
         ones = torch.ones_like(norm.mean)
-        fused = copy.deepcopy(layer)
-        fused.weight, fused.bias = fuse_linear_bn_weights(
+        folded_layer = copy.deepcopy(layer)
+        folded_layer.weight, folded_layer.bias = fuse_linear_bn_weights(
             layer.weight, layer.bias, norm.mean, norm.var, norm.eps,
             norm.weight if norm.weight is not None else ones, norm.bias if norm.bias is not None else 0 * ones,
         )  # fmt: skip
     else:
         return None
-    return fused.requires_grad_(False)
+    return folded_layer.requires_grad_(False)
 
 
 def _fold_before(norm: _Norm, layer: nn.Module, norm_input_ndims: set[int]) -> nn.Module | None:
@@ -155,7 +155,7 @@ def _fold_before(norm: _Norm, layer: nn.Module, norm_input_ndims: set[int]) -> n
         if isinstance(layer.padding, str):
             padding = [0] if layer.padding == "valid" else [1]
         else:
-            padding = list(layer.padding) if type(layer) is _CONVS[norm.spatial] else plain_padding(layer)
+            padding = list(layer.padding) if type(layer) is _CONVS[norm.spatial] else zero_padding(layer)
         if any(padding):
             return None
     elif not (type(layer) is nn.Linear and norm.spatial == 1 and norm_input_ndims == {2}):
@@ -169,12 +169,13 @@ def _fold_before(norm: _Norm, layer: nn.Module, norm_input_ndims: set[int]) -> n
     # The input channel that weight[o, i] reads: group (o // (out_channels / groups)), channel i within it.
     per_weight = lambda v: v.view(groups, 1, in_per_group).expand(groups, out_channels // groups, in_per_group)  # noqa: E731
     scale, shift = per_weight(scale).reshape(out_channels, in_per_group), per_weight(shift).reshape(out_channels, -1)
-    fused = copy.deepcopy(layer)
+    folded_layer = copy.deepcopy(layer)
     spatial_dims = [1] * (weight.ndim - 2)
     bias = (weight.reshape(out_channels, in_per_group, -1).sum(2) * shift).sum(1)
-    fused.weight = nn.Parameter(weight * scale.view(out_channels, in_per_group, *spatial_dims), requires_grad=False)
-    fused.bias = nn.Parameter(bias + layer.bias if layer.bias is not None else bias, requires_grad=False)
-    return fused
+    scaled = weight * scale.view(out_channels, in_per_group, *spatial_dims)
+    folded_layer.weight = nn.Parameter(scaled, requires_grad=False)
+    folded_layer.bias = nn.Parameter(bias + layer.bias if layer.bias is not None else bias, requires_grad=False)
+    return folded_layer
 
 
 class _Leaves(torch.fx.Tracer):
@@ -268,10 +269,10 @@ def _fold_graph(graph: _Graph, ndims: dict[nn.Module, set[int]]) -> int:
         layer = graph.called_once(found[0]) if found is not None else None
         if layer is None or (found[1] and not isinstance(layer, nn.Linear)):  # convolutions: no reshapes between
             continue
-        fused = _fold_after(layer, norm, ndims.get(norm_module, set()))
-        if fused is None:
+        folded_layer = _fold_after(layer, norm, ndims.get(norm_module, set()))
+        if folded_layer is None:
             continue
-        graph.replace(found[0].target, fused)
+        graph.replace(found[0].target, folded_layer)
         if norm.tail is not None:
             graph.replace(node.target, norm.tail)  # the norm + activation module keeps its activation
         else:
@@ -285,10 +286,10 @@ def _fold_graph(graph: _Graph, ndims: dict[nn.Module, set[int]]) -> int:
         layer = graph.called_once(found[0]) if found is not None else None
         if layer is None or (found[1] and not isinstance(layer, nn.Linear)):
             continue
-        fused = _fold_before(norm, layer, ndims.get(norm_module, set()))
-        if fused is None:
+        folded_layer = _fold_before(norm, layer, ndims.get(norm_module, set()))
+        if folded_layer is None:
             continue
-        graph.replace(found[0].target, fused)
+        graph.replace(found[0].target, folded_layer)
         node.replace_all_uses_with(node.args[0])
         graph.module.graph.erase_node(node)
         folded += 1
@@ -305,16 +306,16 @@ def _fold_sequential(module: nn.Sequential, ndims: dict[nn.Module, set[int]]) ->
     for first, second in zip(names, names[1:]):
         layer, norm_module = module._modules[first], module._modules[second]
         norm = _norm_of(norm_module) if norm_module is not None else None
-        fused = _fold_after(layer, norm, ndims.get(norm_module, set())) if norm and layer is not None else None
-        if fused is not None:
-            module._modules[first], module._modules[second] = fused, norm.tail or nn.Identity()
+        folded_layer = _fold_after(layer, norm, ndims.get(norm_module, set())) if norm and layer is not None else None
+        if folded_layer is not None:
+            module._modules[first], module._modules[second] = folded_layer, norm.tail or nn.Identity()
             folded += 1
     for first, second in zip(names, names[1:]):
         norm_module, layer = module._modules[first], module._modules[second]
         norm = _norm_of(norm_module) if norm_module is not None else None
-        fused = _fold_before(norm, layer, ndims.get(norm_module, set())) if norm and layer is not None else None
-        if fused is not None:
-            module._modules[first], module._modules[second] = nn.Identity(), fused
+        folded_layer = _fold_before(norm, layer, ndims.get(norm_module, set())) if norm and layer is not None else None
+        if folded_layer is not None:
+            module._modules[first], module._modules[second] = nn.Identity(), folded_layer
             folded += 1
     return folded
 
