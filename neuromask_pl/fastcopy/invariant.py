@@ -62,8 +62,6 @@ class PerImageConv2d(nn.Module):
     image), for the 1x1 convolutions where packing does not pay: ``F.conv2d`` picks its CPU kernel by the batch and
     the thread count, and the kernels round differently. Only float32 CPU inputs outside autocast take this path."""
 
-    batch_invariant = True
-
     def __init__(self, conv: nn.Conv2d, padding: list[int]) -> None:
         super().__init__()
         self.conv = conv
@@ -122,9 +120,17 @@ def planewise(function: Callable[..., Tensor], planes: Tensor, *args: Any, **kwa
     return function(padded, *args, **kwargs)[:, :count].reshape(planes.shape)
 
 
+def planewise_call(function: Callable[..., Tensor], planes: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    """:func:`planewise` for float32 CPU inputs outside autocast, else ``function`` as it is (what the graph pass
+    puts in place of an inline call)."""
+    if not takes_replacement(planes):
+        return function(planes, *args, **kwargs)
+    return planewise(function, planes, *args, **kwargs)
+
+
 def planewise_method(planes: Tensor, method: str) -> Tensor:
-    """A Tensor method of :data:`ROUNDING_METHODS` (``x.sigmoid()``) by :func:`planewise`."""
-    return planewise(getattr(torch, method), planes)
+    """A Tensor method of :data:`ROUNDING_METHODS` (``x.sigmoid()``) by :func:`planewise_call`."""
+    return planewise_call(getattr(torch, method), planes)
 
 
 def unaligned(shape: torch.Size | None) -> bool:
@@ -135,16 +141,14 @@ def unaligned(shape: torch.Size | None) -> bool:
 
 class PlanewiseActivation(nn.Module):
     """An elementwise activation run by :func:`planewise` (for inputs with a few values an image, as a
-    squeeze-and-excitation gate's sigmoid)."""
-
-    batch_invariant = True
+    squeeze-and-excitation gate's sigmoid). Only float32 CPU inputs outside autocast take this path."""
 
     def __init__(self, activation: nn.Module) -> None:
         super().__init__()
         self.activation = activation
 
     def forward(self, x: Tensor) -> Tensor:
-        return planewise(self.activation, x)
+        return planewise(self.activation, x) if takes_replacement(x) else self.activation(x)
 
 
 def graph_modules(module: nn.Module) -> list[torch.fx.GraphModule]:
@@ -176,7 +180,7 @@ def rewrite_functional_calls(module: nn.Module, example: Tensor) -> dict[str, li
                     if node.op == "call_method":
                         new = gm.graph.call_function(planewise_method, (node.args[0], node.target))
                     else:
-                        new = gm.graph.call_function(planewise, (node.target, *node.args), dict(node.kwargs))
+                        new = gm.graph.call_function(planewise_call, (node.target, *node.args), dict(node.kwargs))
                 kind = "planewise"
             elif _is_linear_call(node) and rows_per_image(shape, len(example)) < ROW_BLOCK:
                 with gm.graph.inserting_after(node):
