@@ -29,7 +29,8 @@ from PIL import Image
 
 from neuromask_pl.store import load_results, scan_shards
 
-# Every test here starts real processes (DDP, torchrun, a killed job): 25-50 s each on a 2-core machine.
+# Every test here starts real processes (DDP, torchrun, a killed job): 20-40 s each, its module fixture included,
+# on a 2-core machine.
 pytestmark = pytest.mark.slow
 
 TIMEOUT = 300  # seconds for one run (each takes ~5-20 s alone on a 2-core machine)

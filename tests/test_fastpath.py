@@ -425,6 +425,7 @@ def test_channels_last_on_cpu_gives_the_same_masks(tiny_cnn, image_factory) -> N
     assert (fast.masks - plain.masks).abs().max() < FAST_TOLERANCE
 
 
+@pytest.mark.slow  # torch.compile's first compile: about 25 s with an empty inductor cache (3 s with a warm one)
 def test_compiled_fast_path_gives_the_same_masks(tiny_cnn, image_factory) -> None:
     images = image_factory(3, 16)
     plain = NeuroMask(tiny_cnn, steps=15, fast_path={"fold_batchnorm": False, "pack_convolutions": False}).explain(

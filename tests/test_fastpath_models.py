@@ -23,8 +23,6 @@ from neuromask_pl.maths.folding import fold_batchnorm
 
 MODEL_TOLERANCE = 1e-3
 
-pytestmark = pytest.mark.slow
-
 
 def timm_model(name: str, **kwargs) -> Callable[[], nn.Module]:
     def build() -> nn.Module:

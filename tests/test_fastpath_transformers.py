@@ -193,7 +193,7 @@ MODELS = {
     "timm vit_tiny": (timm_vit, 32, 9, 6),
     "Hugging Face ViT": (hf_vit, 32, 7, 6),
 }
-SLOW_MODELS = {
+TORCHVISION_MODELS = {
     "torchvision convnext_tiny": (lambda: torchvision_model("convnext_tiny"), 64, 37, 30),
     "torchvision swin_t": (lambda: torchvision_model("swin_t"), 64, 52, 23),
 }
@@ -221,7 +221,6 @@ def test_real_transformers_pack_their_linears_and_keep_logits_and_input_gradient
     check_real_model(*MODELS[name])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(SLOW_MODELS))
+@pytest.mark.parametrize("name", list(TORCHVISION_MODELS))
 def test_torchvision_convnext_and_swin_pack_their_linears_and_keep_logits_and_input_gradients(name: str) -> None:
-    check_real_model(*SLOW_MODELS[name])
+    check_real_model(*TORCHVISION_MODELS[name])
