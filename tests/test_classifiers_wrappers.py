@@ -406,7 +406,7 @@ def test_bad_normalisation():
 
 
 def test_every_public_name_keeps_its_import_path():
-    """The names imported from ``neuromask_pl.classifiers`` anywhere before it became a package still are."""
+    """The public names import from ``neuromask_pl.classifiers``, and the classifiers also from ``neuromask_pl``."""
     import neuromask_pl
     from neuromask_pl import (
         DEMO_INSTALL_HINT,  # noqa: F401  (one home for the package, data and classifiers)

@@ -48,7 +48,7 @@ def densenet121() -> nn.Module:
     return torchvision.models.densenet121(num_classes=10)
 
 
-# name: (model, BatchNorms, folded); before issue 14 the timm CNNs folded 0, LeViT 4, MaxViT 23 (DenseNet 59)
+# name: (model, BatchNorms, folded)
 MODELS = {
     "timm efficientnet_b0": (timm_model("efficientnet_b0"), 49, 49),  # BatchNormAct2d
     "timm mobilenetv3_large_100": (timm_model("mobilenetv3_large_100"), 46, 46),

@@ -1,4 +1,4 @@
-"""Masks of the `default` and `paper` presets on fixed inputs, against masks saved before the package's redesign.
+"""Masks of the `default` and `paper` presets on fixed inputs, against the masks saved in data/golden_masks.pt.
 
 The inputs and the classifier are float64, so the masks depend on float64 rounding only. On the machine and torch
 build that recorded them (same ``torch.__version__`` and CPU capability), they must be bit-identical. Elsewhere the
@@ -37,7 +37,7 @@ def golden_masks() -> dict[str, torch.Tensor]:
     }
 
 
-def test_masks_equal_those_saved_before_the_redesign() -> None:
+def test_masks_equal_the_saved_masks() -> None:
     saved = torch.load(GOLDEN, weights_only=True)
     masks = golden_masks()
     for preset in CASES:

@@ -1,5 +1,5 @@
 """Which convolutions the fast copy packs: :func:`packing_pays` by hand, and ``pack_convolutions`` with an example
-input packing only those (without one, every convolution it applies to, as before)."""
+input packing only those (without one, every convolution it applies to)."""
 
 from __future__ import annotations
 
@@ -52,4 +52,4 @@ def test_pack_convolutions_with_an_example_packs_where_it_pays_only() -> None:
     assert [isinstance(layer, FrozenConv2d) for layer in model] == [True, False, False, False, True]
     torch.testing.assert_close(model(images), expected, rtol=1e-4, atol=1e-5)  # float32 rounding of other kernels
     every = nn.Sequential(conv(3, 16, 3), conv(16, 16, 3, 2, groups=16), conv(16, 64, 1))
-    assert pack_convolutions(every) == 3  # without an example: all of them, as before
+    assert pack_convolutions(every) == 3  # without an example: all of them

@@ -1,5 +1,5 @@
 """neuromask_pl.settings: MaskSettings and its validation, the presets, resolve_settings, SettingsOverrides and
-the ``--set`` parser, checked against the paper's published settings and the documented former presets."""
+the ``--set`` parser, checked against the paper's published settings and the named settings documented in SUMMARY.md."""
 
 from __future__ import annotations
 
@@ -80,16 +80,17 @@ def test_blur_area_preset_uses_low_resolution_blur_area_and_adam() -> None:
     assert 0 < default.area_target < 1
 
 
-def documented_former_presets() -> dict[str, dict]:
-    """The ``--set`` lines of each former preset in SUMMARY.md's list, parsed as a script parses them."""
+def documented_named_settings() -> dict[str, dict]:
+    """The ``--set`` lines of each named setting in SUMMARY.md's list (its section "Former presets"), parsed as a
+    script parses them."""
     text = SUMMARY.read_text(encoding="utf-8")
     section = text[text.index("Former presets") :].split("\n\n")[1]
     bullets = re.split(r"^- `(\w+)`", section, flags=re.MULTILINE)[1:]
     return {name: parse_overrides(re.findall(r"--set (\w+=[\w.]+)", body)) for name, body in zip(*[iter(bullets)] * 2)}
 
 
-def test_former_presets_documented_as_set_lines_are_the_tests_settings() -> None:
-    documented = documented_former_presets()
+def test_named_settings_documented_as_set_lines_are_the_tests_settings() -> None:
+    documented = documented_named_settings()
     assert set(documented) == {"reference_default", "sharp", "blur_area"}
     for name, ours in (("sharp", SHARP), ("blur_area", BLUR_AREA)):
         assert resolve_settings("paper", None, documented[name]) == resolve_settings("paper", None, ours), name

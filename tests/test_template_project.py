@@ -1,4 +1,4 @@
-"""A project laid out like the most used Lightning template uses neuromask-pl with no glue code (issue 11).
+"""A project laid out like the most used Lightning template uses neuromask-pl with no glue code.
 
 tests/template_project: `import lightning as L`, the network in the LightningModule's hyper-parameters,
 torchmetrics attributes, grey 28 x 28 digits normalised with MNIST's mean and std, callbacks and the explain
