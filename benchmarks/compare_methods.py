@@ -57,8 +57,9 @@ import torch
 from torch import Tensor, nn
 
 from neuromask_pl import NeuroMask
+from neuromask_pl.classifiers.benchmark import load_benchmark_classifier
 from neuromask_pl.data.checks import frozen
-from neuromask_pl.data.localisation import checkpoint_path, load_benchmark_classifier, make_localisation_set
+from neuromask_pl.data.localisation import checkpoint_path, make_localisation_set
 from neuromask_pl.metrics import (
     deletion_auc,
     energy_pointing,

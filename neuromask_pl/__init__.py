@@ -36,7 +36,7 @@ _EXPORTS = {
     "explain_folder": "neuromask_pl.explain",
     "explain_checkpoint": "neuromask_pl.explain",
     "LocalisationDataModule": "neuromask_pl.data.localisation",
-    "load_benchmark_classifier": "neuromask_pl.data.localisation",
+    "load_benchmark_classifier": "neuromask_pl.classifiers.benchmark",
 }
 
 __all__ = [*_EXPORTS, "DEMO_INSTALL_HINT", "__version__"]

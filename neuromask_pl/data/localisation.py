@@ -452,25 +452,3 @@ def checkpoint_path(variant: str) -> str:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     return str(importlib.resources.files("neuromask_pl").joinpath(_ASSETS, f"localisation_{variant}.pt"))
-
-
-def load_benchmark_classifier(variant: str = "clean") -> nn.Module:
-    """The shipped SmallCNN trained on the clean or the spurious variant, in eval mode.
-
-    Loaded with ``weights_only=True`` and ``strict=True`` through
-    :class:`~neuromask_pl.classifiers.FactoryClassifier`; ``class_names`` are ``"0"``..``"9"`` and
-    ``source_file`` is the checkpoint. Its accuracy is in ``neuromask_pl/assets/localisation_metrics.json``
-    (written by ``benchmarks/train_localisation_classifier.py``).
-
-    Raises:
-        ValueError: for an unknown variant.
-        FileNotFoundError: if the checkpoint is missing.
-    """
-    from neuromask_pl.classifiers import FactoryClassifier
-
-    return FactoryClassifier(
-        "neuromask_pl.data.localisation:SmallCNN",
-        {"num_classes": 10},
-        weights=checkpoint_path(variant),
-        class_names=CLASS_NAMES,
-    )
