@@ -1,10 +1,13 @@
 """Which convolutions to pack on the CPU, side by side in one process: EfficientNet-Lite0's default mask step
 with three packing rules, in interleaved rounds (the numbers in docs/results/PERFORMANCE.md).
 
-- ``pointwise``: only convolutions whose padding is the layer's own and that are not grouped (the rule before
-  grouped and same-padding convolutions were packed: its 32 pointwise convolutions);
+- ``pointwise``: only convolutions whose padding is the layer's own and that are not grouped (its 32 pointwise
+  convolutions);
 - ``even``: also grouped ones and those that pad evenly in their forward (44);
-- ``all``: also those that pad unevenly, as F.pad + an unpadded convolution (49, the current rule).
+- ``all``: also those that pad unevenly, as F.pad + an unpadded convolution (49).
+
+The default fast path packs fewer: only where packing pays for the layer's shape (docs/results/MODEL_MATRIX.md,
+"Convolutions packed only where it pays").
 
     python benchmarks/ab_packing.py --rounds 8 --steps 3
 """

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Whether each image's mask is the same bit for bit alone, in a pair and in a batch, for real model architectures.
 
-For every model of issue 14's matrix (``benchmarks/speed.py``'s ``MATRIX``: random weights, randomised BatchNorm
+For every model of the model matrix (``benchmarks/speed.py``'s ``MATRIX``: random weights, randomised BatchNorm
 statistics) and a few more, it explains a batch of images with the ``default`` preset, then the first image alone,
 the next two as a pair and the fourth alone, and prints the largest difference of their masks from the batch's
-(0 = bit for bit; docs/results/STABILITY.md, "bit for bit"). CPU, float32, the default fast path.
+(0 = bit for bit; docs/results/STABILITY.md, "Bit for bit alone or in any batch"). CPU, float32, the default fast path.
 
 Example::
 

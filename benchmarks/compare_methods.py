@@ -411,7 +411,7 @@ def markdown_table(rows: list[dict[str, Any]], spurious: bool) -> str:
 
 
 def check_targets(rows: list[dict[str, Any]], reference: str | None, spurious: bool) -> dict[str, Any] | None:
-    """Issue 6's targets for the reference row against the peers (non-NeuroMask rows)."""
+    """The localisation targets (docs/results/SUMMARY.md) for the reference row against the peers (the other rows)."""
     ref = next((r for r in rows if r["name"] == reference), None)
     if ref is None:
         return None

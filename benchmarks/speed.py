@@ -28,9 +28,9 @@ statistics randomised so folding is not trivial): speed does not depend on them.
 ``--model`` is a torchvision name, ``timm:<name>``, ``module:factory`` (any callable returning the classifier;
 ``--model-kwargs`` is passed to it as JSON), or a built-in: ``cifar_resnet18``, ``efficientnet_lite0``,
 ``hf_tiny_vit`` (a 2-layer Hugging Face ViT whose ``.logits`` are read). ``--matrix`` runs the models of
-:data:`MATRIX` (issue 14's table) one after the other with floor, plain, the pinned variants and default, and
-prints one table: BatchNorms folded, convolutions packed, what the default chose, the ratios to the floor, and
-each model's target.
+:data:`MATRIX` (18 common models, docs/results/MODEL_MATRIX.md) one after the other with floor, plain, the
+pinned variants and default, and prints one table: BatchNorms folded, convolutions packed, what the default chose,
+the ratios to the floor, and each model's target.
 
 Examples::
 
@@ -69,7 +69,7 @@ from neuromask_pl.settings import PRESETS
 
 PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 AUTOGRAD_STEP = "default, autograd step"  # the default's classifier with the mask step by autograd
-TARGETS = {"cnn": 0.90, "transformer": 1.0, "tiny": 1.2}  # default step / floor, issue 14's targets
+TARGETS = {"cnn": 0.90, "transformer": 1.0, "tiny": 1.2}  # default step / floor, the targets per kind of model
 
 # (label, --model, keyword arguments for an image size, kind). Fixed-size transformers are built for the size.
 MATRIX: list[tuple[str, str, Callable[[int], dict[str, Any]], str]] = [

@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# The GPU checks of the performance work as one command, for a lent H100/H200 (at most about 10 minutes):
+# The GPU checks as one command, on an H100/H200 (at most about 10 minutes):
 #   the GPU benchmark targets first (ResNet-50 224 px batch 64 bf16 <= 0.14 ms per image and step; CIFAR
 #   ResNet-18 32 px batch 512 bf16 <= 0.009 ms), then the CUDA tests (fast path, compile + CUDA graphs with
 #   and without early stopping, bf16 and 16-mixed). Results go to $OUT; summary.txt has the verdicts.
 # Uses the machine's own python3 (torch, lightning, torchmetrics there); the package from this checkout.
-#   device tool: run(command="bash scripts/gpu_checks.sh", timeout_s=600)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_checks}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or reuse) ./.venv and install neuromask-pl with the given extra ("demo" or "test").
-# TORCH_SPEC overrides the torch pin (default: the wheels that lie on the team machines' disk).
+# TORCH_SPEC overrides the torch pin (default: torch==2.14.1 torchvision==0.29.1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extra="${1:-demo}"
