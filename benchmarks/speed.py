@@ -103,6 +103,14 @@ MATRIX: list[tuple[str, str, Callable[[int], dict[str, Any]], str]] = [
     ("timm vit_tiny_patch16_224", "timm:vit_tiny_patch16_224", lambda size: {"img_size": size}, "transformer"),
     ("timm deit_tiny_patch16_224", "timm:deit_tiny_patch16_224", lambda size: {"img_size": size}, "transformer"),
     ("torchvision swin_t", "swin_t", lambda size: {}, "transformer"),
+    ("timm rexnet_100", "timm:rexnet_100", lambda size: {}, "cnn"),  # inline sigmoid gates once traced
+    ("ResNet-18 with an F.linear head", "functional_head_resnet18", lambda size: {}, "cnn"),
+    (
+        "timm swin_tiny_patch4_window7_224",  # window size size / 16 (4 at 64 px)
+        "timm:swin_tiny_patch4_window7_224",
+        lambda size: {"img_size": size, "window_size": size // 16},
+        "transformer",
+    ),
     ("torchvision mobilenet_v3_small", "mobilenet_v3_small", lambda size: {}, "tiny"),
     ("Hugging Face tiny ViT", "hf_tiny_vit", lambda size: {"image_size": size}, "tiny"),
 ]
@@ -134,8 +142,28 @@ def _hf_tiny_vit(num_classes: int, image_size: int = 32) -> nn.Module:
     return ClassifierWrapper(transformers.ViTForImageClassification(config), Normalize(0.5, 0.5), output="logits")
 
 
+class _FunctionalHead(nn.Module):
+    """A backbone whose classifier head is written as ``F.linear`` (no ``nn.Linear`` module to replace)."""
+
+    def __init__(self, backbone: nn.Module, features: int, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.weight = nn.Parameter(torch.randn(num_classes, features) / features**0.5)
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.linear(self.backbone(x), self.weight, self.bias)
+
+
+def _functional_head_resnet18(num_classes: int) -> nn.Module:
+    backbone = torchvision.models.resnet18()
+    backbone.fc = nn.Identity()
+    return _FunctionalHead(backbone, 512, num_classes)
+
+
 BUILT_IN: dict[str, Callable[..., nn.Module]] = {
     "cifar_resnet18": _cifar_resnet18,
+    "functional_head_resnet18": _functional_head_resnet18,
     "efficientnet_lite0": _efficientnet_lite0,
     "hf_tiny_vit": _hf_tiny_vit,
 }
