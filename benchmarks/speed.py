@@ -28,7 +28,7 @@ statistics randomised so folding is not trivial): speed does not depend on them.
 ``--model`` is a torchvision name, ``timm:<name>``, ``module:factory`` (any callable returning the classifier;
 ``--model-kwargs`` is passed to it as JSON), or a built-in: ``cifar_resnet18``, ``efficientnet_lite0``,
 ``hf_tiny_vit`` (a 2-layer Hugging Face ViT whose ``.logits`` are read). ``--matrix`` runs the models of
-:data:`MATRIX` (18 common models, docs/results/MODEL_MATRIX.md) one after the other with floor, plain, the
+:data:`MATRIX` (common models, docs/results/MODEL_MATRIX.md) one after the other with floor, plain, the
 pinned variants and default, and prints one table: BatchNorms folded, convolutions packed, what the default chose,
 the ratios to the floor, and each model's target.
 
