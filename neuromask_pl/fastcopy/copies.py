@@ -29,6 +29,10 @@ from neuromask_pl.fastcopy.surgery import takes_replacement
 log = logging.getLogger(__name__)
 
 ORIGINAL = "original"  # the variant that is the classifier itself
+#: Images of the first batch on which a batch-invariant copy is checked: the first one alone against it in the batch.
+CHECKED_IMAGES = 5
+#: The report's name for what the check found where no pass named a cause.
+MOVED = "an image's logits or input gradient moved with its batch (measured; cause not named)"
 
 
 @dataclass(frozen=True)
@@ -220,7 +224,12 @@ class FastCopies:
                     fast = compiled
             fast = _ChannelsLast(fast) if channels_last else fast
             name = _variant_name(candidate, channels_last, options.compile)
-            copies[name] = _Copy(fast, candidate.folded, candidate.passes, candidate.invariant)
+            invariant = candidate.invariant
+            if invariant and not candidate.passes.uncovered and not options.compile:
+                invariant = _same_alone_and_in_a_batch(fast, images[:CHECKED_IMAGES])
+                if not invariant:
+                    candidate.passes.uncovered[MOVED] = 1
+            copies[name] = _Copy(fast, candidate.folded, candidate.passes, invariant)
         return copies or original
 
 
@@ -241,6 +250,26 @@ def _sharing_tensors(module: nn.Module) -> nn.Module:
     """A deep copy of ``module`` that shares its parameters and buffers (its own modules, the same weights)."""
     memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
     return copy.deepcopy(module, memo)
+
+
+def _same_alone_and_in_a_batch(module: nn.Module, images: Tensor) -> bool:
+    """Whether the first image's logits and input gradient are the same bit for bit alone and among ``images``
+    (True where there is only one image, or where the images do not take the replaced layers)."""
+    if len(images) < 2 or not takes_replacement(images):
+        return True
+
+    def run(batch: Tensor) -> tuple[Tensor, Tensor]:
+        batch = batch.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            logits = module(batch)
+            (grad,) = torch.autograd.grad(logits, batch, torch.ones_like(logits))
+        return logits.detach()[:1], grad[:1]
+
+    try:
+        together, alone = run(images), run(images[:1])
+    except Exception:  # noqa: BLE001 - a copy that fails here was already checked to run; claim nothing
+        return False
+    return all(torch.equal(a, b) for a, b in zip(together, alone))
 
 
 def _same_logits(

@@ -30,9 +30,9 @@ from torch.overrides import TorchFunctionMode
 from neuromask_pl.fastcopy.surgery import takes_replacement
 
 #: Matrix products take other kernels below this many rows on the CPU (ATen: one row a vector product, two or three
-#: a small-matrix kernel; oneDNN: one row), and with several threads they split a product with few columns
-#: differently for different row counts, so a layer that gets fewer rows than this per image (a classifier's head)
-#: runs its rows in blocks of exactly this many (zero rows added to the last): every product has the same shape.
+#: a small-matrix kernel; oneDNN: one row), and round a few rows an image differently among more rows (MobileViT's
+#: transformer at 4 rows an image), so a layer that gets at most this many rows per image (a classifier's head) runs
+#: its rows in blocks of exactly this many (zero rows added to the last): every product has the same shape.
 ROW_BLOCK = 4
 
 #: Values per vectorised iteration of ATen's elementwise CPU kernels, at most (two 512-bit vectors of float32; 64 is a
@@ -102,6 +102,11 @@ def rows_per_image(shape: torch.Size, images: int) -> float:
     return (shape.numel() // shape[-1] if shape[-1] else 0) / max(images, 1)
 
 
+def few_rows(shape: torch.Size, images: int) -> bool:
+    """Whether a product whose input has ``shape`` gets at most :data:`ROW_BLOCK` rows per image (so runs blocked)."""
+    return rows_per_image(shape, images) <= ROW_BLOCK
+
+
 def blocked_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear`` on blocks of :data:`ROW_BLOCK` rows (float32 CPU inputs outside autocast; else as it is)."""
     if not takes_replacement(x):
@@ -164,7 +169,7 @@ def coverable(calls: dict[str, int]) -> bool:
 def rewrite_functional_calls(module: nn.Module, example: Tensor) -> dict[str, list[str]]:
     """Rewrite, in the traced parts of ``module``, the inline calls that would make an image's result depend on its
     batch at ``example``'s shapes: elementwise functions of :data:`ROUNDING_FUNCTIONS`/:data:`ROUNDING_METHODS` on
-    unaligned inputs to :func:`planewise`, and ``F.linear`` with fewer than :data:`ROW_BLOCK` rows per image to
+    unaligned inputs to :func:`planewise`, and ``F.linear`` with at most :data:`ROW_BLOCK` rows per image to
     :func:`blocked_linear`. Returns the rewritten nodes by replacement (``planewise``, ``blocked_linear``)."""
     traced = graph_modules(module)
     shapes = _node_shapes(module, traced, example)
@@ -182,7 +187,7 @@ def rewrite_functional_calls(module: nn.Module, example: Tensor) -> dict[str, li
                     else:
                         new = gm.graph.call_function(planewise_call, (node.target, *node.args), dict(node.kwargs))
                 kind = "planewise"
-            elif _is_linear_call(node) and rows_per_image(shape, len(example)) < ROW_BLOCK:
+            elif _is_linear_call(node) and few_rows(shape, len(example)):
                 with gm.graph.inserting_after(node):
                     new = gm.graph.call_function(blocked_linear, tuple(node.args), dict(node.kwargs))
                 kind = "blocked_linear"
@@ -256,7 +261,7 @@ class _CallRecorder(TorchFunctionMode):
                 self.calls[name] += 1
             elif (func in ROUNDING_FUNCTIONS or name in ROUNDING_METHODS) and unaligned(first.shape):
                 self.calls[f"{name} (unaligned)"] += 1
-            elif func is F.linear and first.ndim >= 2 and rows_per_image(first.shape, self.images) < ROW_BLOCK:
+            elif func is F.linear and first.ndim >= 2 and few_rows(first.shape, self.images):
                 if first.numel() // first.shape[-1] != ROW_BLOCK:  # a blocked product runs exactly ROW_BLOCK rows
                     self.calls["linear (few rows)"] += 1
         return func(*args, **(kwargs or {}))

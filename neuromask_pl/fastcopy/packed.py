@@ -134,7 +134,7 @@ def _flipped_transposed(weight: Tensor, groups: int) -> Tensor:
 
 
 #: (cells per image of a 1x1 convolution's input, at most; weights from which packing pays there, None: never):
-#: docs/results/MODEL_MATRIX.md, section "speed16".
+#: docs/results/MODEL_MATRIX.md, "Convolutions packed only where it pays".
 PACKED_POINTWISE_MIN_WEIGHTS: tuple[tuple[float, int | None], ...] = (
     (1, None),
     (16, 32768),
@@ -143,17 +143,12 @@ PACKED_POINTWISE_MIN_WEIGHTS: tuple[tuple[float, int | None], ...] = (
 
 
 def packing_pays(conv: nn.Conv2d, input_shape: torch.Size) -> bool:
-    """Whether :class:`FrozenConv2d` measured faster than the plain layer (forward and input gradient, 1 thread)
-    for layers like ``conv`` at an input of ``input_shape``; by the layer's shape only, so the same on every run.
+    """Whether :class:`FrozenConv2d` measured faster than the original layer (forward and input gradient) for layers
+    like ``conv`` at an input of ``input_shape``; by the layer's shape only, so the same on every run.
 
-    Timed layer by layer on all 809 convolutions of the 18 models of docs/results/MODEL_MATRIX.md (64 px, batch 2)
-    and checked on the whole models (section "speed16"): a packed 1x1 convolution costs about 100 us more than
-    ATen's (the activations' reorders) unless it has many weights for its input's size (ATen's own is slow there:
-    EfficientNet-B0's 1152 -> 192 at 2 x 2 cells, 1130 us plain, 290 packed), so 1x1 layers stay unpacked at one
-    cell per image (squeeze-and-excitation) and below 32,768 weights at up to 16 cells or 16,384 beyond (the
-    thresholds are those at which no whole model measured slower: DenseNet-121's bottlenecks measured faster
-    unpacked alone, 2% slower inside the model). Depthwise convolutions of stride 2 measured slower packed (26 of
-    28), of stride 1 as fast or faster; every other kind (k x k, grouped, patch embeddings) faster packed.
+    Depthwise convolutions pay at stride 1 only, 1x1 ones from :data:`PACKED_POINTWISE_MIN_WEIGHTS` weights by the
+    cells per image (never at one cell: squeeze-and-excitation), every other kind always. The measurements behind it:
+    docs/results/MODEL_MATRIX.md, "Convolutions packed only where it pays" (``benchmarks/speed.py --matrix``).
     """
     if conv.groups > 1 and conv.groups == conv.in_channels:  # depthwise
         return tuple(conv.stride) == (1, 1)
@@ -164,11 +159,8 @@ def packing_pays(conv: nn.Conv2d, input_shape: torch.Size) -> bool:
     return least is not None and conv.weight.numel() >= least
 
 
-# Linear layers with fewer weights stay as they are: at the token counts of a mask step (tens to hundreds of rows)
-# their weights stay in the CPU's caches, and oneDNN's packed product measured slower than ATen's there (MobileViT's
-# 64 x 64 to 96 x 288 layers: +7 to +13% for the model); from 256 KiB of float32 weights on, which a forward and a
-# backward read from memory once each, the packed product measured 20-27% faster (ViT-Tiny's layers; whole copies:
-# ConvNeXt-T -25%, Swin-T -10%, ViT-Tiny -6%; docs/results/MODEL_MATRIX.md, "speed15").
+#: Linear layers with fewer weights stay as they are: their weights stay in the CPU's caches, where ATen's product
+#: measured faster than oneDNN's packed one (docs/results/MODEL_MATRIX.md, "Packed Linear layers").
 MIN_PACKED_LINEAR_WEIGHTS = 65536
 
 
@@ -189,7 +181,7 @@ class _FrozenLinearFunction(torch.autograd.Function):
 class FrozenLinear(nn.Module):
     """A frozen ``nn.Linear`` for the CPU: ``x W^T + b`` and the gradient to its input ``g W`` (mathematically the
     same as autograd's; the weight gradient is skipped). With ``packed``, ``W`` and ``W^T`` are packed once for
-    oneDNN (faster for large layers); else ATen's products run. With ``blocked`` (for a layer that gets fewer than
+    oneDNN (faster for large layers); else ATen's products run. With ``blocked`` (for a layer that gets at most
     :data:`ROW_BLOCK` rows an image, a classifier's head), the rows run in blocks of :data:`ROW_BLOCK`, so that a
     row's result does not depend on how many rows run.
 

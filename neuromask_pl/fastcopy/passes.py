@@ -18,13 +18,12 @@ from torch import Tensor, nn
 
 from neuromask_pl.fastcopy.invariant import (
     ROUNDING_ACTIVATIONS,
-    ROW_BLOCK,
     PerImageConv2d,
     PlanewiseActivation,
     coverable,
+    few_rows,
     graph_modules,
     rewrite_functional_calls,
-    rows_per_image,
     unaligned,
     uncovered_calls,
 )
@@ -43,10 +42,6 @@ class Site:
 
     def on(self, *names: str) -> bool:
         return any(name in self.switches for name in names)
-
-    @property
-    def rows_per_image(self) -> float | None:
-        return rows_per_image(self.shape, self.images) if self.shape is not None else None
 
 
 @dataclass(frozen=True)
@@ -76,12 +71,11 @@ def _per_image_pointwise(conv: nn.Module, site: Site) -> nn.Module | None:
 
 
 def _linear(linear: nn.Module, site: Site) -> nn.Module | None:
-    """Packed where it pays and ``pack_linears`` is on (and the run called it), blocked where it gets fewer than
-    :data:`ROW_BLOCK` rows an image and ``batch_invariant`` is on."""
+    """Packed where it pays and ``pack_linears`` is on (and the run called it), blocked where it gets at most
+    :data:`~neuromask_pl.fastcopy.invariant.ROW_BLOCK` rows an image and ``batch_invariant`` is on."""
     called = site.shape is not None or site.images == 0
     packed = site.on("pack_linears") and called and FrozenLinear.packing_pays(linear)
-    rows = site.rows_per_image
-    blocked = site.on("batch_invariant") and rows is not None and rows < ROW_BLOCK
+    blocked = site.on("batch_invariant") and site.shape is not None and few_rows(site.shape, site.images)
     return FrozenLinear(linear, packed=packed, blocked=blocked) if packed or blocked else None
 
 
