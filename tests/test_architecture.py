@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import configparser
+import logging
 
 from helpers import REPO
 from importlinter import cli
 
 
 def test_the_import_contracts_are_kept() -> None:
-    assert cli.lint_imports(config_filename=str(REPO / "setup.cfg")) == cli.EXIT_STATUS_SUCCESS
+    # lint_imports configures logging with logging.config.dictConfig, which disables every logger that exists
+    # (the package's among them, so later tests would capture no log records): their states are put back.
+    loggers = [logger for logger in logging.root.manager.loggerDict.values() if isinstance(logger, logging.Logger)]
+    disabled = [logger.disabled for logger in loggers]
+    try:
+        assert cli.lint_imports(config_filename=str(REPO / "setup.cfg")) == cli.EXIT_STATUS_SUCCESS
+    finally:
+        for logger, was_disabled in zip(loggers, disabled):
+            logger.disabled = was_disabled
 
 
 def test_every_package_module_is_in_a_layer() -> None:
