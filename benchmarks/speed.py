@@ -252,18 +252,17 @@ def fast_copies(
     FastCopies (``auto``) and module, timed among them as NeuroMask does on its first batch; the seconds that
     choice took."""
     pinned: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
-    for switches in (
-        {"pack_convolutions": False, "pack_linears": False, "batch_invariant": False, "auto": False},
-        {"auto": False},
-        {"pack_linears": False, "auto": False},
+    for suffix, switches in (
+        ("", {"pack_convolutions": False, "pack_linears": False, "batch_invariant": False, "auto": False}),
+        ("", {"auto": False}),
+        (" (linears unpacked)", {"pack_linears": False, "auto": False}),
     ):
-        if switches.get("pack_linears") is False and not any(r["packed_linears"] for _, r in pinned.values()):
+        if suffix and not any(r["packed_linears"] for _, r in pinned.values()):
             continue  # the packed variant without its packed Linear layers: only where it has some
         fast = FastCopies(FastPath(**switches))
         with autocast():
             module = fast.get(model, images)
         if module is not model:
-            suffix = " (linears unpacked)" if switches.get("pack_linears") is False else ""
             pinned.setdefault(fast.report()["variant"] + suffix, (module, fast.report()))
     default = FastCopies(FastPath(auto=auto))
     start = time.perf_counter()

@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # One command: set up and run the test suite (fails when no test ran: pytest exits 5), then run the tests of
-# numerics again under another CPU's kernels (ATEN_CPU_CAPABILITY=avx2), as CI does on every change.
+# numerics (pytest mark `numerics`) twice more under other CPUs' kernels, as CI does on every change: AVX2 and SSE4.1
+# kernels of ATen, oneDNN and MKL together (each library picks its kernels by the CPU; these variables cap them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh test
 . .venv/bin/activate
 python -m pytest "$@"
-echo "--- the tests of numerics again, with another CPU's kernels (ATEN_CPU_CAPABILITY=avx2) ---"
-# torch.compile caches kernels on disk without keying them on ATEN_CPU_CAPABILITY: a cache of its own.
-inductor_cache=$(mktemp -d)
-trap 'rm -rf "$inductor_cache"' EXIT
-ATEN_CPU_CAPABILITY=avx2 TORCHINDUCTOR_CACHE_DIR="$inductor_cache" python -m pytest -m numerics -p no:cacheprovider "$@"
+# torch.compile caches kernels on disk without keying them on the CPU's kernels: a cache of its own per run.
+caches=$(mktemp -d)
+trap 'rm -rf "$caches"' EXIT
+echo "--- the tests of numerics again, with AVX2 kernels (ATen, oneDNN, MKL) ---"
+ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 TORCHINDUCTOR_CACHE_DIR="$caches/avx2" \
+    python -m pytest -m numerics -p no:cacheprovider "$@"
+echo "--- the tests of numerics again, with SSE4.1 kernels (ATen's default, oneDNN, MKL) ---"
+ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2 \
+    TORCHINDUCTOR_CACHE_DIR="$caches/sse41" python -m pytest -m numerics -p no:cacheprovider "$@"

@@ -80,7 +80,7 @@ def test_images_must_have_the_classifiers_channels_and_float_type(tiny_cnn, imag
 
 
 def test_cpu_out_of_memory_splits_the_batch_like_cuda(tiny_cnn, image_factory, monkeypatch) -> None:
-    import neuromask_pl.module as module
+    import neuromask_pl.explainer as module
 
     # float64: chunks of other sizes may sum in another order; float64 rounding stays far below the tolerance
     tiny_cnn, images = tiny_cnn.double(), image_factory(5).double()

@@ -22,17 +22,10 @@ from helpers import load_script, make_images, make_tiny_cnn
 from torch import nn
 
 from neuromask_pl import NeuroMask
+from neuromask_pl.fastcopy.invariant import ROW_BLOCK, PerImageConv2d, PlanewiseActivation
+from neuromask_pl.fastcopy.packed import FrozenConv2d, FrozenLinear
+from neuromask_pl.fastcopy.passes import apply_passes
 from neuromask_pl.maths.losses import prediction_loss
-from neuromask_pl.maths.packing import (
-    MIN_ROWS,
-    FrozenConv2d,
-    FrozenLinear,
-    PerImageConv2d,
-    PlanewiseActivation,
-    align_activations,
-    pack_convolutions,
-    pack_linears,
-)
 
 pytestmark = pytest.mark.numerics
 
@@ -98,7 +91,8 @@ def test_each_mask_alone_equals_its_mask_in_a_batch_bit_for_bit(make_net, thread
     with torch_threads(threads):
         explainer = NeuroMask(net, steps=30, seed=0)
         together = explainer.explain(images, ids=ids)
-        assert explainer.fast_path_report["mask_step"] == "fused"
+        assert explainer.fast_path_report["mask_gradient"] == "explicit"
+        assert explainer.fast_path_report["batch_invariant"]
         for rows in ([0], [5, 6], [14, 15, 16], list(range(4, 9))):
             part = explainer.explain(images[rows], together.targets[rows], ids=ids[rows])
             assert torch.equal(part.masks, together.masks[rows]), rows
@@ -106,7 +100,7 @@ def test_each_mask_alone_equals_its_mask_in_a_batch_bit_for_bit(make_net, thread
 
 @pytest.mark.parametrize("size", [(45, 30), (28, 28)])
 def test_odd_image_sizes_give_the_same_mask_alone_or_in_a_batch(size: tuple[int, int]) -> None:
-    """Sizes whose pixel count is no multiple of 64: the fused step's sigmoids run on planes padded to whole vector
+    """Sizes whose pixel count is no multiple of 64: the explicit step's sigmoids run on planes padded to whole vector
     iterations (``planewise_sigmoid``), so no plane's last values take ATen's scalar kernel."""
     net = make_tiny_cnn(0)
     images = torch.rand(5, 3, *size, generator=torch.Generator().manual_seed(2))
@@ -153,7 +147,7 @@ def test_frozen_linear_rows_are_the_same_whatever_the_number_of_rows(packed: boo
         (grad,) = torch.autograd.grad(out, part, grad_out[rows])
         return out, grad
 
-    assert MIN_ROWS == 4
+    assert ROW_BLOCK == 4
     for threads in (1, 2):  # with 2 threads ATen splits an unblocked product by its row count (5-7, 9-11 rows)
         with torch_threads(threads):
             full_out, full_grad = run(slice(None))
@@ -171,12 +165,13 @@ def test_pointwise_convolutions_run_one_kernel_at_any_batch_and_thread_count() -
     net = mobile_net().requires_grad_(False)
     copied = copy.deepcopy(net)
     images = make_images(BATCH, size=16, seed=1)
-    packed = pack_convolutions(copied, images[:2])
+    copied, record = apply_passes(
+        copied, images[:2], frozenset({"pack_convolutions", "pack_linears", "batch_invariant"})
+    )
     assert isinstance(copied.gate[1], PerImageConv2d) and isinstance(copied.gate[3], PerImageConv2d)  # one cell
-    assert packed >= 2  # the stem and the depthwise convolution (stride 1) are packed
-    pack_linears(copied, images[:2])
+    assert record.count("packed_convolution") >= 2  # the stem and the depthwise convolution (stride 1) are packed
     assert isinstance(copied.head, FrozenLinear) and copied.head.blocked and not copied.head.packed  # 1 row an image
-    assert align_activations(copied, images[:2]) == 1 and isinstance(copied.gate[4], PlanewiseActivation)
+    assert record.count("planewise_activation") == 1 and isinstance(copied.gate[4], PlanewiseActivation)
     torch.testing.assert_close(copied(images), net(images), rtol=1e-5, atol=1e-5)
     outputs = []
     for threads in (1, 2):
@@ -194,7 +189,8 @@ def test_a_blocked_packed_head_feeds_an_in_place_activation() -> None:
     net = nn.Sequential(nn.Linear(300, 250), nn.Hardswish(inplace=True), nn.Linear(250, 10)).eval()
     net.requires_grad_(False)
     copied = copy.deepcopy(net)
-    assert pack_linears(copied, torch.randn(2, 300)) == 1 and copied[0].blocked and copied[2].blocked
+    copied, _ = apply_passes(copied, torch.randn(2, 300), frozenset({"pack_linears", "batch_invariant"}))
+    assert [copied[0].packed, copied[0].blocked, copied[2].packed, copied[2].blocked] == [True, True, False, True]
     x = torch.randn(2, 300, requires_grad=True)
     (ours,) = torch.autograd.grad(copied(x).sum(), x)
     (reference,) = torch.autograd.grad(net(x).sum(), x)

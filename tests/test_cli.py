@@ -64,12 +64,12 @@ def test_cli_writes_outputs_and_tensorboard(tmp_path: Path, stage: str, capsys: 
         assert 0 <= int(row["target"]) < 10
     record = json.loads((out / "run.json").read_text())
     assert record["counts"] == {"explained": 5, "skipped": 1}
-    assert record["hparams"]["steps"] == 5 and record["hparams"]["preset"] == "default"
+    assert record["hparams"]["settings"]["steps"] == 5 and record["hparams"]["preset"] == "default"
     assert record["hparams"]["settings"]["mask_size"] == 32  # resolved from the preset, not None
     assert "FactoryClassifier" in record["classifier"]["class"] and "torchvision" in record["versions"]
     fast = record["fast_path"]  # what the fast path ran: resnet18's 20 BatchNorms folded, its convolutions packed
     assert (fast["variant"], fast["folded_batchnorm"], fast["batchnorm_layers"]) == ("folded+packed", 20, 20)
-    assert fast["mask_step"] == "fused"  # the default preset on the CPU
+    assert fast["mask_gradient"] == "explicit" and fast["batch_invariant"]  # the default preset on the CPU
     assert str(out) in capsys.readouterr().out
 
     acc = _events(tmp_path)
@@ -81,12 +81,12 @@ def test_cli_writes_outputs_and_tensorboard(tmp_path: Path, stage: str, capsys: 
     areas = [float(r["mask_area"]) for r in rows[1:]]
     assert acc.Scalars("explain/run/samples")[-1].value == 5
     assert acc.Scalars("explain/fast_path/folded_batchnorm")[-1].value == 20
-    assert acc.Scalars("explain/fast_path/fused_mask_step")[-1].value == 1.0
+    assert acc.Scalars("explain/fast_path/explicit_mask_gradient")[-1].value == 1.0
     assert acc.Scalars("explain/run/mask_area")[-1].value == pytest.approx(np.mean(areas), abs=1e-5)
     start = plugin_data_pb2.HParamsPluginData.FromString(
         acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     ).session_start_info
-    assert start.hparams["steps"].number_value == 5 and start.hparams["preset"].string_value == "default"
+    assert start.hparams["settings/steps"].number_value == 5 and start.hparams["preset"].string_value == "default"
     if stage == "test":
         for name in ("mask_area", "preservation_rate", "selection_rate", "deletion_auc", "insertion_auc"):
             assert f"test/{name}" in scalars

@@ -12,7 +12,8 @@ from helpers import load_script
 pytest.importorskip("captum")
 pytest.importorskip("torchray")
 
-from neuromask_pl.data.localisation import load_benchmark_classifier, make_localisation_set  # noqa: E402
+from neuromask_pl.classifiers.benchmark import load_benchmark_classifier  # noqa: E402
+from neuromask_pl.data.localisation import make_localisation_set  # noqa: E402
 from neuromask_pl.metrics import energy_pointing, pointing_game  # noqa: E402
 
 

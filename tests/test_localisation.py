@@ -16,6 +16,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from neuromask_pl import NeuroMask
+from neuromask_pl.classifiers.benchmark import load_benchmark_classifier
 from neuromask_pl.data.localisation import (
     CLEAR_MARGIN,
     CUE_COLOURS,
@@ -24,7 +25,6 @@ from neuromask_pl.data.localisation import (
     SmallCNN,
     checkpoint_path,
     digit_pools,
-    load_benchmark_classifier,
     make_localisation_set,
 )
 

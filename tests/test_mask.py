@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neuromask_pl.maths.mask import join_grids, tie_free_map, grid_logits
+from neuromask_pl.maths.mask import grid_logits, join_grids, tie_free_map
 
 pytestmark = pytest.mark.numerics
 

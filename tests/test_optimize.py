@@ -1,4 +1,4 @@
-"""neuromask_pl.maths.optimize, the inner loop: the TF1 RMSProp and the fused Adam, jitter, the two-scale and
+"""neuromask_pl.maths.optimize, the inner loop: the TF1 RMSProp and the single-kernel Adam, jitter, the two-scale and
 upsampled masks, the deletion game's forward pass, per-sample early stopping, float16 loss scaling, the rows a
 step runs, and masks that never depend on the batch; each checked against a hand computation or a run alone."""
 
@@ -14,8 +14,9 @@ from helpers import BLUR_AREA, FAST_TOLERANCE, assert_masks_independent_of_the_b
 from torch import Tensor, nn
 
 from neuromask_pl import NeuroMask
+from neuromask_pl.classifiers.benchmark import load_benchmark_classifier
 from neuromask_pl.data import TensorDataModule
-from neuromask_pl.data.localisation import load_benchmark_classifier, make_localisation_set
+from neuromask_pl.data.localisation import make_localisation_set
 from neuromask_pl.maths.losses import deletion_loss, temperature_at
 from neuromask_pl.maths.optimize import (
     LeanAdam,
@@ -87,13 +88,16 @@ def test_tf_rmsprop_skips_parameters_without_gradient() -> None:
     assert used.detach().tolist() == pytest.approx([1 - 0.5 / math.sqrt(1.0)] * 2)
 
 
-# ----------------------------------------------------------------------------- fused Adam (CUDA's)
+# ----------------------------------------------------------------------------- single-kernel Adam (CUDA's)
 
 
 @pytest.mark.parametrize("float16", [False, True])
-def test_fused_adam_of_cuda_gives_the_same_masks_with_early_stopping(float16, tiny_cnn, image_factory, monkeypatch):
-    """The fused Adam that CUDA runs, exercised on the CPU (torch has it there too): same masks, same stops,
-    also where early stopping and float16 overflow skips restore some samples' weights after the step."""
+def test_single_kernel_adam_of_cuda_gives_the_same_masks_with_early_stopping(
+    float16, tiny_cnn, image_factory, monkeypatch
+):  # noqa: E501
+    """The single-kernel Adam (``fused=True``) that CUDA runs, exercised on the CPU (torch has it there too): same
+    masks, same stops, also where early stopping and float16 overflow skips restore some samples' weights after the
+    step."""
     images = image_factory(3, 16)
     options = dict(steps=40, settings={**BLUR_AREA, "stop_patience": 3, "stop_tolerance": 2e-2})
 
@@ -102,7 +106,7 @@ def test_fused_adam_of_cuda_gives_the_same_masks_with_early_stopping(float16, ti
             return NeuroMask(tiny_cnn, preset="paper", **options).explain(images)
 
     reference = explain()
-    monkeypatch.setattr("neuromask_pl.maths.optimize.fuses_adam", lambda device: True)
+    monkeypatch.setattr("neuromask_pl.maths.optimize.single_kernel_adam", lambda device: True)
     made = []
     original = torch.optim.Adam.__init__
 
@@ -112,7 +116,7 @@ def test_fused_adam_of_cuda_gives_the_same_masks_with_early_stopping(float16, ti
 
     monkeypatch.setattr(torch.optim.Adam, "__init__", record)
     fused = explain()
-    assert made and all(made), "the fused Adam was not used"
+    assert made and all(made), "the single-kernel Adam was not used"
     assert min(reference.steps.tolist()) < 40, "no sample stopped early: the test would not cover restored weights"
     assert fused.steps.tolist() == reference.steps.tolist()
     torch.testing.assert_close(fused.masks, reference.masks, rtol=0, atol=FAST_TOLERANCE)
@@ -471,7 +475,7 @@ def test_the_noise_baseline_is_what_the_classifier_sees_where_the_mask_hides(tin
 def test_the_classifier_sees_a_draw_of_the_mask_and_the_result_is_the_mask(tiny_cnn, preset: str) -> None:
     """With sample_temperature t the classifier sees sigmoid((w / T + noise) / t) during the steps, with the
     step's logistic noise at the weights' grid, and the mask sigmoid(w / T) itself after them."""
-    from neuromask_pl.maths.mask import logistic_noise, grid_logits
+    from neuromask_pl.maths.mask import grid_logits, logistic_noise
     from neuromask_pl.maths.optimize import image_mask
 
     images = make_images(2, size=16, seed=3)

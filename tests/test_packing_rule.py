@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from neuromask_pl.maths.packing import FrozenConv2d, pack_convolutions, packing_pays
+from neuromask_pl.fastcopy.packed import FrozenConv2d, packing_pays
+from neuromask_pl.fastcopy.passes import apply_passes
 
 
 def conv(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
@@ -47,9 +48,10 @@ def test_pack_convolutions_with_an_example_packs_where_it_pays_only() -> None:
     ).eval()
     images = torch.rand(2, 3, 32, 32)
     expected = model(images)
-    chosen = pack_convolutions(model, images)
-    assert chosen == 2
+    model, record = apply_passes(model, images, frozenset({"pack_convolutions"}))
+    assert record.count("packed_convolution") == 2
     assert [isinstance(layer, FrozenConv2d) for layer in model] == [True, False, False, False, True]
     torch.testing.assert_close(model(images), expected, rtol=1e-4, atol=1e-5)  # float32 rounding of other kernels
     every = nn.Sequential(conv(3, 16, 3), conv(16, 16, 3, 2, groups=16), conv(16, 64, 1))
-    assert pack_convolutions(every) == 3  # without an example: all of them
+    _, record = apply_passes(every, None, frozenset({"pack_convolutions"}))
+    assert record.count("packed_convolution") == 3  # without an example: all of them

@@ -9,9 +9,9 @@ import pytest
 import torch
 from helpers import load_script
 
-from neuromask_pl.maths import fastpath
+from neuromask_pl.fastcopy import autotune, copies
 
-REAL_FASTEST_VARIANT = fastpath.fastest_variant  # the suite may pin the choice; the benchmark measures it
+REAL_FASTEST_VARIANT = autotune.fastest_variant  # the suite may pin the choice; the benchmark measures it
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
 
@@ -24,7 +24,7 @@ def benchmark():
 @needs_onednn
 @pytest.mark.parametrize("target_ms, met", [(1e9, True), (1e-9, False)])
 def test_benchmark_writes_rows_ratios_and_the_target(benchmark, tmp_path, capsys, monkeypatch, target_ms, met):
-    monkeypatch.setattr(fastpath, "fastest_variant", REAL_FASTEST_VARIANT)  # the default's choice timed for real
+    monkeypatch.setattr(copies, "fastest_variant", REAL_FASTEST_VARIANT)  # the default's choice timed for real
     out = tmp_path / "bench.json"
     args = "--model resnet18 --size 32 --batch 2 --rounds 2 --steps 1 --no-compile --reference-images 1 --auto"
     result = benchmark.main([*args.split(), "--target-ms", str(target_ms), "--out", str(out)])
@@ -36,8 +36,8 @@ def test_benchmark_writes_rows_ratios_and_the_target(benchmark, tmp_path, capsys
     assert rows["reference"]["batch"] == 1 and rows["default"]["batch"] == 2
     assert result["folded_batchnorm_layers"] == 20
     report = result["fast_path"]
-    assert report["measured"] and report["variant"] in ("plain", "folded", "folded+packed")
-    assert set(report["forward_backward_ms"]) == {"plain", "folded", "folded+packed"}
+    assert report["measured"] and report["variant"] in ("original", "folded", "folded+packed")
+    assert set(report["forward_backward_ms"]) == {"original", "folded", "folded+packed"}
     assert set(result["saved_activation_bytes_per_image"]) == {"floor", "plain", "default"}
     assert result["target"] == {"ms_per_image_step": target_ms, "met": met, "by": "default"}
     printed = capsys.readouterr().out
@@ -68,7 +68,7 @@ def test_the_matrix_prints_one_table_with_counts_choices_and_targets(benchmark, 
     assert labels == ["torchvision mobilenet_v3_small", "Hugging Face tiny ViT"]
     mobilenet, vit = result["models"]
     assert mobilenet["fast_path"]["batchnorm_layers"] == 34
-    assert mobilenet["fast_path"]["variant"] in {"plain", *mobilenet["pinned"]}
+    assert mobilenet["fast_path"]["variant"] in {"original", *mobilenet["pinned"]}
     assert mobilenet["pinned"]["folded"]["folded_batchnorm"] == 34 and "folded+packed" in mobilenet["pinned"]
     assert vit["fast_path"]["batchnorm_layers"] == 0 and vit["target"] == 1.2 and vit["kind"] == "tiny"
     for model in result["models"]:

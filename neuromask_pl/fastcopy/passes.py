@@ -96,10 +96,12 @@ REPLACEMENT_LAYERS = (FrozenConv2d, FrozenLinear, PerImageConv2d, PlanewiseActiv
 
 
 class _KeepLayers(torch.fx.Tracer):
-    """fx tracer that keeps torch's layers and the replacement layers as calls."""
+    """fx tracer that keeps torch's layers, their subclasses (which may change the maths: their calls are theirs) and
+    the replacement layers as calls."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, REPLACEMENT_LAYERS) or super().is_leaf_module(module, qualified_name)
+        kept = REPLACEMENT_LAYERS + (nn.Linear, nn.modules.conv._ConvNd)
+        return isinstance(module, kept) or super().is_leaf_module(module, qualified_name)
 
 
 def traced(module: nn.Module) -> torch.fx.GraphModule | None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from neuromask_pl.maths.explicit import MaskGrids, explicit_mask_step
+from neuromask_pl.maths.explicit import MaskGrids, covers, explicit_mask_step
 from neuromask_pl.maths.losses import laplacian_kernel, laplacian_size, loss_terms, lr_at, settings_at, temperature_at
 from neuromask_pl.maths.mask import (
     JITTER_STREAM,
@@ -218,8 +218,10 @@ class MaskOptimisation:
     each mask follows exactly the path it would follow alone. Samples that early stopping has stopped
     leave the forward passes and keep their weights; with ``few_batch_sizes`` (for CUDA graphs) the rows
     that run are topped up to a power of two, see :func:`running_rows`. With ``explicit`` (see
-    :func:`~neuromask_pl.maths.explicit.uses_explicit_gradient`), the steps compute their gradient by
-    :func:`~neuromask_pl.maths.explicit.explicit_mask_step` (the same maths, half the kernels). The classifier must
+    :func:`~neuromask_pl.maths.explicit.uses_explicit_gradient`), steps whose settings it
+    :func:`~neuromask_pl.maths.explicit.covers` compute their gradient by
+    :func:`~neuromask_pl.maths.explicit.explicit_mask_step` (the same maths, half the kernels), except under float16
+    loss scaling. The classifier must
     already be frozen (eval mode, no parameter gradients) by the caller; it may be a fast copy (see
     :mod:`neuromask_pl.fastcopy`).
     """
@@ -256,7 +258,7 @@ class MaskOptimisation:
             weights = join_grids(weights, weights.new_zeros(len(ids), 1, *coarse))
         self.weights = weights.requires_grad_(True)
         self.explicit_grids = None  # the resizes of the explicit step, when it runs
-        if explicit:
+        if explicit and covers(settings):  # never for settings it does not cover (other maths)
             coarse = self.grids[1] if self.grids is not None else None
             self.explicit_grids = MaskGrids.of((mask_height, mask_width), coarse, (height, width), weights)
         self.optimizer = make_optimizer([self.weights], settings)
@@ -314,7 +316,7 @@ class MaskOptimisation:
         """The mask, loss terms and gradient (of the summed, loss-scaled total, for all weights) of this step for
         the samples ``rows`` (None = all): explicit where it runs (the terms only with early stopping, which reads
         them), else by autograd."""
-        if self.explicit_grids is not None:
+        if self.explicit_grids is not None and self.loss_scale is None:  # float16 loss scaling: autograd
             images, targets, weights = self.images, self.targets, self.weights
             if rows is not None:
                 images, targets, weights = images[rows], targets[rows], weights[rows]
