@@ -18,6 +18,6 @@ timeout 200 $PY benchmarks/speed.py --model resnet50 --num-classes 1000 --size 2
 timeout 150 $PY benchmarks/speed.py --model cifar_resnet18 --size 32 --batch 512 \
     --precision bf16-mixed --rounds 5 --steps 10 --target-ms 0.009 --out "$OUT/cifar_resnet18_32_b512_bf16.json" \
     2>&1 | tee "$OUT/cifar.log"
-timeout 230 $PY -m pytest -q -p no:cacheprovider tests/test_fastpath.py tests/test_optimize.py 2>&1 | tail -n 15 | tee "$OUT/tests.log"
+timeout 230 $PY -m pytest -q -p no:cacheprovider tests/fastcopy/test_copies.py tests/maths/test_optimize.py 2>&1 | tail -n 15 | tee "$OUT/tests.log"
 { cat "$OUT/device.txt"; grep -h "^target" "$OUT/resnet50.log" "$OUT/cifar.log"; tail -n 1 "$OUT/tests.log"; } \
     | tee "$OUT/summary.txt"

@@ -349,7 +349,7 @@ def test_sigkill_then_rerun_resumes_only_missing_samples(large: dict, tmp_path: 
     assert sorted(new) == sorted(set(range(24)) - done_before), (sorted(new), sorted(done_before))
     assert len({name.split("-")[2] for name in shards if name not in before}) == 1  # one new session
     # the `default` preset on the CPU: each sample's mask is the same bit for bit in the rerun's batches of 3 as in
-    # the uninterrupted run's batches of 2 (tests/test_batch_invariance.py)
+    # the uninterrupted run's batches of 2 (tests/fastcopy/test_invariant.py)
     _assert_same_masks(out, large["masks"], exact=True)
 
     # A third run finds everything done: nothing is written, nothing changes.

@@ -27,7 +27,7 @@ BATCH_CONFIGS = {
     "paper": dict(preset="paper", steps=40),
     "paper_unsaturated": dict(preset="paper", steps=60, settings=dict(weight_limit=1.0, lr=0.1)),
     # The default ends at temperature 0.01, which amplifies float32 rounding differences between batched and
-    # single-image convolutions 100x; here it ends at 0.05, and tests/test_optimize.py checks the
+    # single-image convolutions 100x; here it ends at 0.05, and tests/maths/test_optimize.py checks the
     # exact default preset in float64.
     "default": dict(preset="default", steps=40, settings=dict(temperature=0.05)),
 }
