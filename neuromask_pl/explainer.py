@@ -22,8 +22,9 @@ from neuromask_pl.data.checks import (
     device_of,
     frozen,
     integral_ids,
+    targets_by_name,
 )
-from neuromask_pl.explanation import Explanation
+from neuromask_pl.explanation import Explanation, baseline_check
 from neuromask_pl.fastcopy import FastCopies, FastPath
 from neuromask_pl.maths.explicit import MASK_GRADIENTS, MaskGradient, uses_explicit_gradient
 from neuromask_pl.maths.optimize import MaskFit, learn_masks
@@ -138,7 +139,8 @@ class Explainer:
         Args:
             images: B x C x H x W floats in [0, 1].
             targets: class per image (B,), one class for all, or None for ``target_class`` or else the
-                predicted class.
+                predicted class; classes may be given by name (``"cat"``, ``["cat", "dog"]``) when the classifier
+                has ``class_names``.
             ids: sample ids (B,) that seed each mask; default 0..B-1.
         """
         if torch.is_inference_mode_enabled():
@@ -154,6 +156,7 @@ class Explainer:
                 logits = self._logits(images)
             targets = self._targets(targets, logits)
             fit = self._learn(self.copies.get(self.classifier, images), images, targets, ids)
+            checks = baseline_check(self.classifier, images, logits, targets, self.settings.baseline, self.seed)
         prob_original = logits.float().softmax(-1).gather(1, targets[:, None])[:, 0]
         prob_masked = fit.logits_masked.softmax(-1).gather(1, targets[:, None])[:, 0]
         diverged = ~(torch.isfinite(fit.masks).flatten(1).all(1) & torch.isfinite(fit.loss["total"]))
@@ -173,6 +176,7 @@ class Explainer:
             steps=fit.steps,
             images=images,
             errors=errors,
+            **checks,
         )
 
     def _learn(self, classifier: nn.Module, images: Tensor, targets: Tensor, ids: Tensor) -> MaskFit:
@@ -239,6 +243,7 @@ class Explainer:
             targets = self.target_class
         if targets is None:
             return logits.argmax(-1)
+        targets = targets_by_name(targets, self.class_names)  # "cat" or ["cat", "dog"]: their indices
         targets = integral_ids(targets, "targets", nonnegative=False)  # the range check below names the classes
         if targets.numel() not in (1, batch):
             raise ValueError(f"targets must be one class or {batch} classes (one per image), got {targets.numel()}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytorch_lightning as pl
@@ -9,7 +10,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_only
 
-from neuromask_pl.explanation import SUMMARY_KEYS, Explanation
+from neuromask_pl.explanation import FLAGS, ONE_CLASS_MIN_SAMPLES, SUMMARY_KEYS, Explanation, sanity_warnings
 from neuromask_pl.viz import panel_grid
 
 
@@ -21,6 +22,12 @@ class ExplanationLogger(Callback):
     experiment has ``add_image``, e.g. TensorBoard); the step is the running count of batches it
     has seen. At the end of the stage, the run's totals over every rank (sample-weighted means,
     all-reduced) are logged once as ``explain/run/<name>`` plus ``explain/run/samples``.
+
+    Sanity checks (:data:`~neuromask_pl.explanation.FLAGS`): per batch the share of its explained samples that
+    carry each flag, ``explain/flags/<flag>``; at the end the same over the run, ``explain/run/flags/<flag>``,
+    ``explain/run/one_class`` (1 when every image of the run, at least
+    :data:`~neuromask_pl.explanation.ONE_CLASS_MIN_SAMPLES` of them, is predicted as one class) and, when the
+    logger's experiment has ``add_text`` (TensorBoard's Text tab), the warnings as text ``explain/sanity``.
 
     Args:
         max_images: at most this many panels per logged batch (0 disables images).
@@ -37,6 +44,9 @@ class ExplanationLogger(Callback):
         self._batches = 0
         self._totals: dict[str, float] = {}  # sample-weighted sums of the summaries, this rank
         self._samples = 0
+        self._flags = dict.fromkeys(FLAGS, 0)  # samples with each sanity flag, this rank
+        self._explained = 0  # samples that did not fail, this rank
+        self._predicted = [math.inf, -math.inf]  # the smallest and largest class predicted, this rank
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start(trainer, pl_module)
@@ -52,18 +62,28 @@ class ExplanationLogger(Callback):
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._totals, self._samples = {}, 0
+        self._flags, self._explained, self._predicted = dict.fromkeys(FLAGS, 0), 0, [math.inf, -math.inf]
         self._log_hparams(trainer, pl_module)
 
     def _log_totals(self, trainer: pl.Trainer) -> None:
         """All-reduce the sample-weighted sums over the ranks (every rank must call) and log the means."""
         names = SUMMARY_KEYS  # the same fixed order on every rank, even one that saw no sample
-        local = torch.tensor([self._totals.get(n, 0.0) for n in names] + [self._samples], dtype=torch.float64)
-        total = trainer.strategy.reduce(local.to(trainer.strategy.root_device), reduce_op="sum").cpu()
-        samples = float(total[-1])
+        counts = [*(self._totals.get(n, 0.0) for n in names), *self._flags.values(), self._explained, self._samples]
+        local = torch.tensor(counts, dtype=torch.float64)
+        total = trainer.strategy.reduce(local.to(trainer.strategy.root_device), reduce_op="sum").cpu().tolist()
+        extremes = torch.tensor(self._predicted, dtype=torch.float64, device=trainer.strategy.root_device)
+        extremes = trainer.strategy.all_gather(extremes).cpu().reshape(-1, 2)  # every rank's (min, max) class
+        samples, explained = float(total[-1]), int(total[-2])
         if not trainer.is_global_zero or not trainer.loggers or samples == 0:
             return
-        metrics = {f"explain/run/{n}": float(v) / samples for n, v in zip(names, total[:-1].tolist())}
+        metrics = {f"explain/run/{n}": float(v) / samples for n, v in zip(names, total)}
         metrics["explain/run/samples"] = samples
+        flags = {name: int(v) for name, v in zip(FLAGS, total[len(names) :])}
+        low, high = float(extremes[:, 0].min()), float(extremes[:, 1].max())
+        one_class = int(low) if low == high else None
+        if explained:
+            metrics |= {f"explain/run/flags/{name}": count / explained for name, count in flags.items()}
+            metrics["explain/run/one_class"] = float(one_class is not None and explained >= ONE_CLASS_MIN_SAMPLES)
         report = getattr(trainer.lightning_module, "fast_path_report", None) or {}
         for key in ("folded_batchnorm", "batchnorm_layers", "packed_convolutions", "convolutions"):
             if isinstance(report.get(key), int):
@@ -73,8 +93,14 @@ class ExplanationLogger(Callback):
                 metrics[f"explain/fast_path/{key}"] = float(report[key])
         if report.get("mask_gradient"):  # 1: the mask gradient written out (maths/explicit.py), 0: by autograd
             metrics["explain/fast_path/explicit_mask_gradient"] = float(report["mask_gradient"] == "explicit")
+        names = getattr(trainer.lightning_module, "class_names", None) or []
+        name = names[one_class] if one_class is not None and 0 <= one_class < len(names) else ""
+        warnings = sanity_warnings(explained, flags, one_class, str(name))
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=self._batches)
+            if warnings and hasattr(logger.experiment, "add_text"):
+                text = "\n".join(f"- {line}" for line in warnings)  # markdown: one item per warning
+                logger.experiment.add_text("explain/sanity", text, global_step=self._batches)
 
     def on_predict_batch_end(
         self,
@@ -114,9 +140,21 @@ class ExplanationLogger(Callback):
         for name, value in summary.items():
             self._totals[name] = self._totals.get(name, 0.0) + value * len(outputs)
         self._samples += len(outputs)
+        flags, explained = outputs.flag_counts(), int(outputs.ok.sum())
+        for name, count in flags.items():
+            self._flags[name] += count
+        self._explained += explained
+        if outputs.predicted is not None and explained:
+            predicted = outputs.predicted.cpu()[outputs.ok]
+            self._predicted = [
+                min(self._predicted[0], int(predicted.min())),
+                max(self._predicted[1], int(predicted.max())),
+            ]
         if not trainer.is_global_zero or not trainer.loggers or step % self.log_every_n_batches:
             return
         metrics = {f"explain/{name}": value for name, value in summary.items()}
+        if explained:
+            metrics |= {f"explain/flags/{name}": count / explained for name, count in flags.items()}
         grid = self._grid(outputs, batch)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)

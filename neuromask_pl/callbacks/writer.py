@@ -8,6 +8,8 @@ import logging
 import secrets
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from neuromask_pl.classifiers import describe_classifier
-from neuromask_pl.explanation import LOSS_TERMS, Explanation
+from neuromask_pl.explanation import LOSS_TERMS, Explanation, sanity_report
 from neuromask_pl.store import (
     ShardWriter,
     StoreLock,
@@ -38,11 +40,14 @@ log = logging.getLogger(__name__)
 MANIFEST_COLUMNS = (
     "sample_id",
     "status",
+    "flags",
     "path",
     "target",
     "target_name",
+    "predicted",
     "prob_original",
     "prob_masked",
+    "prob_baseline",
     "preserved",
     "mask_area",
     "steps",
@@ -97,9 +102,12 @@ class MaskWriter(BasePredictionWriter):
                                         ``chunk_size`` samples each, written atomically with a checksum
         index.npz, manifest.csv         merged when the job completes (one row per sample id)
         overlays/<sample_id:08d>.png    original | heat-map overlay | image * mask
-        run.json                        configuration, trainer, versions, classifier, times, counts
+        run.json                        configuration, trainer, versions, classifier, times, counts,
+                                        sanity checks (``sanity``)
 
-    Read results with :func:`neuromask_pl.store.load_results`. Rerunning the same command on the same
+    Each manifest row carries the sample's sanity ``flags`` (:data:`~neuromask_pl.explanation.FLAGS`); when the job
+    ends, a warning names what the sanity checks of the whole run found. Read results with
+    :func:`neuromask_pl.load_results`. Rerunning the same command on the same
     directory explains only the samples that are missing (matched by sample id; the configuration
     and model must be the same, else the run is refused unless ``overwrite=True``). Damaged or
     incomplete shards (a killed job, a full disk) are detected by checksum and redone. Two jobs on
@@ -273,10 +281,14 @@ class MaskWriter(BasePredictionWriter):
         trainer.strategy.barrier("MaskWriter.finish")
         if trainer.is_global_zero:
             report = merge_index(self.out, columns=MANIFEST_COLUMNS)
+            statuses: Counter[str] = Counter()
             with load_results(self.out) as results:
-                statuses = [row.get("status") for row in results.rows]
-            counts = {"explained": statuses.count("ok"), "skipped": statuses.count("skipped")}
-            self._write_run_record(trainer, pl_module, counts=counts)
+                sanity = sanity_report(_tally(results.rows(), statuses))
+            counts = {"explained": statuses["ok"], "skipped": statuses["skipped"]}
+            self._write_run_record(trainer, pl_module, counts=counts, sanity=sanity)
+            if sanity["warnings"]:
+                warnings = "\n- ".join(sanity["warnings"])
+                rank_zero_warn(f"MaskWriter: sanity checks (run.json 'sanity', manifest.csv 'flags'):\n- {warnings}")
             self._release_lock()
             if report.bad:
                 log.warning("MaskWriter: %d damaged shard(s) ignored; rerun to redo their samples", len(report.bad))
@@ -332,7 +344,9 @@ class MaskWriter(BasePredictionWriter):
     ) -> None:
         self.write_on_batch_end(trainer, pl_module, outputs, None, batch, batch_idx, dataloader_idx)
 
-    def _write_run_record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, counts: dict | None) -> None:
+    def _write_run_record(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, counts: dict | None, sanity: dict | None = None
+    ) -> None:
         datamodule = getattr(trainer, "datamodule", None)
         config = Path(self._log_dir) / "config.yaml" if self._log_dir else None
         record = {
@@ -341,6 +355,7 @@ class MaskWriter(BasePredictionWriter):
             "started": self._started,
             "finished": utc_now() if counts is not None else None,
             "counts": counts,
+            "sanity": sanity,
             "hparams": dict(pl_module.hparams),
             "datamodule_hparams": dict(datamodule.hparams) if datamodule is not None else None,
             "class_to_idx": getattr(datamodule, "class_to_idx", None),
@@ -359,6 +374,13 @@ class MaskWriter(BasePredictionWriter):
         }
         with atomic_write(self.out / "run.json", "w", fsync=True) as f:
             json.dump(record, f, indent=2, default=str)
+
+
+def _tally(rows: Iterable[dict[str, Any]], statuses: Counter[str]) -> Iterator[dict[str, Any]]:
+    """The rows, one at a time, counting their statuses on the way."""
+    for row in rows:
+        statuses[row.get("status")] += 1
+        yield row
 
 
 def _exclusions(datamodule: Any, done: set[int], world_size: int) -> set[int]:
