@@ -32,7 +32,7 @@ _EXPORTS = {
     "MaskWriter": "neuromask_pl.callbacks",
     "ExplanationLogger": "neuromask_pl.callbacks",
     "ExplainDuringTraining": "neuromask_pl.callbacks",
-    "load_results": "neuromask_pl.store",
+    "load_results": "neuromask_pl.results",
     "explain_folder": "neuromask_pl.explain",
     "explain_checkpoint": "neuromask_pl.explain",
     "LocalisationDataModule": "neuromask_pl.data.localisation",
