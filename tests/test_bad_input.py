@@ -236,3 +236,33 @@ def test_a_folder_of_random_corrupt_files_completes_with_a_correct_manifest(
         expected = NeuroMask(tiny_cnn, preset="paper", steps=3).explain(images, ids=ids).masks
         got = torch.stack([torch.from_numpy(results.mask(i).astype(np.float32)) for i in ids])
         torch.testing.assert_close(got, expected[:, 0], rtol=0, atol=1e-3)  # the store keeps float16 (2**-11)
+
+
+def test_targets_by_class_name_are_mapped_through_the_classifiers_class_names(tiny_cnn, image_factory) -> None:
+    images = image_factory(2)
+    explainer = NeuroMask(tiny_cnn, steps=2)  # class_names: cat, dog, owl
+    assert explainer.explain(images, targets="owl").targets.tolist() == [2, 2]
+    assert explainer.explain(images, targets=["dog", "Cat"]).targets.tolist() == [1, 0]
+    with pytest.raises(ValueError, match=r"target 'zebra' is not a class name of the classifier .*'cat', 'dog', 'owl'"):
+        explainer.explain(images, targets="zebra")
+    with pytest.raises(ValueError, match=r"targets must be one class or 2 classes"):
+        explainer.explain(images, targets=["dog", "cat", "owl"])
+
+
+def test_targets_as_text_without_class_names_are_refused_in_one_line(image_factory) -> None:
+    class Unnamed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x).mean((2, 3))
+
+    images = image_factory(2)
+    explainer = NeuroMask(Unnamed(), steps=2)
+    for targets in ("cat", ["cat", "dog"], [0, "1"]):
+        with pytest.raises(ValueError, match=r"^targets .* class indices .*no class_names") as raised:
+            explainer.explain(images, targets=targets)
+        assert "\n" not in str(raised.value)
+    with pytest.raises(TypeError, match=r"^ids must be integers, got text"):
+        explainer.explain(images, ids=["a", "b"])

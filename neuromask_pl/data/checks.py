@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import difflib
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -53,6 +54,8 @@ def integral_ids(values: Any, name: str, count: int | None = None, nonnegative: 
     Raises ValueError for fractional, boolean, (with ``nonnegative``) negative or (with ``count``) a wrong number
     of values.
     """
+    if _holds_text(values):
+        raise TypeError(f"{name} must be integers, got text {values!r}")
     tensor = torch.as_tensor(values).detach().cpu().view(-1)
     if tensor.dtype == torch.bool or (tensor.is_floating_point() and not torch.equal(tensor, tensor.round())):
         raise ValueError(f"{name} must be whole numbers, got {tensor.tolist()[:10]}")
@@ -66,6 +69,46 @@ def integral_ids(values: Any, name: str, count: int | None = None, nonnegative: 
 
 
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _holds_text(values: Any) -> bool:
+    return isinstance(values, str) or (isinstance(values, (list, tuple)) and any(isinstance(v, str) for v in values))
+
+
+def targets_by_name(values: Any, class_names: Sequence[str] | None) -> Any:
+    """Class names among ``values`` (a str, or a list or tuple holding some) as their indices in ``class_names``
+    (exact, else ignoring case); anything else is returned unchanged.
+
+    Raises:
+        ValueError: a name that is not a class name (with the closest ones), or names for a classifier without
+            ``class_names``; one line each.
+    """
+    if not _holds_text(values):
+        return values
+    if not class_names:
+        raise ValueError(
+            f"targets must be class indices (ints), got {values!r}: the classifier has no class_names to map names "
+            "through"
+        )
+    names = list(class_names)
+    exact = {name: i for i, name in reversed(list(enumerate(names)))}
+    folded = {str(name).casefold(): i for i, name in reversed(list(enumerate(names)))}
+    out = []
+    for value in [values] if isinstance(values, str) else values:
+        if not isinstance(value, str):
+            out.append(value)
+        elif value in exact:
+            out.append(exact[value])
+        elif value.casefold() in folded:
+            out.append(folded[value.casefold()])
+        else:
+            if len(names) <= 10:
+                known = f"its {len(names)} classes: {', '.join(repr(n) for n in names)}"
+            else:
+                close = difflib.get_close_matches(value, [str(n) for n in names], n=5)
+                known = f"{len(names)} classes" + (f"; closest: {', '.join(repr(c) for c in close)}" if close else "")
+            raise ValueError(f"target {value!r} is not a class name of the classifier ({known})")
+    return out[0] if isinstance(values, str) else out
 
 
 def device_of(module: nn.Module, fallback: torch.device) -> torch.device:
