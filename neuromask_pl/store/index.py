@@ -7,10 +7,13 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
+import math
 import os
+import struct
 import zipfile
 import zlib
 from collections import OrderedDict
@@ -24,6 +27,7 @@ import numpy as np
 from neuromask_pl.store.io import durable_write, reporting_write_errors, write_error
 from neuromask_pl.store.layout import (
     INDEX_FILE,
+    LOCAL_HEADER,
     MANIFEST_FILE,
     SHARDS_DIR,
     Corrupt,
@@ -40,7 +44,7 @@ from neuromask_pl.store.scan import BadShard, ShardScan, scan_shards
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: shards.json holds the checksum of the index
 #: Bytes the reader's index holds per sample: id (int64), shard (int32), mask offset and size (2 x int64),
 #: mask CRC (uint32), row offset (int64), row size (int32) and row CRC (uint32).
 INDEX_BYTES_PER_SAMPLE = 48
@@ -135,8 +139,19 @@ def _stale_copies(ids: np.ndarray, preferred: np.ndarray, fingerprints: np.ndarr
     return stale
 
 
+def index_checksum(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 (hex) of an index's metadata (without its ``checksum``) and arrays: what ids map to which bytes."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode("utf-8"))
+    for key, dtype in _INDEX_ARRAYS.items():
+        array = np.ascontiguousarray(arrays[key], dtype=dtype)
+        digest.update(f"|{key}:{array.dtype.str}:{array.shape}|".encode("ascii"))
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
 def save_index(path: Path, index: Index, info: StoreInfo) -> None:
-    meta = {
+    meta: dict[str, Any] = {
         "index_version": INDEX_VERSION,
         "config_hash": info.config_hash,
         "shards": index.shards,
@@ -144,6 +159,7 @@ def save_index(path: Path, index: Index, info: StoreInfo) -> None:
         "sha256": index.sha256,
         "ignored": index.ignored,
     }
+    meta["checksum"] = index_checksum(meta, index.arrays)
     with durable_write(path) as f:
         with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
             for key in _INDEX_ARRAYS:
@@ -186,6 +202,12 @@ def _read_index_members(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarra
 
 
 def load_index(path: Path) -> Index:
+    """Read ``index.npz``, checking each member's CRC, the index's checksum and that its ids are sorted and unique.
+
+    Raises:
+        ValueError: a damaged or changed index, or one of another version, with what to do (call merge_index).
+    """
+    again = f"delete it and call merge_index('{path.parent}') again"
     try:
         meta, arrays = _read_index_members(path)
         if meta.get("index_version") != INDEX_VERSION:
@@ -193,11 +215,22 @@ def load_index(path: Path) -> Index:
         if arrays.keys() != _INDEX_ARRAYS.keys():
             raise ValueError(f"members missing: {sorted(_INDEX_ARRAYS.keys() - arrays.keys())}")
     except (OSError, ValueError, Corrupt) as err:
-        raise ValueError(
-            f"'{path}' is damaged or of another version ({err}); delete it and call merge_index(...) again"
-        ) from err
+        raise ValueError(f"'{path}' is damaged or of another version ({err}); {again}") from err
     if len({len(a) for a in arrays.values()}) != 1 or len(meta["shards"]) != len(meta["sizes"]):
-        raise ValueError(f"'{path}' is inconsistent; delete it and call merge_index(...) again")
+        raise ValueError(f"'{path}' is inconsistent; {again}")
+    if meta.get("checksum") != index_checksum(meta, arrays):
+        raise ValueError(
+            f"'{path}' does not match its checksum: it was changed after merge_index wrote it, so its ids may point "
+            f"at other samples' masks and rows; {again}"
+        )
+    ids = arrays["ids"]
+    if len(ids) > 1 and not (ids[1:] > ids[:-1]).all():
+        k = int(np.flatnonzero(ids[1:] <= ids[:-1])[0])
+        what = f"sample id {int(ids[k + 1])} twice" if ids[k + 1] == ids[k] else "sample ids out of order"
+        raise ValueError(f"'{path}' lists {what}; {again}")
+    shard = arrays["shard"]
+    if len(shard) and (shard.min() < 0 or shard.max() >= len(meta["shards"])):
+        raise ValueError(f"'{path}' points at shards it does not list; {again}")
     for array in arrays.values():
         array.flags.writeable = False
     return Index(
@@ -253,31 +286,101 @@ class MemberReader:
         self._open[shard] = fd
         return fd
 
-    def read(self, k: int, kind: str) -> bytes:
-        """The bytes of the ``kind`` ("mask" or "row") member of the sample at index position ``k``."""
+    def shard_path(self, k: int) -> Path:
+        """The shard file that holds the sample at index position ``k``."""
+        return self.root / SHARDS_DIR / self.index.shards[int(self.index.arrays["shard"][k])]
+
+    def read(self, k: int, kind: str) -> memoryview:
+        """The bytes of the ``kind`` ("mask" or "row") member of the sample at index position ``k``.
+
+        One ``pread`` of the member's local zip header and data: the CRC is checked, and the header must name this
+        sample's own member (``m<id>.npy`` or ``r<id>.json``), so an index whose entries point at other samples'
+        bytes is caught on every read.
+        """
         a = self.index.arrays
+        sample_id = int(a["ids"][k])
         shard, offset, nbytes, crc = (
             int(a["shard"][k]),
             int(a[f"{kind}_offset"][k]),
             int(a[f"{kind}_nbytes"][k]),
             int(a[f"{kind}_crc"][k]),
         )
-        data = _pread(self._fd(shard), nbytes, offset)
-        if len(data) != nbytes or zlib.crc32(data) != crc:
+        name = (f"m{sample_id}.npy" if kind == "mask" else f"r{sample_id}.json").encode("ascii")
+        head = LOCAL_HEADER + len(name)
+        data = _pread(self._fd(shard), head + nbytes, offset - head) if offset >= head else b""
+        view = memoryview(data)
+        if len(data) != head + nbytes or zlib.crc32(view[head:]) != crc:
             raise RuntimeError(
-                f"the {kind} of sample {int(a['ids'][k])} in shard '{self.index.shards[shard]}' is damaged "
+                f"the {kind} of sample {sample_id} in shard '{self.index.shards[shard]}' is damaged "
                 f"(CRC mismatch); run scan_shards('{self.root}') and rerun the job to redo damaged shards"
             )
-        return data
+        if data[:4] != b"PK\x03\x04" or data[30:head] != name or struct.unpack("<HH", data[26:30]) != (len(name), 0):
+            found = data[30 : 30 + int.from_bytes(data[26:28], "little")] if data[:4] == b"PK\x03\x04" else b""
+            what = f"member {found.decode('ascii', 'replace')}{_member_sample(found)}" if found else "no member's start"
+            raise ValueError(
+                f"the {kind} of sample {sample_id} in shard '{self.shard_path(k)}' is not that sample's: the index "
+                f"points at {what}; the index does not match the shards: delete '{self.root / INDEX_FILE}' and call "
+                f"merge_index('{self.root}') again"
+            )
+        return view[head:]
+
+    def mask(self, k: int, dtype: Any = np.float32) -> np.ndarray:
+        """The mask of the sample at index position ``k`` (it has one) as a new ``dtype`` array.
+
+        Raises:
+            ValueError: the member is not a 2-D array of numbers (the writer writes nothing else), naming the
+                shard file and the sample.
+        """
+        data = self.read(k, "mask")
+        where = f"the mask of sample {int(self.index.arrays['ids'][k])} in shard '{self.shard_path(k)}'"
+        try:
+            shape, fortran, stored, start = npy_header(data)
+        except (ValueError, TypeError, IndexError, SyntaxError) as err:
+            raise ValueError(f"{where} is not a .npy array ({err}); the shard was not written by neuromask-pl") from err
+        if stored.hasobject or stored.fields is not None or stored.kind not in "fiub" or len(shape) != 2:
+            raise ValueError(
+                f"{where} has dtype {stored} and shape {shape}, but masks are 2-D arrays of numbers (an object array "
+                "would need pickle, which the store never reads); the shard was not written by neuromask-pl"
+            )
+        if start + math.prod(shape) * stored.itemsize != len(data):
+            raise ValueError(f"{where} holds {len(data) - start} bytes of data for shape {shape} and dtype {stored}")
+        array = np.frombuffer(data, dtype=stored, count=math.prod(shape), offset=start)
+        return array.reshape(shape, order="F" if fortran else "C").astype(dtype)
 
     def row(self, k: int) -> dict[str, Any]:
-        """The manifest row of the sample at index position ``k``."""
-        return json.loads(self.read(k, "row"))
+        """The manifest row of the sample at index position ``k``; it must say it is that sample's.
+
+        Raises:
+            ValueError: the row is not a JSON object holding this sample's ``sample_id``, naming the shard file and
+                the sample.
+        """
+        sample_id = int(self.index.arrays["ids"][k])
+        where = f"the row of sample {sample_id} in shard '{self.shard_path(k)}'"
+        data = bytes(self.read(k, "row"))
+        try:
+            row = json.loads(data)
+        except ValueError as err:
+            raise ValueError(f"{where} is not valid JSON ({err}); the shard was not written by neuromask-pl") from err
+        if not isinstance(row, dict):
+            raise ValueError(f"{where} is not a JSON object but a {type(row).__name__}")
+        stored = row.get("sample_id")
+        if type(stored) is not int or stored != sample_id:
+            raise ValueError(
+                f"{where} says it is sample {stored!r}; the index or the shard was changed: delete "
+                f"'{self.root / INDEX_FILE}' and call merge_index('{self.root}') again"
+            )
+        return row
 
     def close(self) -> None:
         """Close the open shard files (reading again reopens them)."""
         while self._open:
             os.close(self._open.popitem()[1])
+
+
+def _member_sample(name: bytes) -> str:
+    """`` (sample 42)`` for a member name ``m42.npy`` or ``r42.json``, else nothing."""
+    digits = name[1:].split(b".")[0]
+    return f" (sample {digits.decode('ascii')})" if digits.isdigit() else ""
 
 
 def _write_manifest(path: Path, members: MemberReader, columns: Sequence[str]) -> None:

@@ -10,7 +10,8 @@ Layout of a store directory (other files in it are never touched)::
       r<rank:05d>-<seq:06d>-<session>.npz          one chunk of samples (a ZIP_STORED .npz)
       r<rank:05d>-<seq:06d>-<session>.npz.sha256   "<sha256>  <shard name>" (``sha256sum -c``)
     manifest.csv                     one row per sample id, sorted (written by merge_index)
-    index.npz                        sample id -> shard and byte offsets (written by merge_index, last)
+    index.npz                        sample id -> shard and byte offsets, with a checksum (written by merge_index,
+                                     last)
     <sample dir>/<id>.<ext>          the caller's per-sample files (e.g. overlays/00000042.png), when
                                      opened with sample_dirs: deleted with the results they belong to
 
@@ -59,12 +60,16 @@ SHARD_RE = re.compile(r"r(\d{5,})-(\d{6,})-([0-9a-z]{1,64})\.npz")
 MEMBER_RE = re.compile(r"(m)(\d+)\.npy|(r)(\d+)\.json")
 SIDECAR_RE = re.compile(r"([0-9a-f]{64})  (\S+)\n?")
 TEMP_RE = re.compile(r"\..+\.[0-9a-f]{8,32}\.tmp")
-ROOT_TEMP_RE = re.compile(r"\.(store\.json|index\.npz|manifest\.csv)\.[0-9a-f]{8,32}\.tmp")
-SAMPLE_FILE_RE = re.compile(r"\d+\.[0-9A-Za-z]+|\.\d+\.[0-9A-Za-z]+\.[0-9a-f]{8,32}\.tmp")  # 00000042.png, temporaries
+# Temporary files of the root's own files (run.json: the run record MaskWriter writes beside the store; write-check:
+# the probe of check_writable) and the lock file a taker moves aside.
+ROOT_TEMP_RE = re.compile(r"\.(store\.json|index\.npz|manifest\.csv|run\.json|write-check)\.[0-9a-f]{8,32}\.tmp")
+STALE_LOCK_RE = re.compile(r"\.lock\.stale\.[0-9a-f]{8}")
+SAMPLE_TEMP_RE = re.compile(r"\.\d+\.[0-9A-Za-z]+\.[0-9a-f]{8,32}\.tmp")  # .00000042.png.<hex>.tmp
+SAMPLE_FILE_RE = re.compile(rf"\d+\.[0-9A-Za-z]+|{SAMPLE_TEMP_RE.pattern}")  # 00000042.png, temporaries
 _DIR_NAME_RE = re.compile(r"[0-9A-Za-z_][0-9A-Za-z_.-]{0,63}")
 _OVERWRITE = "overwrite=True (on the command line: --writer.overwrite true)"
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member times: same content, same bytes
-_LOCAL_HEADER = 30  # size of a zip local file header before the name and the extra field
+LOCAL_HEADER = 30  # size of a zip local file header before the name and the extra field
 
 
 # -- member format (stored zip members holding .npy arrays or JSON) ---------------------------------
@@ -94,7 +99,7 @@ def npy_header(data: bytes, cache: bool = True) -> tuple[tuple[int, ...], bool, 
     """Shape, Fortran order, dtype and data start of a .npy member; headers seen before skip numpy's parser."""
     major = data[6] if len(data) > 7 else 0
     end = 10 + int.from_bytes(data[8:10], "little") if major == 1 else 12 + int.from_bytes(data[8:12], "little")
-    key = data[:end]
+    key = bytes(data[:end])
     parsed = _HEADER_CACHE.get(key)
     if parsed is None:
         stream = io.BytesIO(key)
@@ -112,13 +117,13 @@ def data_offset(f: IO[bytes], info: zipfile.ZipInfo, size: int) -> int:
     if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
         raise Corrupt(f"member {info.filename} is compressed or encrypted")
     f.seek(info.header_offset)
-    header = f.read(_LOCAL_HEADER)
-    if len(header) < _LOCAL_HEADER or header[:4] != b"PK\x03\x04":
+    header = f.read(LOCAL_HEADER)
+    if len(header) < LOCAL_HEADER or header[:4] != b"PK\x03\x04":
         raise Corrupt(f"bad local header of member {info.filename}")
     name_len, extra_len = struct.unpack("<HH", header[26:30])
     if f.read(name_len) != info.filename.encode("utf-8"):
         raise Corrupt(f"local header of member {info.filename} names another file")
-    offset = info.header_offset + _LOCAL_HEADER + name_len + extra_len
+    offset = info.header_offset + LOCAL_HEADER + name_len + extra_len
     if offset + info.file_size > size or info.file_size != info.compress_size:
         raise Corrupt(f"member {info.filename} runs past the end of the file")
     return offset
@@ -133,9 +138,10 @@ def zip_members(f: IO[bytes]) -> list[zipfile.ZipInfo]:
 
 
 def clean_temps(directory: Path, pattern: re.Pattern[str], prefix: str = "") -> list[Path]:
-    """Remove leftover temporary files of killed writers in ``directory`` (only names we create)."""
+    """Remove leftover temporary files of killed writers in ``directory`` (only names we create; never through a
+    symbolic link)."""
     removed = []
-    if directory.is_dir():
+    if directory.is_dir() and not directory.is_symlink():
         for name in os.listdir(directory):
             if name.startswith(prefix) and pattern.fullmatch(name):
                 unlink_quiet(directory / name)
@@ -145,8 +151,57 @@ def clean_temps(directory: Path, pattern: re.Pattern[str], prefix: str = "") -> 
     return removed
 
 
+def remove_stale_temps(root: Path) -> list[Path]:
+    """Remove what killed writes of a store left in it: temporary files of its own files (``store.json``,
+    ``index.npz``, ``manifest.csv``, ``run.json``, shards and sidecars, the per-sample files of its ``sample_dirs``)
+    and lock files moved aside. Nothing else, nothing outside ``root``, nothing through a symbolic link.
+
+    Call it only while holding the store's lock (:class:`~neuromask_pl.store.StoreLock` does, when it takes it).
+    """
+    removed = clean_temps(root, ROOT_TEMP_RE) + clean_temps(root, STALE_LOCK_RE)
+    removed += clean_temps(root / SHARDS_DIR, TEMP_RE)
+    try:
+        sample_dirs = read_store_info(root).sample_dirs
+    except (OSError, ValueError):  # no store yet, or a damaged store.json (open_store reports it)
+        sample_dirs = ()
+    for name in sample_dirs:
+        removed += clean_temps(root / name, SAMPLE_TEMP_RE)
+    return removed
+
+
+def refuse_links(root: Path, names: Iterable[str]) -> None:
+    """A ValueError naming the first of ``root``'s folders ``names`` that is a symbolic link.
+
+    The store writes and deletes files only inside its own folders: a link planted in their place (``shards``,
+    ``overlays``) would make it write over, or delete, files elsewhere.
+    """
+    for name in dict.fromkeys(names):
+        path = root / name
+        if path.is_symlink():
+            try:
+                target = f" (to '{os.readlink(path)}')"
+            except OSError:
+                target = ""
+            raise ValueError(
+                f"'{path}' is a symbolic link{target}; the store writes only into real folders inside '{root}': "
+                "remove the link (a real folder is created in its place), or pass another output directory"
+            )
+
+
 # -- manifest cells -------------------------------------------------------------------------------
 _BYTES_LITERAL_RE = re.compile(r"b(['\"]).*\1", re.DOTALL)
+# OWASP's CSV-injection rule: a cell starting with one of these is run as a formula by spreadsheets.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_QUOTED_FORMULA_RE = re.compile(r"'+[=+\-@\t\r]")
+
+
+def _runs_as_formula(text: str) -> bool:
+    """Whether ``text`` needs a leading ``'`` in the manifest: it starts as a formula (and is not a plain number
+    such as ``-1.5``), or it is such a quoted formula already (so that reading back gives it unchanged)."""
+    return (text.startswith(_FORMULA_START) and not _PLAIN_NUMBER_RE.fullmatch(text)) or bool(
+        _QUOTED_FORMULA_RE.match(text)
+    )
 
 
 def unwritable_char(text: str, file_name_bytes: bool) -> str | None:
@@ -168,6 +223,9 @@ def to_manifest_cell(value: Any) -> Any:
     A str that is not valid UTF-8 (a file name whose bytes are not, decoded by ``os.fsdecode``) becomes the
     Python literal of its bytes, ``b'caf\\xe9.png'``; so does a str that looks like such a literal, so that
     :func:`from_manifest_cell` gives back exactly the str written, and the manifest stays valid UTF-8.
+    A str that a spreadsheet would run as a formula (starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage
+    return, OWASP's CSV-injection rule; plain numbers such as ``-1.5`` excepted) gets a leading ``'``:
+    ``'=cmd|...``. Numbers, bools and None are never changed.
     """
     if not isinstance(value, str):
         return value
@@ -177,12 +235,15 @@ def to_manifest_cell(value: Any) -> Any:
         pass
     else:
         if not _BYTES_LITERAL_RE.fullmatch(value):
-            return value
+            return "'" + value if _runs_as_formula(value) else value
     return repr(value.encode("utf-8", "surrogateescape"))
 
 
 def from_manifest_cell(text: str) -> str:
-    """The str that :func:`to_manifest_cell` wrote as ``text`` (``os.fsdecode`` of the bytes of a literal)."""
+    """The str that :func:`to_manifest_cell` wrote as ``text`` (the leading ``'`` of a formula removed,
+    ``os.fsdecode`` of the bytes of a literal)."""
+    if text.startswith("'") and _runs_as_formula(text[1:]):
+        return text[1:]
     if _BYTES_LITERAL_RE.fullmatch(text):
         try:
             return ast.literal_eval(text).decode("utf-8", "surrogateescape")
@@ -399,7 +460,7 @@ def open_store(
     Raises:
         ValueError: another configuration's results without ``overwrite``; an unknown or newer format
             version; a damaged ``store.json``; shards, ``manifest.csv`` or ``index.npz`` without
-            ``store.json``; ``root`` is a file.
+            ``store.json``; ``root`` is a file; ``shards`` or a sample folder is a symbolic link.
         StoreWriteError: ``root`` cannot be created or written (read-only, disk full, ...): one line that says
             what to do (also a ValueError).
     """
@@ -414,6 +475,11 @@ def open_store(
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise ValueError(f"the output directory '{root}' is a file; pass a directory")
+    try:
+        recorded_dirs = read_store_info(root).sample_dirs
+    except (OSError, ValueError):  # none yet, or damaged (refused below)
+        recorded_dirs = ()
+    refuse_links(root, (SHARDS_DIR, *recorded_dirs, *sample_dirs))
     with reporting_write_errors(f"the store in '{root}' (store.json, shards/)"):
         info = _open(root, hash_, recorded, overwrite, sample_dirs)
         for name in info.sample_dirs:

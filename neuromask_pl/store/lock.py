@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from neuromask_pl.store.io import reporting_write_errors, unlink_quiet, utc_now
-from neuromask_pl.store.layout import LOCK_FILE
+from neuromask_pl.store.layout import LOCK_FILE, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,9 @@ class StoreLock:
 
     The file holds ``{"host", "pid", "started", "token"}``. A lock held by a live process on this host,
     or by any process on another host (whose liveness cannot be checked), is refused with a
-    RuntimeError; a lock left by a dead process of this host is taken over with a logged warning.
+    RuntimeError; a lock left by a dead process of this host is taken over with a logged warning. Taking the
+    lock removes the temporary files that killed writes left in the store (see
+    :func:`~neuromask_pl.store.layout.remove_stale_temps`); a refused job touches nothing.
     Use as a context manager or with :meth:`acquire` / :meth:`release`; :meth:`release` deletes the
     file only while it is still this lock's. In a DDP job only global rank 0 takes it.
     """
@@ -90,8 +92,16 @@ class StoreLock:
                 raise
             os.close(fd)
             self.held = True
+            self._remove_stale_temps()
             return
         raise RuntimeError(f"could not take the lock '{self.path}' (it keeps changing); retry")
+
+    def _remove_stale_temps(self) -> None:
+        """What killed writes left (only the store's own temporary file names): no job writes now but this one."""
+        try:
+            remove_stale_temps(self.root)
+        except OSError as err:  # e.g. a read-only folder: they stay, and do no harm
+            log.warning("could not remove the leftover temporary files in %s: %s", self.root, err)
 
     def _take_over_if_stale(self, holder: dict[str, Any] | None) -> None:
         if holder is not None:

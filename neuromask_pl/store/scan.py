@@ -13,6 +13,7 @@ import numpy as np
 
 from neuromask_pl.store.io import fsync_dir, reporting_write_errors, sha256_file, unlink_quiet
 from neuromask_pl.store.layout import (
+    LOCAL_HEADER,
     MEMBER_RE,
     SHARD_RE,
     SHARDS_DIR,
@@ -132,6 +133,8 @@ def _member_table(f: IO[bytes], size: int) -> dict[str, np.ndarray]:
         if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
             raise Corrupt(f"member {info.filename} is compressed or encrypted")
         offset = data_offset(f, info, size)
+        if offset != info.header_offset + LOCAL_HEADER + len(info.filename.encode("utf-8")):
+            raise Corrupt(f"member {info.filename} has an extra field (the store's writer writes none)")
         table = masks if match.group(1) else rows
         sample_id = int(match.group(2) or match.group(4))
         if sample_id in table:

@@ -32,6 +32,7 @@ from neuromask_pl.store.layout import (
     TEMP_RE,
     clean_temps,
     npy_bytes,
+    refuse_links,
     unwritable_char,
     zip_info,
 )
@@ -115,7 +116,7 @@ class ShardWriter:
             in :func:`merge_index`. A DDP job may share rank 0's token across ranks.
 
     Raises:
-        ValueError: bad arguments, or ``root`` is not a store.
+        ValueError: bad arguments, ``root`` is not a store, or its ``shards`` folder is a symbolic link.
     """
 
     def __init__(
@@ -132,6 +133,7 @@ class ShardWriter:
         self.root = Path(root)
         if not (self.root / STORE_FILE).is_file():
             raise ValueError(f"'{self.root}' is not a neuromask-pl store: call open_store(root, config_hash) first")
+        refuse_links(self.root, (SHARDS_DIR,))
         self.dir = self.root / SHARDS_DIR
         self.dir.mkdir(exist_ok=True)
         clean_temps(self.dir, TEMP_RE, prefix=f".r{rank:05d}-")
