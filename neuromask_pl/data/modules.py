@@ -26,7 +26,7 @@ from torchvision.transforms.v2 import functional as F
 
 from neuromask_pl import DEMO_INSTALL_HINT
 from neuromask_pl.data.batch import collate_samples
-from neuromask_pl.data.images import read_image
+from neuromask_pl.data.images import MAX_DECODE_BYTES, MAX_DECODE_PIXELS, read_image
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ def prepare_image(image: Tensor, image_size: int | None = 224, resize: int | Non
 
 
 class ImageFileDataset(Dataset):
-    """Image files decoded on access; an unreadable file gives a sample with ``error`` instead of ``image``."""
+    """Image files decoded on access; an unreadable file (or one over the decode budget ``max_pixels`` /
+    ``max_decode_bytes``, or not a regular file) gives a sample with ``error`` instead of ``image``."""
 
     def __init__(
         self,
@@ -68,12 +69,16 @@ class ImageFileDataset(Dataset):
         image_size: int | None = 224,
         resize: int | None = None,
         channels: int = 3,
+        max_pixels: int | None = MAX_DECODE_PIXELS,
+        max_decode_bytes: int | None = MAX_DECODE_BYTES,
     ) -> None:
         self.paths = list(paths)
         self.labels = None if labels is None else list(labels)
         self.image_size = image_size
         self.resize = resize
         self.channels = channels
+        self.max_pixels = max_pixels
+        self.max_decode_bytes = max_decode_bytes
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -83,7 +88,7 @@ class ImageFileDataset(Dataset):
         if self.labels is not None:
             sample["label"] = self.labels[index]
         try:
-            raw = read_image(self.paths[index], self.channels)
+            raw = read_image(self.paths[index], self.channels, self.max_pixels, self.max_decode_bytes)
         except Exception as err:  # any decode failure (truncated, not an image, ...) skips the sample
             sample["error"] = f"{type(err).__name__}: {err}"
             return sample
@@ -226,6 +231,11 @@ class ImageFolderDataModule(ExplainDataModule):
         pin_memory: pin batches in page-locked memory; defaults to whether CUDA is available.
         channels: 3 (RGB; grey files repeated) or 1 (grey; colour files converted to luma), as the
             classifier expects.
+        max_pixels: the decode budget in pixels: a larger image is skipped (with its reason) from its header,
+            before it is decoded; None for no budget but PIL's bomb limit. Only regular files are opened: a FIFO,
+            socket or device named like an image is skipped too.
+        max_decode_bytes: the decode budget in bytes of memory, as :func:`~neuromask_pl.data.images.decode_bytes`
+            estimates it from the header (about 32 bytes a pixel for 8-bit RGB); None for no such budget.
 
     Raises:
         FileNotFoundError: if ``root`` is not a folder.
@@ -243,12 +253,19 @@ class ImageFolderDataModule(ExplainDataModule):
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         pin_memory: bool | None = None,
         channels: int = 3,
+        max_pixels: int | None = MAX_DECODE_PIXELS,
+        max_decode_bytes: int | None = MAX_DECODE_BYTES,
     ) -> None:
         super().__init__(batch_size, num_workers, pin_memory)
         self.save_hyperparameters()
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
         self.channels = channels
+        for name, value in (("max_pixels", max_pixels), ("max_decode_bytes", max_decode_bytes)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} (the decode budget) must be a positive integer or None, got {value!r}.")
+        self.max_pixels = max_pixels
+        self.max_decode_bytes = max_decode_bytes
         for name, value in (("image_size", image_size), ("resize", resize)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
@@ -311,7 +328,9 @@ class ImageFolderDataModule(ExplainDataModule):
 
     def _build_dataset(self) -> Dataset:
         paths = [os.path.join(self.root, *f.split("/")) for f in self.files]
-        return ImageFileDataset(paths, self.targets, self.image_size, self.resize, self.channels)
+        return ImageFileDataset(
+            paths, self.targets, self.image_size, self.resize, self.channels, self.max_pixels, self.max_decode_bytes
+        )
 
 
 class TensorDataModule(ExplainDataModule):
