@@ -8,7 +8,7 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 # PIL modes by how their values map to [0, 1].
@@ -60,6 +60,14 @@ def _open_regular_file(path: str) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def _open_image(file: BinaryIO, path: str) -> Image.Image:
+    """``Image.open`` of an open file; the error for a file that is no image names its path (as for a path)."""
+    try:
+        return Image.open(file)
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError(f"cannot identify image file {path!r}") from None
 
 
 def _stored_bytes(mode: str) -> int:
@@ -128,7 +136,7 @@ def read_image(
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
-    with _open_regular_file(path) as file, Image.open(file) as pil:
+    with _open_regular_file(path) as file, _open_image(file, path) as pil:
         check_decode_budget(pil, channels, max_pixels, max_decode_bytes)
         pil = ImageOps.exif_transpose(pil)
         mode = pil.mode
