@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import os
 import secrets
+import signal
+import socket
 import tempfile
 import time
 from collections import Counter
@@ -17,6 +21,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from neuromask_pl.classifiers import describe_classifier
 from neuromask_pl.explanation import LOSS_TERMS, Explanation, sanity_report
@@ -32,7 +37,7 @@ from neuromask_pl.store import (
     scan_shards,
     source_fingerprint,
 )
-from neuromask_pl.store.io import package_versions, utc_now
+from neuromask_pl.store.io import package_versions, reporting_write_errors, utc_now, write_error
 from neuromask_pl.viz import explanation_panel, save_png
 
 log = logging.getLogger(__name__)
@@ -60,7 +65,7 @@ _VERSIONED = ("torch", "torchvision", "pytorch_lightning", "torchmetrics", "nump
 
 
 # DataModule settings that change how samples are loaded but never a mask (left out of the config hash).
-_LOADING_ONLY = {"batch_size", "num_workers", "pin_memory"}
+_LOADING_ONLY = {"batch_size", "num_workers", "pin_memory", "max_pixels", "max_decode_bytes"}
 
 
 def explanation_config(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
@@ -138,7 +143,8 @@ class MaskWriter(BasePredictionWriter):
         self._started = ""
         self.resumed_ids: set[int] = set()
         self._created = time.time()  # files of this run are not older (a failed run removes what it made)
-        self._new_store = False  # this run created the store (no store.json before)
+        self._new_store = False  # this run created the store (no store.json when it took the lock)
+        self._stopped: str | None = None  # "SIGTERM" when the job stopped on it after finishing a batch
         self._written = 0  # samples this process handed to the store
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -166,10 +172,10 @@ class MaskWriter(BasePredictionWriter):
         self._writer = ShardWriter(self.out, trainer.global_rank, self.chunk_size, session=session)
 
     def _open_store(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[list[int], str]:
-        self._new_store = not (self.out / "store.json").exists()
         self._check_writable(self.out)
         self._lock = StoreLock(self.out)
-        self._lock.acquire()
+        self._lock.acquire()  # refused: this job has made nothing and removes nothing (another job's files)
+        self._new_store = not (self.out / "store.json").exists()
         try:
             overlays = ("overlays",) if self.write_overlays else ()
             open_store(self.out, explanation_config(trainer, pl_module), self.overwrite, sample_dirs=overlays)
@@ -203,6 +209,8 @@ class MaskWriter(BasePredictionWriter):
             with tempfile.TemporaryFile(dir=out):
                 pass
         except OSError as err:
+            if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+                raise write_error(err, f"the output directory '{out}'") from err
             raise ValueError(
                 f"MaskWriter cannot write to the output directory '{out}': {err.strerror or err}. "
                 "Pass MaskWriter(output_dir=...) a directory you can create and write to, "
@@ -229,8 +237,9 @@ class MaskWriter(BasePredictionWriter):
             self._discard_empty_run()
 
     def _discard_empty_run(self) -> None:
-        """A run that failed before its first result leaves nothing behind: neither the store it created nor
-        a logger version folder that holds only what this run wrote (config, hparams, an events file)."""
+        """A run that failed before its first result leaves nothing behind: neither the store it created (under its
+        lock) nor a logger version folder that holds only what this run wrote (config, hparams, this process's
+        events files). Another job's files are never touched: a folder holding any is left as it is."""
         if self.out is not None and self._new_store:
             for name in ("store.json", "run.json", "overlays", "shards"):
                 path = self.out / name
@@ -244,9 +253,14 @@ class MaskWriter(BasePredictionWriter):
         if log_dir is None or not log_dir.is_dir() or not log_dir.name.startswith("version_"):
             return
         entries = list(log_dir.iterdir())
+        mine = f".{socket.gethostname()}.{os.getpid()}."  # events.out.tfevents.<time>.<host>.<pid>.<n>
         own = all(
             e.is_file()
-            and (e.name in ("config.yaml", "hparams.yaml") or e.name.startswith("events.out.tfevents."))
+            and not e.is_symlink()
+            and (
+                e.name in ("config.yaml", "hparams.yaml")
+                or (e.name.startswith("events.out.tfevents.") and mine in e.name)
+            )
             and e.stat().st_mtime >= self._created - 1.0
             for e in entries
         )
@@ -318,7 +332,8 @@ class MaskWriter(BasePredictionWriter):
                 overlay, ok = "", record["status"] == "ok"
                 if self.write_overlays and images is not None and ok:
                     overlay = f"overlays/{sample_id:08d}.png"
-                    save_png(explanation_panel(images[i].cpu(), exp.masks[i]), self.out / overlay)
+                    with reporting_write_errors(f"the overlay '{self.out / overlay}'"):
+                        save_png(explanation_panel(images[i].cpu(), exp.masks[i]), self.out / overlay)
                 mask = exp.masks[i, 0].to(torch.float16).numpy() if ok else None
                 fingerprint = source_fingerprint(record["path"]) if record["path"] else None
                 self._writer.add(sample_id, mask, {**record, "overlay_file": overlay}, fingerprint=fingerprint)
@@ -332,6 +347,32 @@ class MaskWriter(BasePredictionWriter):
                 int(s["index"]), None, {"status": "skipped", "path": path, "error": error}, fingerprint=fingerprint
             )
             self._written += 1
+        self._stop_on_sigterm(trainer, pl_module)
+
+    def _stop_on_sigterm(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After a batch is stored: on SIGTERM (a scheduler's preemption, ``kill``), finish the store (shards,
+        manifest, index, run record; lock released) and stop the job with exit status 143 (128 + SIGTERM).
+
+        Lightning's handler only notes the signal (its predict loop never stops on it). During the last batch the
+        job simply ends as usual. With several processes each stops after its own batch without waiting for the
+        others (their batches differ in number): each keeps its shards, and the same command run again merges them
+        and goes on.
+        """
+        if not getattr(trainer, "received_sigterm", False) or self._writer is None or _on_last_batch(trainer):
+            return
+        self._stopped = "SIGTERM"
+        log.warning(
+            "MaskWriter: SIGTERM received; the results so far are written to %s, then the job stops "
+            "(run the same command again to go on)",
+            self.out,
+        )
+        if trainer.world_size == 1:
+            self._finish(trainer, pl_module)
+        else:
+            self._writer.close()
+            self._writer = None
+            self._release_lock()
+        raise SIGTERMException(128 + signal.SIGTERM)
 
     def on_test_batch_end(
         self,
@@ -355,6 +396,7 @@ class MaskWriter(BasePredictionWriter):
             "started": self._started,
             "finished": utc_now() if counts is not None else None,
             "counts": counts,
+            "stopped": self._stopped,
             "sanity": sanity,
             "hparams": dict(pl_module.hparams),
             "datamodule_hparams": dict(datamodule.hparams) if datamodule is not None else None,
@@ -372,8 +414,9 @@ class MaskWriter(BasePredictionWriter):
             "versions": package_versions(_VERSIONED),
             "classifier": describe_classifier(pl_module.classifier) if hasattr(pl_module, "classifier") else None,
         }
-        with atomic_write(self.out / "run.json", "w", fsync=True) as f:
-            json.dump(record, f, indent=2, default=str)
+        with reporting_write_errors(f"the run record '{self.out / 'run.json'}'"):
+            with atomic_write(self.out / "run.json", "w", fsync=True) as f:
+                json.dump(record, f, indent=2, default=str)
 
 
 def _tally(rows: Iterable[dict[str, Any]], statuses: Counter[str]) -> Iterator[dict[str, Any]]:
@@ -394,6 +437,12 @@ def _exclusions(datamodule: Any, done: set[int], world_size: int) -> set[int]:
         return set(done)
     redo = set(sorted(i for i in ids if i in done)[: world_size - missing])
     return set(done) - redo
+
+
+def _on_last_batch(trainer: pl.Trainer) -> bool:
+    """Whether the predict or test loop is at its last batch."""
+    loop = getattr(trainer, "predict_loop" if trainer.predicting else "test_loop", None)
+    return bool(getattr(getattr(loop, "batch_progress", None), "is_last_batch", False))
 
 
 def _rebuild_error(message: str) -> Exception:

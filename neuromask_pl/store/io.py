@@ -134,7 +134,7 @@ class StoreWriteError(OSError, ValueError):
     """
 
     def __str__(self) -> str:
-        return str(self.strerror)
+        return str(self.strerror) if self.strerror is not None else super().__str__()
 
 
 _READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
