@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from neuromask_pl.fastcopy.invariant import ROW_BLOCK, by_blocks
+from neuromask_pl.fastcopy.invariant import ROW_BLOCK, by_blocks, per_image_linear
 from neuromask_pl.fastcopy.surgery import sides, takes_replacement, zero_padding
 
 
@@ -183,18 +183,19 @@ class FrozenLinear(nn.Module):
     same as autograd's; the weight gradient is skipped). With ``packed``, ``W`` and ``W^T`` are packed once for
     oneDNN (faster for large layers); else ATen's products run. With ``blocked`` (for a layer that gets at most
     :data:`ROW_BLOCK` rows an image, a classifier's head), the rows run in blocks of :data:`ROW_BLOCK`, so that a
-    row's result does not depend on how many rows run.
+    row's result does not depend on how many rows run. With ``per_image`` (unpacked, for inputs whose first dimension
+    is the images), each image's rows are their own product (:func:`per_image_linear`).
 
     The layer keeps ``weight`` and ``bias`` (the same tensors), so code that reads them still works. Only float32
     CPU inputs outside autocast take this path; anything else runs the original layer.
     """
 
-    def __init__(self, linear: nn.Linear, packed: bool = True, blocked: bool = False) -> None:
+    def __init__(self, linear: nn.Linear, packed: bool = True, blocked: bool = False, per_image: bool = False) -> None:
         super().__init__()
         self.linear = linear
         self.weight = linear.weight.detach()
         self.bias = linear.bias.detach() if linear.bias is not None else None
-        self.packed, self.blocked = packed, blocked
+        self.packed, self.blocked, self.per_image = packed, blocked, per_image
         self._packed: Tensor | None = None
         self._packed_transposed: Tensor | None = None
 
@@ -239,6 +240,8 @@ class FrozenLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not takes_replacement(x):
             return self.linear(x)
+        if self.per_image and not self.packed and x.ndim >= 3:
+            return per_image_linear(x, self.weight, self.bias)
         if not self.packed:  # ATen's products: autograd runs the blocks' input gradients (blocks of the same shape)
             return by_blocks(self.product, x, self.blocked)
         return _FrozenLinearFunction.apply(x, self)

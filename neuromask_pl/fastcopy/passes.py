@@ -71,12 +71,17 @@ def _per_image_pointwise(conv: nn.Module, site: Site) -> nn.Module | None:
 
 
 def _linear(linear: nn.Module, site: Site) -> nn.Module | None:
-    """Packed where it pays and ``pack_linears`` is on (and the run called it), blocked where it gets at most
-    :data:`~neuromask_pl.fastcopy.invariant.ROW_BLOCK` rows an image and ``batch_invariant`` is on."""
+    """Packed where it pays and ``pack_linears`` is on (and the run called it); with ``batch_invariant``, blocked where
+    it gets at most :data:`~neuromask_pl.fastcopy.invariant.ROW_BLOCK` rows an image, else (unpacked, on inputs of
+    images x tokens x features) each image's rows as their own product."""
     called = site.shape is not None or site.images == 0
     packed = site.on("pack_linears") and called and FrozenLinear.packing_pays(linear)
-    blocked = site.on("batch_invariant") and site.shape is not None and few_rows(site.shape, site.images)
-    return FrozenLinear(linear, packed=packed, blocked=blocked) if packed or blocked else None
+    invariant = site.on("batch_invariant") and site.shape is not None
+    blocked = invariant and few_rows(site.shape, site.images)
+    per_image = invariant and not (packed or blocked) and len(site.shape) >= 3  # (images, tokens, features)
+    if not (packed or blocked or per_image):
+        return None
+    return FrozenLinear(linear, packed=packed, blocked=blocked, per_image=per_image)
 
 
 def _planewise_activation(activation: nn.Module, site: Site) -> nn.Module | None:

@@ -94,7 +94,7 @@ class PlanewiseUpsampleBackward(torch.autograd.Function):
     kernel; for the same gradient viewed as (1, B, H, W) it takes the generic one. Both add
     ``(h_lambda * w_lambda) * grad`` into each input cell over the output pixels in the same order, so the gradients
     are the same bit for bit (tests/maths/test_upsample_planes.py), and the generic kernel takes about 17 us a plane
-    instead of 40 (32 -> 64 cells, 1 thread). The forward is the plain call: viewed as channels, its kernel would
+    instead of 40 (32 -> 64 cells, 1 thread). The forward is the ordinary call: viewed as channels, its kernel would
     vectorise across the masks and round differently from 8 masks on.
     """
 

@@ -113,7 +113,7 @@ def masked_batch(
     concrete): ``sigmoid((w / T + noise) / t)``, ``noise`` logistic at the weights' grid (see
     :func:`~neuromask_pl.maths.mask.logistic_noise`); the returned mask stays ``sigmoid(w / T)``.
 
-    ``weights`` are the learned weights (two-scale ones packed, with ``grids`` their (fine, coarse) shapes);
+    ``weights`` are the learned weights (two-scale ones joined, with ``grids`` their (fine, coarse) shapes);
     ``logits`` are the weights the mask is the sigmoid of (for a two-scale mask, fine plus upsampled coarse) and
     ``fine`` the fine grid (None for one grid); the mask is at the images' size; with ``deleting`` the masked
     images are followed by the images with the mask's region hidden (the deletion game); ``baseline`` None is

@@ -75,6 +75,7 @@ EXAMPLES: dict[str, list[Example]] = {
     "frozen_linear": [
         Example("a head (blocked)", lambda: nn.Linear(12, 7), (12,), 12),
         Example("a large token layer (packed)", lambda: nn.Linear(256, 256), (6, 256), 256),
+        Example("a small token layer (each image's rows one product)", lambda: nn.Linear(32, 128), (17, 32), 128),
     ],
     # 37 values an image: alone in the scalar loop, in a batch partly in the vectorised one (which rounds about
     # one value in 25 differently)

@@ -18,10 +18,11 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import load_script, make_images, make_tiny_cnn
+from helpers import load_script, make_images, make_tiny_cnn, needs_vector_kernels
 from torch import nn
 
 from neuromask_pl import NeuroMask
+from neuromask_pl.fastcopy.copies import SCALAR_KERNELS
 from neuromask_pl.fastcopy.invariant import ROW_BLOCK, PerImageConv2d, PlanewiseActivation
 from neuromask_pl.fastcopy.packed import FrozenConv2d, FrozenLinear
 from neuromask_pl.fastcopy.passes import apply_passes
@@ -82,6 +83,7 @@ def tiny_vit() -> nn.Module:
     ).eval()  # fmt: skip
 
 
+@needs_vector_kernels
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("make_net", [mobile_net, tiny_vit], ids=["mobile_cnn", "vit"])
 def test_each_mask_alone_equals_its_mask_in_a_batch_bit_for_bit(make_net, threads: int) -> None:
@@ -133,6 +135,7 @@ def test_cross_entropy_values_are_torchs_and_its_gradient_rows_do_not_depend_on_
     torch.testing.assert_close(ours, torchs, rtol=0, atol=1e-14)
 
 
+@needs_vector_kernels
 @pytest.mark.parametrize("packed", [False, True])
 def test_frozen_linear_rows_are_the_same_whatever_the_number_of_rows(packed: bool) -> None:
     torch.manual_seed(0)
@@ -197,6 +200,15 @@ def test_a_blocked_packed_head_feeds_an_in_place_activation() -> None:
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)  # 250- and 300-term float32 sums
 
 
+def test_the_report_claims_batch_invariance_only_for_vector_kernels() -> None:
+    explainer = NeuroMask(mobile_net(), steps=1)
+    explainer.explain(make_images(3, size=16, seed=7))
+    report = explainer.fast_path_report
+    vector = torch.backends.cpu.get_cpu_capability().startswith("AVX")
+    assert report["batch_invariant"] == vector and (SCALAR_KERNELS in report["not_covered"]) == (not vector)
+
+
+@needs_vector_kernels
 def test_the_model_check_script_reports_every_model_it_ran(capsys) -> None:
     pytest.importorskip("timm")
     script = load_script("benchmarks/batch_invariance.py")
