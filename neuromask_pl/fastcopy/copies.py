@@ -23,7 +23,7 @@ from neuromask_pl.fastcopy.autotune import fastest_variant
 from neuromask_pl.fastcopy.folding import fold_batchnorm, is_batchnorm
 from neuromask_pl.fastcopy.options import FastPath
 from neuromask_pl.fastcopy.packed import FrozenLinear
-from neuromask_pl.fastcopy.passes import INVARIANCE_ONLY, PassRecord, apply_passes
+from neuromask_pl.fastcopy.passes import INVARIANCE_ONLY, PASSES, PassRecord, apply_passes
 from neuromask_pl.fastcopy.surgery import takes_replacement
 
 log = logging.getLogger(__name__)
@@ -205,7 +205,9 @@ class FastCopies:
             replaced = _sharing_tensors(module) if options.measures() else module
             replaced, passes = apply_passes(replaced, images[:2], switches)
             if passes.layers or passes.functional or not options.measures():
-                candidates.append(_Copy(replaced, folded, passes, "batch_invariant" in switches))
+                claimed = {p.name for p in PASSES if p.batch_invariant}
+                invariant = "batch_invariant" in switches and set(passes.layers) <= claimed
+                candidates.append(_Copy(replaced, folded, passes, invariant))
         elif not options.measures():
             candidates.append(_Copy(module, folded))
         copies = dict(original) if options.measures() else {}
