@@ -44,7 +44,7 @@ class _Copy:
     module: nn.Module
     folded: int = 0
     passes: PassRecord = field(default_factory=PassRecord)
-    invariant: bool = False  # built with the batch_invariant switch on
+    invariant: bool = False  # whether it claims batch invariance (the switch on, every pass applied claims it)
 
     @property
     def replaced(self) -> bool:
