@@ -235,7 +235,7 @@ class ImageFolderDataModule(ExplainDataModule):
             before it is decoded; None for no budget but PIL's bomb limit. Only regular files are opened: a FIFO,
             socket or device named like an image is skipped too.
         max_decode_bytes: the decode budget in bytes of memory, as :func:`~neuromask_pl.data.images.decode_bytes`
-            estimates it from the header (about 32 bytes a pixel for 8-bit RGB); None for no such budget.
+            estimates it from the header (35 bytes a pixel for 8-bit RGB); None for no such budget.
 
     Raises:
         FileNotFoundError: if ``root`` is not a folder.
