@@ -29,8 +29,9 @@ class Results(StoredResults):
     """The results of a run (see :class:`~neuromask_pl.store.StoredResults`), with the inputs read back.
 
     The store keeps masks and rows, not the images: :meth:`image` decodes the sample's file again, the way the
-    run's DataModule did (the decoding, channels, resize and crop recorded in ``store.json``). That is the input
-    exactly as the classifier was given it, as long as the file has not changed since the run.
+    run's DataModule did (the decoding, channels, resize and crop recorded in ``store.json``, the decode budget in
+    ``run.json``). That is the input exactly as the classifier was given it, as long as the file has not changed
+    since the run.
     """
 
     def _data(self) -> dict[str, Any]:
@@ -67,7 +68,9 @@ class Results(StoredResults):
             raise ValueError(f"sample {sample_id} ({path}) was skipped: {row.get('error') or 'unreadable'}")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"sample {sample_id}: its file {path!r} is no longer there")
-        raw = read_image(path, int(data.get("channels") or 3))
+        loading = (self.run or {}).get("datamodule_hparams") or {}  # the decode budget is a loading setting
+        budget = {k: loading[k] for k in ("max_pixels", "max_decode_bytes") if k in loading}
+        raw = read_image(path, int(data.get("channels") or 3), **budget)
         return prepare_image(raw, data.get("image_size"), data.get("resize"))
 
     def panel(self, sample_id: int) -> Tensor:

@@ -3,6 +3,8 @@ classifier was given them, the explanation panel, and clear refusals where the s
 
 from __future__ import annotations
 
+import json
+
 import helpers
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from torch import nn
 
 import neuromask_pl
 from neuromask_pl.data import ImageFolderDataModule, TensorDataModule
+from neuromask_pl.data.images import UnsupportedImage
 from neuromask_pl.module import NeuroMask
 from neuromask_pl.results import Results, load_results
 
@@ -78,3 +81,9 @@ def test_image_refuses_what_the_store_cannot_give_back(tmp_path) -> None:
         with pytest.raises(ValueError, match="has no mask"):
             results.panel(ids["broken.png"])
         assert results.image(ids["wide.png"]).shape == (3, 16, 16)
+    # The run's decode budget (a loading setting, in run.json) holds for reading back too.
+    record = json.loads((out / "run.json").read_text())
+    record["datamodule_hparams"]["max_pixels"] = 100
+    (out / "run.json").write_text(json.dumps(record))
+    with load_results(out) as results, pytest.raises(UnsupportedImage, match="max_pixels"):
+        results.image(ids["wide.png"])
