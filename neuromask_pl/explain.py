@@ -22,6 +22,7 @@ from torch import nn
 from neuromask_pl.callbacks import ExplanationLogger, MaskWriter
 from neuromask_pl.classifiers import LightningCheckpointClassifier
 from neuromask_pl.data import ImageFolderDataModule
+from neuromask_pl.data.checks import expected_channels
 from neuromask_pl.module import NeuroMask
 
 
@@ -45,12 +46,14 @@ def explain_folder(
 
     ``explainer`` holds the arguments of :class:`~neuromask_pl.Explainer` (``preset``, ``steps``, ``settings``,
     ``seed``, ``target_class``, ``fast_path``, ``mask_gradient``).
-    ``output_dir`` defaults to ``<default_root_dir>/lightning_logs/version_N/explanations``; ``channels`` to the
-    classifier's (its ``in_channels``, else 3); ``trainer`` holds more Trainer arguments (``accelerator``,
+    ``output_dir`` defaults to ``<default_root_dir>/lightning_logs/version_N/explanations``; ``channels`` (the image
+    channels the classifier takes, 1 or 3: images are read so) to the classifier's: its ``in_channels``, else its first
+    convolution's, else its first Linear layer's for a network without convolutions, else 3; ``trainer`` holds more
+    Trainer arguments (``accelerator``,
     ``devices``, ``precision``, ``logger``, ...). Rerunning on the same ``output_dir`` resumes.
     """
     module = NeuroMask(classifier, **explainer)  # first: a bad setting fails before any file is made
-    channels = channels or getattr(classifier, "in_channels", None) or 3
+    channels = channels or expected_channels(classifier) or 3
     datamodule = ImageFolderDataModule(
         str(root), image_size=image_size, resize=resize, batch_size=batch_size, num_workers=num_workers,
         channels=channels,
@@ -78,6 +81,7 @@ def explain_checkpoint(
     model_attribute: str | None = None,
     mean: float | list[float] | None = None,
     std: float | list[float] | None = None,
+    in_channels: int | None = None,
     classifier: dict[str, Any] | None = None,
     **options: Any,
 ) -> Path:
@@ -85,12 +89,15 @@ def explain_checkpoint(
 
     ``module_class`` is the LightningModule class (or its dotted name); ``model_attribute`` names the network
     inside it (e.g. ``"net"``); ``mean``/``std`` the normalisation the module expects, so masks act on [0, 1]
-    pixels; ``classifier`` more arguments of :class:`~neuromask_pl.classifiers.LightningCheckpointClassifier`
-    (``trusted``, ``weights_only``, ``class_names``, ``output``). ``options`` are those of :func:`explain_folder`.
+    pixels; ``in_channels`` the image channels the network takes (1 grey, 3 RGB; default: ``channels`` if given,
+    else inferred, e.g. 1 from ``mean=0.1307``; images are read so); ``classifier`` more arguments of
+    :class:`~neuromask_pl.classifiers.LightningCheckpointClassifier` (``trusted``, ``weights_only``,
+    ``class_names``, ``output``). ``options`` are those of :func:`explain_folder`.
     """
     if isinstance(module_class, type):
         module_class = f"{module_class.__module__}.{module_class.__qualname__}"
     model = LightningCheckpointClassifier(
-        module_class, str(checkpoint), model_attribute=model_attribute, mean=mean, std=std, **(classifier or {})
-    )
+        module_class, str(checkpoint), model_attribute=model_attribute, mean=mean, std=std,
+        in_channels=in_channels or options.get("channels"), **(classifier or {}),
+    )  # fmt: skip
     return explain_folder(model, root, output_dir, **options)

@@ -71,6 +71,8 @@ class LightningCheckpointClassifier(ClassifierWrapper):
             the torch.nn layer classes (``nn.Module`` subclasses of ``torch.nn``) it holds pickled
             (the refusal names what a file needs). Not with ``weights_only=False``, which trusts
             everything.
+        in_channels: image channels the network takes (1 grey, 3 RGB); default: inferred (see
+            ``ClassifierWrapper``), e.g. 1 from ``mean=0.1307``.
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class LightningCheckpointClassifier(ClassifierWrapper):
         std: Sequence[float] | float | None = None,
         class_names: list[str] | str | None = None,
         trusted: list[str] | None = None,
+        in_channels: int | None = None,
     ) -> None:
         cls = _lightning_module_class(module_class)
         path = _checkpoint_file(checkpoint)
@@ -101,7 +104,7 @@ class LightningCheckpointClassifier(ClassifierWrapper):
         module.on_load_checkpoint(ckpt)
         load_state_dict_strict(module, ckpt["state_dict"], path)
         model = submodule(module, model_attribute) if model_attribute else module
-        super().__init__(model, Normalize(mean, std), names, source_file=path, output=output)
+        super().__init__(model, Normalize(mean, std), names, source_file=path, in_channels=in_channels, output=output)
 
 
 def _lightning_module_class(spec: str) -> type[pl.LightningModule]:

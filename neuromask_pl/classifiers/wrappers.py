@@ -16,7 +16,7 @@ from neuromask_pl import DEMO_INSTALL_HINT
 from neuromask_pl.classifiers.files import existing_file, file_sha256, load_failure_reason, read_class_names
 from neuromask_pl.classifiers.imports import did_you_mean, resolve_factory
 from neuromask_pl.classifiers.weights import load_weights
-from neuromask_pl.data.checks import expected_channels
+from neuromask_pl.data.checks import channel_evidence
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,9 +52,14 @@ class Normalize(nn.Module):
 
     @property
     def num_channels(self) -> int | None:
-        """Number of channels the statistics are given for, or None if they broadcast."""
+        """Number of channels the statistics are given for, or None if they broadcast (one value each, or none)."""
         n = max(self.mean.shape[1], self.std.shape[1])
         return n if self.enabled and n > 1 else None
+
+    @property
+    def one_channel(self) -> bool:
+        """Whether one value each is given (``mean=0.1307`` or ``[0.1307]``): statistics of a single channel."""
+        return self.enabled and self.num_channels is None
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalise a batch B x C x H x W."""
@@ -74,7 +79,11 @@ class ClassifierWrapper(nn.Module):
         normalize: input normalisation applied to [0, 1] images.
         class_names: names of the output classes, or None.
         source_file: the file the model or its weights came from, or None.
-        in_channels: number of image channels the model expects (default: inferred).
+        in_channels: number of image channels the model takes. Default: the number of per-channel ``mean``/``std``
+            values, else the model's first convolution's, else for a network without convolutions its first Linear
+            layer's (``side x side`` inputs: 1; ``3 x side x side``: 3), else 1 with one-value statistics
+            (``mean=0.1307``), else 3. ``in_channels_from`` says which (``"given"``, ``"statistics"``,
+            ``"convolution"``, ``"first Linear layer"``, ``"one-channel statistics"``, ``"default"``).
         output: where the logits are when ``model`` returns several outputs: an index into a
             tuple or list, or a key of a dict; None if it returns the logits tensor itself.
         resize_to: ``size`` or ``(height, width)`` a fixed-size model (ViT, LeViT, MaxViT) takes: images of
@@ -102,7 +111,7 @@ class ClassifierWrapper(nn.Module):
         self.normalize = normalize if normalize is not None else Normalize()
         self.class_names = class_names
         self.source_file = source_file
-        self.in_channels = in_channels or self.normalize.num_channels or expected_channels(model) or 3
+        self.in_channels, self.in_channels_from = _channels(in_channels, self.normalize, model)
         self.resize_to = _size(resize_to)
         self.eval()
 
@@ -247,15 +256,17 @@ class TorchScriptClassifier(ClassifierWrapper):
         std: per-channel input standard deviation, or None.
         class_names: list of names, a text file with one name per line, or None.
         output: index or key of the logits if the model returns a tuple or dict.
+        in_channels: image channels the model takes (1 grey, 3 RGB); default: inferred (see ``ClassifierWrapper``).
     """
 
     def __init__(
         self,
         path: str,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
+        mean: Sequence[float] | float | None = None,
+        std: Sequence[float] | float | None = None,
         class_names: list[str] | str | None = None,
         output: int | str | None = None,
+        in_channels: int | None = None,
     ) -> None:
         path = existing_file(path, "TorchScript model")
         try:
@@ -268,7 +279,8 @@ class TorchScriptClassifier(ClassifierWrapper):
                 f"could not load {path}: {load_failure_reason(e)}; "
                 "is it a TorchScript file (saved with torch.jit.save)?"
             ) from e
-        super().__init__(model, Normalize(mean, std), read_class_names(class_names), source_file=path, output=output)
+        names = read_class_names(class_names)
+        super().__init__(model, Normalize(mean, std), names, source_file=path, in_channels=in_channels, output=output)
 
 
 class FactoryClassifier(ClassifierWrapper):
@@ -285,6 +297,7 @@ class FactoryClassifier(ClassifierWrapper):
         output: index or key of the logits if the model returns a tuple or dict.
         state_dict_prefix: take only the weights whose keys start with it (``"net."`` for a
             LightningModule's ``net`` in a Lightning checkpoint).
+        in_channels: image channels the model takes (1 grey, 3 RGB); default: inferred (see ``ClassifierWrapper``).
     """
 
     def __init__(
@@ -292,11 +305,12 @@ class FactoryClassifier(ClassifierWrapper):
         factory: str,
         kwargs: dict[str, Any] | None = None,
         weights: str | None = None,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
+        mean: Sequence[float] | float | None = None,
+        std: Sequence[float] | float | None = None,
         class_names: list[str] | str | None = None,
         output: int | str | None = None,
         state_dict_prefix: str | None = None,
+        in_channels: int | None = None,
     ) -> None:
         if kwargs is not None and not isinstance(kwargs, Mapping):
             raise TypeError(f"kwargs must be a dict of keyword arguments, got {type(kwargs).__name__}")
@@ -307,7 +321,7 @@ class FactoryClassifier(ClassifierWrapper):
             raise TypeError(f"factory {factory!r} returned {type(model).__name__}, expected a torch.nn.Module")
         if path is not None:
             load_weights(model, path, state_dict_prefix)
-        super().__init__(model, Normalize(mean, std), names, source_file=path, output=output)
+        super().__init__(model, Normalize(mean, std), names, source_file=path, in_channels=in_channels, output=output)
 
 
 def describe_classifier(module: nn.Module) -> dict[str, Any]:
@@ -340,6 +354,20 @@ def _public_class_path(cls: type) -> str:
     if cls.__module__.startswith(package + ".") and getattr(sys.modules[package], cls.__qualname__, None) is cls:
         return f"{package}.{cls.__qualname__}"
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _channels(in_channels: int | None, normalize: Normalize, model: nn.Module) -> tuple[int, str]:
+    """The channel count a wrapped model takes and where it comes from (``ClassifierWrapper``'s ``in_channels``)."""
+    if in_channels is not None:
+        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"in_channels must be a positive integer (1 grey, 3 RGB) or None, got {in_channels!r}")
+        return in_channels, "given"
+    if normalize.num_channels is not None:
+        return normalize.num_channels, "statistics"
+    channels, source = channel_evidence(model)
+    if channels is not None:
+        return channels, source
+    return (1, "one-channel statistics") if normalize.one_channel else (3, "default")
 
 
 def _floats(values: Sequence[float] | float, name: str) -> list[float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -126,31 +127,124 @@ def check_target_class(target_class: Any) -> None:
         raise ValueError(f"target_class must be a class index >= 0 (an int), got {target_class!r}")
 
 
+# Where a classifier's channel count comes from: facts about the classifier, and guesses.
+KNOWN_CHANNELS = {
+    "given": "its in_channels",
+    "statistics": "its per-channel mean/std",
+    "convolution": "its first convolution",
+}
+GUESSED_CHANNELS = {
+    "first Linear layer": "from its first Linear layer",
+    "one-channel statistics": "from its one-channel mean/std",
+    "default": "nothing in it says how many: no convolution, no in_channels, no per-channel mean/std",
+}
+_KIND = {1: "grey", 3: "RGB"}
+
+
 def expected_channels(classifier: nn.Module) -> int | None:
-    """The channel count a classifier takes: its ``in_channels`` attribute, else its first convolution's."""
+    """The channel count a classifier takes (see :func:`channel_evidence`), or None if nothing says."""
+    return channel_evidence(classifier)[0]
+
+
+def channel_evidence(classifier: nn.Module) -> tuple[int | None, str]:
+    """How many image channels a classifier takes, and what says so.
+
+    Returns ``(count, source)``: ``"given"`` for an ``in_channels`` attribute (a classifier wrapper names where its
+    own count came from in ``in_channels_from``: a key of :data:`KNOWN_CHANNELS` or :data:`GUESSED_CHANNELS`),
+    ``"convolution"`` for its first convolution's, ``"first Linear layer"`` for a network without convolutions whose
+    first Linear layer takes ``side x side`` values (1 channel) or ``3 x side x side`` (3), side >= 8;
+    ``(None, "")`` when nothing says.
+    """
     channels = getattr(classifier, "in_channels", None)
-    if isinstance(channels, int):
-        return channels
-    first = next((m for m in classifier.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-    return first.in_channels if first is not None else None
+    if isinstance(channels, int) and not isinstance(channels, bool) and channels > 0:
+        source = getattr(classifier, "in_channels_from", "given")
+        return channels, source if source in KNOWN_CHANNELS or source in GUESSED_CHANNELS else "given"
+    conv, features = _first_layers(classifier)
+    if conv is not None:
+        return conv, "convolution"
+    flat = _flat_channels(features)
+    return (flat, "first Linear layer") if flat is not None else (None, "")
+
+
+def _first_layers(classifier: nn.Module) -> tuple[int | None, int | None]:
+    """The input channels of the first convolution and the input features of the first Linear layer (or None);
+    TorchScript modules count by their original class name."""
+    conv = linear = None
+    for module in classifier.modules():
+        name = getattr(module, "original_name", None) if isinstance(module, torch.jit.ScriptModule) else None
+        weight = getattr(module, "weight", None)
+        width = int(weight.shape[1]) if isinstance(weight, Tensor) and weight.ndim >= 2 else None
+        if isinstance(module, nn.modules.conv._ConvNd) or name in ("Conv1d", "Conv2d", "Conv3d"):
+            conv = getattr(module, "in_channels", None) or width
+            break
+        if linear is None and (isinstance(module, nn.Linear) or name == "Linear"):
+            linear = getattr(module, "in_features", None) or width
+    return conv, linear
+
+
+def _flat_channels(features: int | None) -> int | None:
+    """1 for ``side x side`` input features, 3 for ``3 x side x side`` (side >= 8), else None."""
+    for channels in (1, 3):
+        if features is not None and features % channels == 0:
+            side = math.isqrt(features // channels)
+            if side >= 8 and side * side * channels == features:
+                return channels
+    return None
 
 
 def check_images_fit(images: Tensor, classifier: nn.Module) -> None:
     """Images of the channel count and float type the classifier takes, or a ValueError that says what to do."""
-    channels = expected_channels(classifier)
-    if channels is not None and images.shape[1] != channels:
-        kind = {1: "grey", 3: "RGB"}
-        raise ValueError(
-            f"images have {images.shape[1]} channel(s) but the classifier takes {channels} "
-            f"({kind.get(channels, 'channels')}); read them with ImageFolderDataModule(channels={channels}) "
-            f"(CLI: --data.channels {channels}) or convert them before explaining"
-        )
+    _check_channels(images, classifier)
     weight = next((p for p in classifier.parameters() if p.is_floating_point()), None)
     if weight is not None and (images.dtype == torch.float64) != (weight.dtype == torch.float64):
         raise ValueError(
             f"images are {images.dtype} but the classifier's weights are {weight.dtype}; convert the images "
             f"with images.to({weight.dtype}) (or the classifier with classifier.to({images.dtype}))"
         )
+
+
+def read_as(channels: int) -> str:
+    """How to read images with ``channels`` channels, in Python and on the command line of the shipped configs."""
+    return (
+        f"read the images as {channels} channel(s): ImageFolderDataModule(channels={channels}), "
+        f"explain_folder(..., channels={channels}), on the command line --data.init_args.channels {channels}"
+    )
+
+
+def give_in_channels(channels: int) -> str:
+    """How to tell a classifier wrapper its channel count, in Python and on the command line."""
+    return (
+        f"give the classifier in_channels={channels} (on the command line "
+        f"--model.classifier.init_args.in_channels {channels})"
+    )
+
+
+def _check_channels(images: Tensor, classifier: nn.Module) -> None:
+    """The images' channel count against the classifier's: a fact (its in_channels, per-channel statistics, first
+    convolution) must match; a guess gives way to a network's first Linear layer, which the flattened image must fit."""
+    have, height, width = images.shape[1], images.shape[-2], images.shape[-1]
+    channels, source = channel_evidence(classifier)
+    if channels is None or (source in KNOWN_CHANNELS and have == channels):
+        return
+    takes = f"images have {have} channel(s) but the classifier takes {channels} ({_KIND.get(channels, 'channels')})"
+    if source in KNOWN_CHANNELS:
+        raise ValueError(f"{takes}, as {KNOWN_CHANNELS[source]} says: {read_as(channels)}")
+    conv, features = _first_layers(classifier)
+    fits = features // (height * width) if conv is None and features is not None else None
+    if fits == have and features == fits * height * width:
+        return  # the flattened images fit the network's first layer
+    if fits in (1, 3) and features == fits * height * width:
+        wrapper = hasattr(classifier, "in_channels_from") and channels != fits
+        raise ValueError(
+            f"images have {have} x {height} x {width} values but the classifier's first Linear layer takes {features} "
+            f"= {fits} x {height} x {width}: {read_as(fits)}" + (f"; and {give_in_channels(fits)}" if wrapper else "")
+        )
+    if have == channels:
+        return
+    raise ValueError(
+        f"{takes}, a guess ({GUESSED_CHANNELS[source]}): if it takes {have}, {give_in_channels(have)}; "
+        f"if it takes {channels}, {read_as(channels)}"
+    )
 
 
 def check_logits(logits: Any, batch: int) -> Tensor:
