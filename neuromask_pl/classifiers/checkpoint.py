@@ -20,17 +20,26 @@ from torch import nn
 from neuromask_pl.classifiers.files import existing_file, load_failure_reason, read_class_names
 from neuromask_pl.classifiers.imports import import_object
 from neuromask_pl.classifiers.trust import (
+    Inert,
     build_class_paths,
     find_class_paths,
+    find_inert,
+    held_objects,
+    inert_in_network,
+    inert_stand_ins,
     resolve_trusted,
+    top_package,
     torch_layer_classes,
     unsafe_globals,
+    ways_on,
 )
 from neuromask_pl.classifiers.weights import load_state_dict_strict
 from neuromask_pl.classifiers.wrappers import ClassifierWrapper, Normalize
 
 logger = logging.getLogger(__name__)
 
+# Modules whose objects torch's weights_only unpickler refuses outright, even when allowed (its blocklist).
+_NEVER_UNPICKLED = ("os", "posix", "nt", "sys")
 # Instantiators that Lightning itself trusts in checkpoints written under LightningCLI.
 _LIGHTNING_INSTANTIATORS = ("pytorch_lightning.cli.instantiate_module", "lightning.pytorch.cli.instantiate_module")
 
@@ -45,12 +54,15 @@ class LightningCheckpointClassifier(ClassifierWrapper):
 
     The checkpoint is data unless you say it is trusted: by default nothing it names is
     imported or called. The module is built as ``module_class(**hyper_parameters)`` from plain
-    values; a ``class_path`` in the hyper-parameters (a LightningCLI checkpoint whose module
-    takes a class) is refused with the key that holds it. Two ways on, only for a file you trust:
-    ``trusted=[...]`` names the classes it may unpickle and build (``weights_only`` stays on, and
-    torch.nn's own layer classes may be unpickled with them), or
-    ``weights_only=False`` trusts the whole file as Lightning does: full unpickling, and
-    LightningCLI's instantiator builds the classes it names.
+    values; a file that holds pickled objects (a network saved among the hyper-parameters) or a
+    ``class_path`` in the hyper-parameters (a LightningCLI checkpoint whose module takes a class)
+    is refused, saying what it holds. Three ways on (docs/checkpoints.md): the network's weights
+    alone with ``FactoryClassifier(..., weights=<ckpt>, state_dict_prefix="net.")``; for a file you
+    trust, ``trusted=[...]`` names the classes it may unpickle and build (``weights_only`` stays on,
+    torch.nn's own layer classes come with them, and every other pickled object, such as the
+    template's Hydra partials of the optimiser and scheduler, is read as inert data that is never
+    called: explaining needs only the network); or ``weights_only=False`` trusts the whole file as
+    Lightning does: full unpickling, and LightningCLI's instantiator builds the classes it names.
 
     Args:
         module_class: the LightningModule class, ``"package.module.ClassName"`` or
@@ -68,9 +80,9 @@ class LightningCheckpointClassifier(ClassifierWrapper):
         trusted: classes (or functions) the checkpoint may hold pickled or name as a class_path,
             e.g. ``["my_project.models.SimpleConvNet"]`` for a network saved among the
             hyper-parameters; the file is loaded with ``weights_only=True`` plus exactly these and
-            the torch.nn layer classes (``nn.Module`` subclasses of ``torch.nn``) it holds pickled
-            (the refusal names what a file needs). Not with ``weights_only=False``, which trusts
-            everything.
+            the torch.nn layer classes (``nn.Module`` subclasses of ``torch.nn``) it holds pickled;
+            any other pickled object is read as inert data (never called; the network may not hold
+            one). Not with ``weights_only=False``, which trusts everything.
         in_channels: image channels the network takes (1 grey, 3 RGB); default: inferred (see
             ``ClassifierWrapper``), e.g. 1 from ``mean=0.1307``.
     """
@@ -97,14 +109,40 @@ class LightningCheckpointClassifier(ClassifierWrapper):
                 "trusted= names the only classes a checkpoint may unpickle and build, with weights_only=True; "
                 "weights_only=False trusts every class instead: give one of them"
             )
-        ckpt = _load_lightning_checkpoint(path, bool(weights_only), allowed)
-        module = _instantiate_from_checkpoint(cls, ckpt, path, trust_all=not weights_only, allowed=allowed)
+        # The user's own packages: the LightningModule's. Only their classes are ever suggested for trust.
+        reading = _Reading(path, {top_package(module_class), top_package(cls.__module__)}, model_attribute)
+        ckpt = _load_lightning_checkpoint(reading, bool(weights_only), allowed)
+        module = _instantiate_from_checkpoint(cls, ckpt, reading, trust_all=not weights_only, allowed=allowed)
+        _refuse_inert_network(module, reading)
         if type(module).configure_model is not _lightning_base(cls).configure_model:
             module.configure_model()
         module.on_load_checkpoint(ckpt)
         load_state_dict_strict(module, ckpt["state_dict"], path)
         model = submodule(module, model_attribute) if model_attribute else module
+        _refuse_inert_network(model, reading, model_attribute)
         super().__init__(model, Normalize(mean, std), names, source_file=path, in_channels=in_channels, output=output)
+
+
+class _Reading:
+    """What a refusal names: the checkpoint file, the user's own packages and the network's attribute."""
+
+    def __init__(self, path: str, own: set[str], model_attribute: str | None) -> None:
+        self.path, self.own, self.model_attribute = path, own, model_attribute
+
+    def ways_on(self, names: list[str]) -> str:
+        return ways_on(self.path, names, self.own, self.model_attribute)
+
+
+def _refuse_inert_network(module: nn.Module, reading: _Reading, model_attribute: str | None = None) -> None:
+    """A network cannot run with an object read as inert data in it: refuse, naming where each is."""
+    held = inert_in_network(module, model_attribute or "")
+    if held:
+        where = ", ".join(f"{key} ({name})" for key, name in held)
+        raise ValueError(
+            f"{reading.path}: the network holds pickled objects that are neither torch.nn layers nor trusted, read as "
+            f"inert data: {where}. Unpickling them runs code that the file chooses; "
+            + reading.ways_on(sorted({name for _, name in held}))
+        )
 
 
 def _lightning_module_class(spec: str) -> type[pl.LightningModule]:
@@ -145,28 +183,42 @@ def _checkpoint_file(path: str | os.PathLike[str]) -> str:
     return existing_file(resolved, "checkpoint")
 
 
-def _load_lightning_checkpoint(path: str, weights_only: bool, allowed: Mapping[str, Any]) -> dict[str, Any]:
+def _load_lightning_checkpoint(reading: _Reading, weights_only: bool, allowed: Mapping[str, Any]) -> dict[str, Any]:
     """Load and migrate a Lightning checkpoint on CPU; it must hold a ``state_dict``.
 
     With ``weights_only``, the objects in ``allowed`` (the user's trusted classes) may be unpickled too,
-    and with them the torch.nn layer classes that the file names.
+    and with them the torch.nn layer classes that the file names; every other object the file pickles is
+    then read as inert data (never called).
     """
-    safe = dict(allowed)
+    path = reading.path
+    safe: dict[str, Any] = dict(allowed)
+    stand_ins: list[Any] = []
     if allowed and weights_only:
-        safe |= torch_layer_classes(unsafe_globals(path))
+        names = unsafe_globals(path)
+        safe |= torch_layer_classes(names)
+        stand_ins = inert_stand_ins([name for name in names if name not in safe])
+    objects = list({id(v): v for v in safe.values()}.values()) + stand_ins
     try:
-        with pl_legacy_patch(), _safe_globals(list({id(v): v for v in safe.values()}.values())):
+        with pl_legacy_patch(), _safe_globals(objects):
             ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as e:
         text = str(e)
         rejected = weights_only and isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in text
         found = (unsafe_globals(path) or sorted(set(re.findall(r"GLOBAL ([\w.]+)", text)))) if rejected else []
         refused = [name for name in found if name not in safe]
+        blocked = [name for name in refused if top_package(name) in _NEVER_UNPICKLED]
+        if blocked:
+            raise ValueError(
+                f"{path} holds pickled Python objects besides tensors: {held_objects(found, reading.own)}. "
+                f"{', '.join(blocked)} belong to modules that torch's safe unpickler never reads, not even as inert "
+                "data, and that no model checkpoint needs: treat the file as hostile, and never load it with "
+                "weights_only=False"
+            ) from e
         if refused:
             raise ValueError(
-                f"{path} holds pickled Python objects that are not tensors or plain containers "
-                f"({', '.join(refused)}), e.g. a network saved among its hyper-parameters. Unpickling them runs "
-                f"code that the file chooses, {_ways_on(refused, allowed)}"
+                f"{path} holds pickled Python objects besides tensors: {held_objects(found, reading.own)}. "
+                "Unpickling them runs code that the file chooses, so they are refused unless trusted. "
+                + reading.ways_on(found)
             ) from e
         if rejected:
             detail = text.partition("WeightsUnpickler error:")[2].strip().split("\n")[0] or "unknown reason"
@@ -190,6 +242,13 @@ def _load_lightning_checkpoint(path: str, weights_only: bool, allowed: Mapping[s
             "file use FactoryClassifier(factory, kwargs, weights) or TorchvisionClassifier(arch, weights)"
         )
     ckpt, _ = migrate_checkpoint(ckpt)
+    inert = find_inert({key: value for key, value in ckpt.items() if key != "state_dict"})
+    if inert:
+        logger.info(
+            "%s: read as inert data, never called (not trusted; explaining needs only the network): %s",
+            path,
+            ", ".join(f"{key} ({name})" for key, name in inert),
+        )
     return ckpt
 
 
@@ -202,24 +261,8 @@ def _safe_globals(objects: list[Any]) -> contextlib.AbstractContextManager[Any]:
     return torch.serialization.safe_globals(objects)
 
 
-def _ways_on(names: list[str], allowed: Mapping[str, Any]) -> str:
-    """The end of a refusal: why, and the two ways to load the file anyway.
-
-    The suggested allow-list leaves out torch.nn's layer classes, which come with any list.
-    """
-    already = {f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}" for obj in allowed.values()}
-    own = [name for name in names if name not in torch_layer_classes(names)]
-    suggested = sorted(already | set(own or names))
-    return (
-        "so it is refused for a file not marked as trusted. Two ways on, only for a file you trust: "
-        f"trusted={suggested!r} allows exactly these classes and torch.nn's own layers (weights_only stays on), "
-        "or weights_only=False (weights_only: false in a config) trusts the whole file, as "
-        "LightningModule.load_from_checkpoint does"
-    )
-
-
 def _instantiate_from_checkpoint(
-    cls: type[pl.LightningModule], ckpt: dict[str, Any], path: str, trust_all: bool, allowed: Mapping[str, Any]
+    cls: type[pl.LightningModule], ckpt: dict[str, Any], reading: _Reading, trust_all: bool, allowed: Mapping[str, Any]
 ) -> pl.LightningModule:
     """Build ``cls`` from the checkpoint's hyper-parameters, after checking that ``cls`` takes them.
 
@@ -228,7 +271,13 @@ def _instantiate_from_checkpoint(
     refused otherwise, and the module is built as ``cls(**hyper_parameters)`` (never through
     Lightning's instantiator, which imports whatever a value names).
     """
+    path = reading.path
     raw = ckpt.get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {}
+    if isinstance(raw, Inert):  # e.g. an OmegaConf DictConfig that save_hyperparameters(cfg) kept
+        raise ValueError(
+            f"{path}: the hyper-parameters are a pickled {raw.global_name}, read as inert data since it is not "
+            "trusted. " + reading.ways_on([raw.global_name])
+        )
     hparams = dict(raw if isinstance(raw, Mapping) else vars(raw))  # vars: an argparse.Namespace (old checkpoints)
     instantiator = hparams.pop("_instantiator", None)
     class_path = hparams.pop("_class_path", None)
@@ -242,8 +291,8 @@ def _instantiate_from_checkpoint(
     if specs:
         listing = "; ".join(f"hyper-parameter {key!r} names the class {spec!r} (class_path)" for key, spec in specs)
         raise ValueError(
-            f"{path}: {listing}. Loading would import and instantiate it, running code that the file chooses, "
-            + _ways_on(sorted({spec for _, spec in specs}), allowed)
+            f"{path}: {listing}. Loading would import and instantiate it, running code that the file chooses, so it "
+            "is refused for a file not marked as trusted. " + reading.ways_on(sorted({spec for _, spec in specs}))
         )
     params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # without self
     named = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]

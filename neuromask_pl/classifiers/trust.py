@@ -4,11 +4,13 @@ A checkpoint is data until the user says it is trusted. Two things in one can na
 Python objects (refused by ``torch.load(weights_only=True)``) and ``class_path`` entries in its
 hyper-parameters, plain dicts and strings that Lightning's instantiator (jsonargparse) imports and
 calls. This module finds both, so that a loader can refuse them with the key that holds them, and
-builds exactly the classes a user has listed as trusted.
+builds exactly the classes a user has listed as trusted. A pickled object that is not trusted can
+also be read as :class:`Inert` data, which takes its place and runs nothing.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -109,3 +111,135 @@ def build_class_paths(value: Any, allowed: Mapping[str, Any], key: str = "") -> 
     if isinstance(value, Mapping):
         return {name: build_class_paths(v, allowed, f"{key}.{name}" if key else str(name)) for name, v in value.items()}
     return type(value)(build_class_paths(v, allowed, f"{key}[{i}]") for i, v in enumerate(value))
+
+
+class Inert:
+    """What a pickled object that is not trusted is read as: built from any arguments, it keeps nothing and runs
+    nothing; calling it is an error that names it.
+
+    Explaining needs only the network: a checkpoint's Hydra partials of the optimiser and scheduler, OmegaConf
+    containers of the DataModule's settings, or a gadget such as ``posix.system`` read as inert data.
+    """
+
+    global_name = "?"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            f"{self.global_name} was read from the checkpoint as inert data, since it is not trusted: it cannot be "
+            "called (list its class in trusted only if you trust the file)"
+        )
+
+    def __repr__(self) -> str:
+        return f"<inert {self.global_name}>"
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return inert, (self.global_name,)
+
+
+@functools.cache
+def inert_class(name: str) -> type[Inert]:
+    """The :class:`Inert` class that stands for the pickled global ``name`` (one per name)."""
+    return type("Inert", (Inert,), {"global_name": name})
+
+
+def inert(name: str) -> Inert:
+    """An :class:`Inert` object standing for ``name`` (how one is unpickled again)."""
+    return inert_class(name)()
+
+
+def inert_stand_ins(names: Iterable[str]) -> list[tuple[type[Inert], str]]:
+    """``(class, name)`` pairs for ``torch.serialization.safe_globals``: each name is read as inert data."""
+    return [(inert_class(name), name) for name in names]
+
+
+def find_inert(value: Any, key: str = "") -> list[tuple[str, str]]:
+    """Every :class:`Inert` object (or class) in plain data (mappings, lists, tuples, sets, ``functools.partial``
+    objects, at any depth), as ``(key, global name)``; nested keys are written ``a.b[0].c``."""
+    if isinstance(value, Inert) or (isinstance(value, type) and issubclass(value, Inert)):
+        return [(key or "(top)", value.global_name)]
+    found: list[tuple[str, str]] = []
+    if isinstance(value, Mapping):
+        for name, item in value.items():
+            found += find_inert(item, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for i, item in enumerate(value):
+            found += find_inert(item, f"{key}[{i}]")
+    elif isinstance(value, functools.partial):
+        found += find_inert([value.func, *value.args, value.keywords], key)
+    return found
+
+
+def inert_in_network(module: nn.Module, key: str = "") -> list[tuple[str, str]]:
+    """Every :class:`Inert` object that ``module`` holds as a sub-module, or in a public attribute of one of its
+    modules (of ``module`` itself too unless it is a LightningModule, whose attributes are its training set-up):
+    what a network cannot run with."""
+    found: list[tuple[str, str]] = []
+    todo: list[tuple[str, Any]] = [(key, module)]
+    seen: set[int] = set()
+    while todo:
+        path, sub = todo.pop()
+        if isinstance(sub, Inert):
+            found.append((path, sub.global_name))
+            continue
+        if not isinstance(sub, nn.Module) or id(sub) in seen:
+            continue
+        seen.add(id(sub))
+        todo += [(f"{path}.{name}" if path else name, child) for name, child in vars(sub).get("_modules", {}).items()]
+        if sub is not module or not _is_lightning_module(sub):
+            for name, item in vars(sub).items():
+                if not name.startswith("_"):
+                    found += find_inert(item, f"{path}.{name}" if path else name)
+    return sorted(found)
+
+
+def _is_lightning_module(module: nn.Module) -> bool:
+    return any(
+        cls.__name__ == "LightningModule" and cls.__module__.endswith(".core.module") for cls in type(module).__mro__
+    )
+
+
+def top_package(name: str) -> str:
+    """The top-level package of a dotted or ``module:attribute`` path."""
+    return str(name).replace(":", ".").split(".")[0]
+
+
+def held_objects(names: Sequence[str], own: Iterable[str]) -> str:
+    """What a file's pickled globals are, grouped: the classes of the user's own packages ``own``, torch.nn's layer
+    classes, and the other objects (named, never suggested for trust)."""
+    own = set(own)
+    layers = torch_layer_classes(names)
+    mine = [name for name in names if top_package(name) in own and name not in layers]
+    others = [name for name in names if name not in layers and name not in mine]
+    groups = []
+    if mine:
+        groups.append(f"objects of your package {' and '.join(sorted(own))} ({', '.join(mine)})")
+    if layers:
+        groups.append(f"torch.nn layers ({', '.join(sorted(name.rpartition('.')[2] for name in layers))})")
+    if others:
+        groups.append(f"other objects ({', '.join(others)})")
+    return ", ".join(groups[:-1]) + (" and " if len(groups) > 1 else "") + groups[-1] if groups else "objects"
+
+
+def ways_on(path: str, names: Sequence[str], own: Iterable[str], model_attribute: str | None) -> str:
+    """The ways to load a refused checkpoint, as docs/checkpoints.md gives them.
+
+    Only classes of the user's own packages (``own``, e.g. the LightningModule's) are written out for ``trusted``:
+    a name that the file chose elsewhere (``posix.system``) is never suggested.
+    """
+    own = set(own)
+    mine = sorted(name for name in names if top_package(name) in own and name not in torch_layer_classes(names))
+    trust = f"trusted={mine!r}" if mine else "trusted=[the network's own classes]"
+    prefix = repr(f"{model_attribute}.") if model_attribute else "'net.' (the network's attribute and a dot)"
+    return (
+        "Three ways on: (1) the network's weights alone, nothing unpickled: FactoryClassifier(factory, kwargs, "
+        f"weights={path!r}, state_dict_prefix={prefix}); (2) for a file you trust, {trust} builds the classes you "
+        "list and torch.nn's layers, and reads every other object as inert data that is never called; (3) for a file "
+        "you trust entirely, weights_only=False (weights_only: false in a config) unpickles everything, as "
+        "LightningModule.load_from_checkpoint does"
+    )

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from neuromask_pl.classifiers.files import load_failure_reason
-from neuromask_pl.classifiers.trust import unsafe_globals
+from neuromask_pl.classifiers.trust import Inert, inert_stand_ins, unsafe_globals
 
 _STRIPPABLE_PREFIXES = ("module.", "model.")
 
@@ -22,7 +22,7 @@ def load_weights(model: nn.Module, path: str, prefix: str | None = None) -> None
         model: the network to load into.
         path: a state_dict file, or a dict with a ``"state_dict"`` key (a Lightning checkpoint).
             Python objects elsewhere in the file (a network among a checkpoint's
-            hyper-parameters) are never unpickled: stand-ins take their place and are dropped.
+            hyper-parameters) are never unpickled: inert stand-ins take their place and are dropped.
         prefix: take only the keys that start with it, without it (``"net."`` for the weights of a
             LightningModule's ``net`` attribute). A ``module.``/``model.`` prefix on every key is
             removed in any case.
@@ -36,7 +36,7 @@ def load_weights(model: nn.Module, path: str, prefix: str | None = None) -> None
             f"could not load {path}: {load_failure_reason(e)}; is it a PyTorch state_dict file (saved with "
             "torch.save(model.state_dict(), path))?"
         ) from e
-    if isinstance(obj, _StandIn):
+    if isinstance(obj, Inert):
         raise ValueError(
             f"could not load {path}: it holds a pickled {obj.global_name} object, not a state_dict (e.g. a whole "
             "model saved with torch.save(model)); save model.state_dict() instead"
@@ -68,20 +68,8 @@ def load_weights(model: nn.Module, path: str, prefix: str | None = None) -> None
     load_state_dict_strict(model, state, path)
 
 
-class _StandIn:
-    """Takes the place of a pickled object that a weights file names: nothing of the object's class runs."""
-
-    global_name = "?"
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        pass
-
-
 def _load_tensors(path: str) -> Any:
-    """``torch.load(path, weights_only=True)`` on CPU, with a stand-in for every other object the pickle names.
+    """``torch.load(path, weights_only=True)`` on CPU, every other object the pickle names read as inert data.
 
     A ``.safetensors`` file (tensors only, by design) is read with the ``safetensors`` package.
     """
@@ -97,9 +85,8 @@ def _load_tensors(path: str) -> Any:
         names = unsafe_globals(path)
         if not names or not hasattr(torch.serialization, "safe_globals"):
             raise
-        stand_ins = [(type("StandIn", (_StandIn,), {"global_name": name}), name) for name in names]
         try:
-            with torch.serialization.safe_globals(stand_ins):
+            with torch.serialization.safe_globals(inert_stand_ins(names)):
                 return torch.load(path, weights_only=True, map_location="cpu")
         except Exception:
             raise refused from None

@@ -3,9 +3,13 @@ trained for three steps by a real CPU Trainer, checkpoints written under tmp_pat
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import json
+import os
+import pickle
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +24,7 @@ from torch import nn
 
 from neuromask_pl import NeuroMask
 from neuromask_pl.classifiers import FactoryClassifier, LightningCheckpointClassifier, describe_classifier
+from neuromask_pl.classifiers.trust import Inert
 from neuromask_pl.cli import main
 from neuromask_pl.data import TensorDataModule
 
@@ -219,8 +224,8 @@ def test_pickled_hyper_parameter_needs_weights_only_false(trained, images, tmp_p
     model, path = trained
     unsafe = edited_checkpoint(path, tmp_path / "note.ckpt", lambda c: c["hyper_parameters"].update(note=Note("hi")))
     message = (
-        rf"note\.ckpt holds pickled Python objects .*\({__name__}\.Note\).*trusted=\['{__name__}\.Note'\] .*"
-        r"or weights_only=False"
+        rf"note\.ckpt holds pickled Python objects .*\({__name__}\.Note\).*Three ways on: .*FactoryClassifier.*"
+        rf"trusted=\['{__name__}\.Note'\] .*weights_only=False"
     )
     with pytest.raises(ValueError, match=message):
         LightningCheckpointClassifier(CLASS, unsafe)
@@ -278,14 +283,18 @@ def pickled_classes(net: nn.Module) -> list[str]:
 
 
 @net_in_hparams
-def test_a_network_in_the_hyper_parameters_is_refused_naming_both_ways_on(host_run):
+def test_a_network_in_the_hyper_parameters_is_refused_naming_the_three_ways_on(host_run):
     name, model, path = host_run
     with pytest.raises(ValueError) as refused:
-        LightningCheckpointClassifier(name, str(path))
+        LightningCheckpointClassifier(name, str(path), model_attribute="net")
     message = str(refused.value)
-    assert f"({', '.join(pickled_classes(model.net))})" in message  # every class the pickle holds
-    assert f"trusted=['{__name__}.Scale']" in message  # the project's own: torch.nn's layers come with it
-    assert "weights_only=False" in message and path.name in message
+    layers = sorted(n.rpartition(".")[2] for n in pickled_classes(model.net) if n.startswith("torch.nn."))
+    assert f"objects of your package {__name__} ({__name__}.Scale)" in message  # what the file holds
+    assert f"torch.nn layers ({', '.join(layers)})" in message
+    assert "state_dict_prefix='net.'" in message and path.name in message  # way 1
+    assert f"trusted=['{__name__}.Scale']" in message  # way 2, the project's own: torch.nn's layers come with it
+    assert "weights_only=False" in message  # way 3
+    assert len(message.splitlines()) == 1
 
 
 @net_in_hparams
@@ -297,8 +306,8 @@ def test_trusted_classes_load_it_with_weights_only(host_run, images):
         with torch.no_grad():
             assert torch.equal(clf(images), model(images))
         assert type(clf.model.hparams.net) is nn.Sequential and clf.model.hparams.net[3].factor == 2.0
-    # a class of the file left out is still refused, and named
-    with pytest.raises(ValueError, match=rf"\({__name__}\.Scale\)"):
+    # a class of the network left out is read as inert data: the network cannot run, so it is refused, and named
+    with pytest.raises(ValueError, match=rf"the network holds .*inert data: net\.3 \({__name__}\.Scale\)"):
         LightningCheckpointClassifier(name, str(path), trusted=["torch.nn.Linear"])
 
 
@@ -319,6 +328,51 @@ def test_trusted_pickled_object_in_the_hyper_parameters(trained, images, tmp_pat
     assert isinstance(clf.model.hparams.note, Note) and clf.model.hparams.note.text == "hi"
     with torch.no_grad():
         assert torch.equal(clf(images), model(images))
+
+
+class Call:
+    """Pickles as ``function(*args)``: the gadget of a hostile checkpoint."""
+
+    def __init__(self, function: object, *args: object) -> None:
+        self.function, self.args = function, args
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return self.function, self.args
+
+
+def test_a_gadget_is_named_never_suggested_for_trust_and_never_run(trained, images, tmp_path):
+    model, path = trained
+    marker = tmp_path / "the_gadget_ran"
+    note = Call(subprocess.run, ["touch", str(marker)])
+    gadget = edited_checkpoint(path, tmp_path / "gadget.ckpt", lambda c: c["hyper_parameters"].update(note=note))
+    (name,) = torch.serialization.get_unsafe_globals_in_checkpoint(gadget)  # commands.run: pickle's name for it
+    with pytest.raises(ValueError) as refused:
+        LightningCheckpointClassifier(CLASS, gadget)
+    message = str(refused.value)
+    assert f"other objects ({name})" in message  # what the file holds
+    assert "trusted=[the network's own classes]" in message and f"'{name}" not in message  # not what to trust
+    # a file trusted for the user's own classes: the gadget is read as inert data, and never runs
+    clf = LightningCheckpointClassifier(CLASS, gadget, trusted=[f"{__name__}.Note"])
+    assert isinstance(clf.model.hparams.note, Inert) and clf.model.hparams.note.global_name == name
+    with torch.no_grad():
+        assert torch.equal(clf(images), model(images))
+    copy.deepcopy(clf)
+    pickle.loads(pickle.dumps(clf.model.hparams.note))  # inert data stays inert through copies
+    assert not marker.exists()
+    torch.load(gadget, weights_only=False)  # the gadget is live: full unpickling runs it
+    assert marker.exists()
+
+
+def test_a_gadget_of_the_os_module_is_refused_even_for_a_trusted_file(trained, tmp_path):
+    _, path = trained
+    marker = tmp_path / "the_gadget_ran"
+    note = Call(os.system, f"touch {marker}")
+    gadget = edited_checkpoint(path, tmp_path / "gadget.ckpt", lambda c: c["hyper_parameters"].update(note=note))
+    system = f"{os.system.__module__}.system"  # posix.system
+    for trusted in (None, [f"{__name__}.Note"]):
+        with pytest.raises(ValueError, match=rf"{system} belong to modules .* never reads.*treat the file as hostile"):
+            LightningCheckpointClassifier(CLASS, gadget, trusted=trusted)
+    assert not marker.exists()
 
 
 class Tripwire:
@@ -398,10 +452,11 @@ def test_a_class_path_in_the_hyper_parameters_is_not_instantiated_by_default(tmp
     path = hostile_checkpoint(tmp_path / "hostile.ckpt", marker)
     message = (
         r"hostile\.ckpt.*hyper-parameter 'net' names the class 'neuromask_pl\.classifiers\.FactoryClassifier' "
-        r"\(class_path\).*trusted=\['neuromask_pl\.classifiers\.FactoryClassifier'\].*weights_only=False"
+        r"\(class_path\).*Three ways on.*trusted=\[the network's own classes\].*weights_only=False"
     )
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as refused:
         LightningCheckpointClassifier(f"{__name__}.{host}", path)
+    assert "trusted=['neuromask_pl" not in str(refused.value)  # a class outside the user's package: never suggested
     assert not marker.exists()
 
 
