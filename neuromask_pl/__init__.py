@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 __version__ = "0.1.0"
@@ -39,10 +40,27 @@ _EXPORTS = {
     "load_benchmark_classifier": "neuromask_pl.classifiers.benchmark",
 }
 
+# The Lightning classes: where the `lightning` package is installed too, these are derived from both packages'
+# classes (neuromask_pl.lightning.PYTORCH_LIGHTNING_FIRST), so that either Trainer accepts them.
+_EITHER_TRAINER = {
+    "NeuroMask",
+    "MaskWriter",
+    "ExplanationLogger",
+    "ExplainDuringTraining",
+    "ImageFolderDataModule",
+    "TensorDataModule",
+    "DemoDataModule",
+    "LocalisationDataModule",
+}
+
 __all__ = [*_EXPORTS, "DEMO_INSTALL_HINT", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _EITHER_TRAINER and importlib.util.find_spec("lightning") is not None:
+        value = importlib.import_module("neuromask_pl.lightning").PYTORCH_LIGHTNING_FIRST[name]
+        globals()[name] = value  # one class, however often it is asked for
+        return value
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'neuromask_pl' has no attribute {name!r}")
