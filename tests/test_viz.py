@@ -94,3 +94,46 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         raise RuntimeError("crash while writing")
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_captioned_panel_has_a_caption_band_that_says_what_it_shows():
+    from neuromask_pl.viz import caption_text, captioned_panel
+
+    gen = torch.Generator().manual_seed(3)
+    h, w, gap = 32, 32, 4
+    image = torch.rand(3, h, w, generator=gen)
+    mask = torch.rand(1, h, w, generator=gen)
+    a = captioned_panel(image, mask, label="tabby", prob_original=0.93, prob_masked=0.88, mask_area=0.12)
+    b = captioned_panel(image, mask, label="goldfish", prob_original=0.41, prob_masked=0.07, mask_area=0.55)
+    assert a.shape[1] > h and a.shape[2] >= 3 * w + 2 * gap  # a band below the panel, at least as wide
+    # the panel itself is unchanged at the top left
+    assert np.array_equal(to_uint8(a[:, :h, : 3 * w + 2 * gap]), to_uint8(explanation_panel(image, mask, gap=gap)))
+    band_a, band_b = to_uint8(a[:, h:]), to_uint8(b[:, h:])
+    assert (band_a < 128).any()  # text drawn (dark on white)
+    assert band_a.shape != band_b.shape or not np.array_equal(band_a, band_b)  # two samples, two captions
+    # the colour bar: the map's dark end on the left, its bright end on the right, in the last rows
+    rows = a[:, h:]
+    lum = luminance(rows)
+    bar_rows = lum[-8:]
+    assert (bar_rows < 0.05).any() and (bar_rows > 0.9).any()
+    assert caption_text("tabby", 0.93, 0.88, 0.12) == ["tabby", "prob 0.93 -> 0.88", "area 0.12"]
+    assert caption_text("caf\u00e9\n\u732b", float("nan"), 0.5) == ["cafe??", "prob ? -> 0.50"]
+    # the area defaults to the mask's mean
+    c = captioned_panel(image, torch.zeros(1, h, w))
+    assert c.shape[1] > h
+
+
+def test_panel_grid_with_captions_pads_panels_and_keeps_the_plain_grid():
+    from neuromask_pl.viz import panel_grid
+
+    gen = torch.Generator().manual_seed(4)
+    images, masks = torch.rand(3, 3, 8, 8, generator=gen), torch.rand(3, 1, 8, 8, generator=gen)
+    plain = panel_grid(images, masks)
+    assert plain.shape[1] == 3 * 8 + 4 * 2  # unchanged without captions
+    captions = [{"label": name, "prob_original": 0.9, "prob_masked": 0.5} for name in ("a", "a much longer name", "b")]
+    grid = panel_grid(images, masks, captions)
+    assert grid.shape[1] > plain.shape[1] and grid.shape[2] > plain.shape[2]
+    wide = panel_grid(images, masks, captions, columns=3)
+    assert wide.shape[2] > grid.shape[2] and wide.shape[1] < grid.shape[1]
+    with pytest.raises(ValueError, match="one caption per image"):
+        panel_grid(images, masks, captions[:2])

@@ -8,7 +8,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
 from neuromask_pl.explanation import FLAGS, ONE_CLASS_MIN_SAMPLES, SUMMARY_KEYS, Explanation, sanity_warnings
 from neuromask_pl.viz import panel_grid
@@ -23,6 +23,11 @@ class ExplanationLogger(Callback):
     has seen. At the end of the stage, the run's totals over every rank (sample-weighted means,
     all-reduced) are logged once as ``explain/run/<name>`` plus ``explain/run/samples``.
 
+    The images are captioned panels (:func:`~neuromask_pl.viz.captioned_panel`): original | heat-map overlay |
+    image * mask, with the class name, its probability before -> after masking, the mask area and the colour bar
+    (bright = kept), for every explained sample of the logged batch (or the first ``max_images``; when that cap
+    leaves images out, the log says so once), in a grid of about square shape.
+
     Sanity checks (:data:`~neuromask_pl.explanation.FLAGS`): per batch the share of its explained samples that
     carry each flag, ``explain/flags/<flag>``; at the end the same over the run, ``explain/run/flags/<flag>``,
     ``explain/run/one_class`` (1 when every image of the run, at least
@@ -30,12 +35,13 @@ class ExplanationLogger(Callback):
     logger's experiment has ``add_text`` (TensorBoard's Text tab), the warnings as text ``explain/sanity``.
 
     Args:
-        max_images: at most this many panels per logged batch (0 disables images).
+        max_images: at most this many panels per logged batch (0 disables images); None: every explained sample
+            of the batch (a grid of a batch of 256 at 224 px is about 60 MB of pixels: set a cap for large batches).
         log_every_n_batches: log one batch in this many.
     """
 
-    def __init__(self, max_images: int = 8, log_every_n_batches: int = 1) -> None:
-        if max_images < 0:
+    def __init__(self, max_images: int | None = None, log_every_n_batches: int = 1) -> None:
+        if max_images is not None and max_images < 0:
             raise ValueError(f"max_images must be >= 0, got {max_images}")
         if log_every_n_batches < 1:
             raise ValueError(f"log_every_n_batches must be >= 1, got {log_every_n_batches}")
@@ -47,6 +53,7 @@ class ExplanationLogger(Callback):
         self._flags = dict.fromkeys(FLAGS, 0)  # samples with each sanity flag, this rank
         self._explained = 0  # samples that did not fail, this rank
         self._predicted = [math.inf, -math.inf]  # the smallest and largest class predicted, this rank
+        self._capped = False  # the cap on images per batch has been reported
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start(trainer, pl_module)
@@ -155,16 +162,36 @@ class ExplanationLogger(Callback):
         metrics = {f"explain/{name}": value for name, value in summary.items()}
         if explained:
             metrics |= {f"explain/flags/{name}": count / explained for name, count in flags.items()}
-        grid = self._grid(outputs, batch)
+        grid = self._grid(outputs, batch, getattr(trainer.lightning_module, "class_names", None))
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
             if grid is not None and hasattr(logger.experiment, "add_image"):
                 logger.experiment.add_image("explain/overlays", grid, global_step=step)
 
-    def _grid(self, exp: Explanation, batch: Any) -> torch.Tensor | None:
-        """Up to ``max_images`` explanation panels stacked vertically, or None without images."""
+    def _grid(self, exp: Explanation, batch: Any, class_names: Any = None) -> torch.Tensor | None:
+        """The captioned panels of the batch's explained samples (at most ``max_images``), or None without images."""
         images = exp.images if exp.images is not None else (batch.get("image") if isinstance(batch, dict) else None)
-        n = min(self.max_images, len(exp))
-        if images is None or n == 0:
+        if images is None or self.max_images == 0:
             return None
-        return panel_grid(images[:n], exp.masks[:n])
+        records = exp.records(class_names)
+        keep = [i for i, row in enumerate(records) if row["status"] == "ok"]
+        if self.max_images is not None and len(keep) > self.max_images:
+            if not self._capped:
+                self._capped = True
+                rank_zero_info(
+                    f"ExplanationLogger: explain/overlays shows the first {self.max_images} of the {len(keep)} "
+                    f"explained images of a logged batch (max_images={self.max_images}; None shows every one)"
+                )
+            keep = keep[: self.max_images]
+        if not keep:
+            return None
+        captions = [_caption(records[i]) for i in keep]
+        columns = max(1, round(math.sqrt(len(keep) / 3)))  # panels are about 3 wide for 1 high: a squarish grid
+        index = torch.tensor(keep)
+        return panel_grid(images.cpu()[index], exp.masks.cpu()[index], captions, columns=columns)
+
+
+def _caption(record: dict[str, Any]) -> dict[str, Any]:
+    """What a panel's caption says (:func:`neuromask_pl.viz.caption`): class, probability before and after, area."""
+    label = record.get("target_name") or (f"class {record['target']}" if record.get("target") is not None else None)
+    return {"label": label, **{k: record.get(k) for k in ("prob_original", "prob_masked", "mask_area")}}

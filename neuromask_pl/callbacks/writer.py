@@ -38,7 +38,7 @@ from neuromask_pl.store import (
     source_fingerprint,
 )
 from neuromask_pl.store.io import package_versions, reporting_write_errors, utc_now, write_error
-from neuromask_pl.viz import explanation_panel, save_png
+from neuromask_pl.viz import captioned_panel, save_png
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +333,8 @@ class MaskWriter(BasePredictionWriter):
                 if self.write_overlays and images is not None and ok:
                     overlay = f"overlays/{sample_id:08d}.png"
                     with reporting_write_errors(f"the overlay '{self.out / overlay}'"):
-                        save_png(explanation_panel(images[i].cpu(), exp.masks[i]), self.out / overlay)
+                        panel = captioned_panel(images[i].cpu(), exp.masks[i], **_caption(record))
+                        save_png(panel, self.out / overlay)
                 mask = exp.masks[i, 0].to(torch.float16).numpy() if ok else None
                 fingerprint = source_fingerprint(record["path"]) if record["path"] else None
                 self._writer.add(sample_id, mask, {**record, "overlay_file": overlay}, fingerprint=fingerprint)
@@ -417,6 +418,14 @@ class MaskWriter(BasePredictionWriter):
         with reporting_write_errors(f"the run record '{self.out / 'run.json'}'"):
             with atomic_write(self.out / "run.json", "w", fsync=True) as f:
                 json.dump(record, f, indent=2, default=str)
+
+
+def _caption(record: dict[str, Any]) -> dict[str, Any]:
+    """What an overlay's caption says of its sample (:func:`neuromask_pl.viz.caption`): the class, its probability
+    before and after masking, the mask's area."""
+    label = record.get("target_name") or (f"class {record['target']}" if record.get("target") is not None else None)
+    keys = ("prob_original", "prob_masked", "mask_area")
+    return {"label": label, **{k: record.get(k) for k in keys}}
 
 
 def _tally(rows: Iterable[dict[str, Any]], statuses: Counter[str]) -> Iterator[dict[str, Any]]:

@@ -260,7 +260,7 @@ def test_writer_writes_masks_overlays_and_manifest(predicted):
             np.testing.assert_allclose(mask, v["mask"], atol=1e-3)
             np.testing.assert_array_equal(mask, raw.astype(np.float32))
             with Image.open(out / f"overlays/{sid:08d}.png") as png:
-                assert png.size == (3 * W + 2 * GAP, H)
+                assert png.size[0] >= 3 * W + 2 * GAP and png.size[1] > H  # the panel and its caption below
             rec = v["record"]
             assert typed == {**rec, "status": "ok", "overlay_file": f"overlays/{sid:08d}.png"}
             row = rows[sid]
@@ -315,7 +315,59 @@ def test_tensorboard_has_scalars_and_images(predicted):
     assert [e.value for e in logged] == pytest.approx(expected, abs=1e-6)
     assert "explain/overlays" in acc.Tags()["images"]
     image = acc.Images("explain/overlays")[0]
-    assert (image.height, image.width) == (2 * (H + 2) + 2, 3 * W + 2 * GAP + 4)  # max_images=2 panels
+    # max_images=2 captioned panels (taller than the bare panels, as wide or wider), 2 columns would be wider
+    assert image.height > 2 * (H + 2) + 2 and image.width >= 3 * W + 2 * GAP + 4
+
+
+def test_overlays_are_captioned_with_class_probabilities_area_and_colour_bar(predicted):
+    from neuromask_pl.viz import explanation_panel, to_uint8
+
+    trainer, module, log_dir = predicted
+    out = log_dir / "explanations"
+    values = explained(module)
+    bands = {}
+    for sid in sorted(values)[:2]:
+        with Image.open(out / f"overlays/{sid:08d}.png") as png:
+            array = np.asarray(png.convert("RGB"))
+        panel = to_uint8(explanation_panel(IMAGES[sid], torch.from_numpy(values[sid]["mask"])[None], gap=GAP))
+        np.testing.assert_array_equal(array[:H, : panel.shape[1]], panel)  # the panel, unchanged, at the top
+        band = array[H:]
+        assert band.shape[0] >= 20 and (band < 100).any()  # a caption band with dark text
+        bands[sid] = band
+    first, second = bands.values()
+    assert first.shape != second.shape or not np.array_equal(first, second)  # each sample its own caption
+
+
+def test_tensorboard_gets_every_explained_image_of_a_batch_unless_capped(tmp_path):
+    from neuromask_pl.callbacks.logger import _caption
+    from neuromask_pl.viz import panel_grid
+
+    many = torch.rand(12, 3, H, W, generator=torch.Generator().manual_seed(5))  # one batch of 12: more than 8
+
+    def grid_image(max_images):
+        root = tmp_path / f"cap{max_images}"
+        module = FakeExplainer()
+        logger = ExplanationLogger() if max_images == "default" else ExplanationLogger(max_images=max_images)
+        trainer = make_trainer(root, [logger])
+        data = [{"index": i, "path": f"m_{i}.png", "image": many[i], "label": i % 3} for i in range(len(many))]
+        trainer.predict(module, DataLoader(data, batch_size=len(many), collate_fn=collate), return_predictions=False)
+        acc = EventAccumulator(trainer.log_dir, size_guidance={"images": 0})
+        acc.Reload()
+        (event,) = acc.Images("explain/overlays")
+        with Image.open(__import__("io").BytesIO(event.encoded_image_string)) as png:
+            return np.asarray(png.convert("RGB")), module.outputs[0]
+
+    from neuromask_pl.viz import to_uint8
+
+    logged, exp = grid_image("default")
+    ok = list(range(12))
+    records = exp.records(CLASS_NAMES)
+    captions = [_caption(records[i]) for i in ok]
+    expected = panel_grid(exp.images[ok], exp.masks[ok], captions, columns=2)
+    np.testing.assert_array_equal(logged, to_uint8(expected))  # all 12 panels, not the first 8
+    capped, _ = grid_image(3)
+    assert capped.shape[0] < logged.shape[0]
+    np.testing.assert_array_equal(capped, to_uint8(panel_grid(exp.images[:3], exp.masks[:3], captions[:3])))
 
 
 def test_crash_keeps_finished_results_and_test_stage_adds_to_them(tmp_path):
