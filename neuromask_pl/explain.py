@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 
 from neuromask_pl.callbacks import ExplanationLogger, MaskWriter
@@ -46,7 +47,9 @@ def explain_folder(
 
     ``explainer`` holds the arguments of :class:`~neuromask_pl.Explainer` (``preset``, ``steps``, ``settings``,
     ``seed``, ``target_class``, ``fast_path``, ``mask_gradient``).
-    ``output_dir`` defaults to ``<default_root_dir>/lightning_logs/version_N/explanations``; ``channels`` (the image
+    ``output_dir`` defaults to ``<default_root_dir>/lightning_logs/version_N/explanations`` (TensorBoard's events in
+    ``version_N``); given, the events go to ``<output_dir>/tensorboard/version_N`` (``tensorboard --logdir
+    <output_dir>``) unless ``trainer`` names a ``logger``; ``channels`` (the image
     channels the classifier takes, 1 or 3: images are read so) to the classifier's: its ``in_channels``, else its first
     convolution's, else its first Linear layer's for a network without convolutions, else 3; ``trainer`` holds more
     Trainer arguments (``accelerator``,
@@ -59,15 +62,15 @@ def explain_folder(
         channels=channels,
     )  # fmt: skip
     writer = MaskWriter(str(output_dir) if output_dir is not None else None, overwrite=overwrite)
-    run = pl.Trainer(
-        **{
-            "inference_mode": False,
-            "default_root_dir": str(default_root_dir),
-            "enable_model_summary": False,
-            "callbacks": [writer, ExplanationLogger()],
-            **(trainer or {}),
-        }
-    )
+    options: dict[str, Any] = {
+        "inference_mode": False,
+        "default_root_dir": str(default_root_dir),
+        "enable_model_summary": False,
+        "callbacks": [writer, ExplanationLogger()],
+    }
+    if output_dir is not None:  # the events with the results, not in the current directory's lightning_logs
+        options["logger"] = TensorBoardLogger(save_dir=str(output_dir), name="tensorboard")
+    run = pl.Trainer(**{**options, **(trainer or {})})
     run.predict(module, datamodule=datamodule, return_predictions=False)
     return Path(writer.out)
 

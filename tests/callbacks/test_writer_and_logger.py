@@ -860,3 +860,23 @@ def test_a_changed_image_is_explained_again_and_overwrite_removes_what_it_replac
     run(module={"offset": 0.5}, overwrite=True)
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["00000000.png", "00000001.png"]
     assert sorted(read_manifest(out)) == [0, 1]
+
+
+def test_explain_folder_writes_its_tensorboard_events_with_the_output(tmp_path, monkeypatch):
+    from neuromask_pl import explain_folder
+
+    images, cwd, out = tmp_path / "images", tmp_path / "cwd", tmp_path / "results" / "out"
+    (images / "a").mkdir(parents=True)
+    cwd.mkdir()
+    for i in range(2):
+        Image.fromarray((IMAGES[i].permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(images / "a" / f"{i}.png")
+    monkeypatch.chdir(cwd)
+    quiet = {"enable_progress_bar": False}
+    explain_folder(TinyClassifier().eval(), images, out, image_size=None, steps=2, trainer=quiet)
+    assert list(cwd.iterdir()) == []  # nothing in the current directory (no ./lightning_logs)
+    (events,) = (out / "tensorboard").rglob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events), size_guidance={"images": 0})
+    acc.Reload()
+    assert "explain/overlays" in acc.Tags()["images"] and "explain/mask_area" in acc.Tags()["scalars"]
+    with load_results(out) as results:
+        assert len(results.ids) == 2
