@@ -146,6 +146,7 @@ class MaskWriter(BasePredictionWriter):
         self._new_store = False  # this run created the store (no store.json when it took the lock)
         self._stopped: str | None = None  # "SIGTERM" when the job stopped on it after finishing a batch
         self._written = 0  # samples this process handed to the store
+        self._counts: dict[str, int] | None = None  # the store's counts when this job finished it
 
     # -- lifecycle -------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -224,7 +225,15 @@ class MaskWriter(BasePredictionWriter):
         self._finish(trainer, pl_module)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        """Keep what is finished: write the buffered samples as a last shard (redone if damaged)."""
+        """Keep what is finished: write the buffered samples as a last shard (redone if damaged).
+
+        On Ctrl-C (KeyboardInterrupt) in a single process, the job is finished as on SIGTERM: the samples of the
+        finished batches are merged into the manifest and index, ``run.json`` records them (``"stopped":
+        "KeyboardInterrupt"``), the lock is released and the log says what was done; the batch that was running is
+        lost (the same command explains it and the rest).
+        """
+        if isinstance(exception, KeyboardInterrupt) and self._interrupted(trainer, pl_module):
+            return
         if self._writer is not None:
             try:
                 self._writer.close()
@@ -235,6 +244,25 @@ class MaskWriter(BasePredictionWriter):
         self._release_lock()
         if trainer.is_global_zero and trainer.world_size == 1 and self._written == 0:
             self._discard_empty_run()
+
+    def _interrupted(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Finish the store after Ctrl-C and say what was done; False when it cannot (nothing written, several
+        processes: the others may be anywhere, no barrier is safe) or fails, to go on as any other exception."""
+        if self._writer is None or trainer.world_size != 1 or self._written == 0:
+            return False
+        self._stopped = "KeyboardInterrupt"
+        try:
+            self._finish(trainer, pl_module)
+        except Exception as err:  # noqa: BLE001 - fall back to keeping the shards only
+            log.warning("MaskWriter: could not finish the manifest after Ctrl-C: %s", err)
+            return False
+        counts = self._counts or {}
+        log.warning(
+            "MaskWriter: interrupted (Ctrl-C): %d explained, %d skipped in all (%d this run), written to %s "
+            "(manifest.csv, run.json); run the same command again to go on",
+            counts.get("explained", 0), counts.get("skipped", 0), self._written, self.out,
+        )  # fmt: skip
+        return True
 
     def _discard_empty_run(self) -> None:
         """A run that failed before its first result leaves nothing behind: neither the store it created (under its
@@ -299,6 +327,7 @@ class MaskWriter(BasePredictionWriter):
             with load_results(self.out) as results:
                 sanity = sanity_report(_tally(results.rows(), statuses))
             counts = {"explained": statuses["ok"], "skipped": statuses["skipped"]}
+            self._counts = counts
             self._write_run_record(trainer, pl_module, counts=counts, sanity=sanity)
             if sanity["warnings"]:
                 warnings = "\n- ".join(sanity["warnings"])

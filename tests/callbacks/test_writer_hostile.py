@@ -89,6 +89,57 @@ def test_sigterm_during_the_last_batch_finishes_normally(tmp_path):
     assert [int(row["sample_id"]) for row in read_manifest(out)] == list(range(N))
 
 
+class CtrlCAt(Callback):
+    """Raises KeyboardInterrupt (as Ctrl-C does) when batch ``batch`` starts."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == self.batch:
+            raise KeyboardInterrupt
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self.on_predict_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
+
+
+@pytest.mark.parametrize("stage", ["predict", "test"])
+def test_ctrl_c_finishes_the_manifest_and_says_what_was_done(tmp_path, stage, caplog):
+    out = tmp_path / "out"
+    trainer = helpers.make_trainer(callbacks=[MaskWriter(str(out)), CtrlCAt(batch=2)], default_root_dir=tmp_path)
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit), caplog.at_level("WARNING", logger="neuromask_pl.callbacks.writer"):
+            getattr(trainer, stage)(explainer(), datamodule=data())
+    finally:
+        signal.signal(signal.SIGINT, sigint)  # Lightning ignores further Ctrl-C while it shuts down
+    # batches 0 and 1 are finished, merged and recorded; batch 2 never ran; the lock is released
+    assert [int(row["sample_id"]) for row in read_manifest(out)] == [0, 1, 2, 3]
+    with load_results(out) as results:
+        assert results.indexed and list(results.ids) == [0, 1, 2, 3]
+    run = json.loads((out / "run.json").read_text())
+    assert run["counts"] == {"explained": 4, "skipped": 0} and run["stopped"] == "KeyboardInterrupt"
+    assert run["finished"] is not None and not (out / ".lock").exists()
+    assert any("interrupted (Ctrl-C): 4 explained, 0 skipped" in r.getMessage() for r in caplog.records)
+
+    # the same command again explains only the rest
+    module = explainer()
+    helpers.make_trainer(callbacks=[MaskWriter(str(out))]).predict(module, datamodule=data(), return_predictions=False)
+    assert [int(row["sample_id"]) for row in read_manifest(out)] == list(range(N))
+
+
+def test_ctrl_c_before_the_first_result_leaves_nothing(tmp_path):
+    out = tmp_path / "out"
+    trainer = helpers.make_trainer(callbacks=[MaskWriter(str(out)), CtrlCAt(batch=0)], default_root_dir=tmp_path)
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            trainer.predict(explainer(), datamodule=data())
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------------- two jobs on one folder
 
 
