@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from jsonargparse import DefaultHelpFormatter
+from jsonargparse.typing import register_type
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from torch import nn
 
 from neuromask_pl.callbacks import ExplanationLogger, MaskWriter
 from neuromask_pl.module import NeuroMask
@@ -16,21 +22,173 @@ from neuromask_pl.module import NeuroMask
 PREDICT_DEFAULTS = Path(__file__).with_name("predict_defaults.yaml")
 
 
+DESCRIPTION = (
+    "Explain an image classifier's predictions with NeuroMask masks. The current directory is on the import "
+    "path (as with `python -m`), so a project's own classes work as class paths without PYTHONPATH=. "
+    "`SUBCOMMAND --help` lists the options; `--model.classifier.help CLASS` those of one classifier."
+)
+
+
+class BatchLimit:
+    """Type of the Trainer's ``limit_*_batches`` options on the command line: an integer stays an integer (that many
+    batches), a number with a point is a fraction. A plain ``int | float`` union can be read float-first (typing
+    caches unions regardless of order), turning ``1`` (one batch) into ``1.0`` (every batch)."""
+
+
+def _batch_limit(value: Any) -> int | float:
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            return float(text)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected a number of batches (integer) or a fraction (float), got {value!r}")
+    return value
+
+
+register_type(
+    BatchLimit,
+    serializer=lambda value: value,
+    deserializer=_batch_limit,
+    type_check=lambda value, _: isinstance(value, (int, float)) and not isinstance(value, bool),
+)
+BATCH_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
+
+# Types whose "known subclasses" list in the help would name every class of torch (nn.Module: hundreds) and the
+# package's own building blocks: the help names only the classes meant for the option.
+_HIDDEN_SUBCLASSES = ("torch.", "lightning.", "pytorch_lightning.", "neuromask_pl.fastcopy.")
+_MAX_SUBCLASSES = 12
+
+
+class ShortHelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help with the "known subclasses" of an option cut to the classes meant for it."""
+
+    def _get_help_string(self, action: Any) -> str:
+        text = super()._get_help_string(action)
+        match = re.search(r", known subclasses: ([^)]*)\)", text)
+        if match is None:
+            return text
+        names = [n for n in match.group(1).split(", ") if not n.startswith(_HIDDEN_SUBCLASSES)]
+        option = action.option_strings[0] if action.option_strings else action.dest
+        names = [n for n in names if n.startswith("neuromask_pl.")] or names  # the package's own first
+        if option.endswith(".classifier"):  # any nn.Module is accepted: name the classifier wrappers
+            names = [n for n in names if n.startswith("neuromask_pl.classifiers.") or "Classifier" in n] or names
+        shown = ", ".join(names[:_MAX_SUBCLASSES]) + (", ..." if len(names) > _MAX_SUBCLASSES else "")
+        hint = f"{option}.help CLASS lists a class's options"
+        extra = f", e.g. {shown}; {hint}" if names else f"; {hint}"
+        return text[: match.start()] + extra + ")" + text[match.end() :]
+
+
 class NeuroMaskCLI(LightningCLI):
     """LightningCLI with the writer and the TensorBoard image logger always on, and only
-    the subcommands that explain (``predict`` writes, ``test`` also reports metrics)."""
+    the subcommands that explain (``predict`` writes, ``test`` also reports metrics).
+
+    Differences from a plain LightningCLI: option names are never abbreviated (``--model.step`` is an error, not
+    ``--model.steps``); integer batch limits stay integers; the help lists the classes meant for an option; settings
+    and device errors are one line."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {stage: {"model", "dataloaders", "datamodule"} for stage in ("predict", "test")}
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", ShortHelpFormatter)
+        kwargs.setdefault("description", DESCRIPTION)
+        return super().init_parser(**kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(MaskWriter, "writer")
         parser.add_lightning_class_args(ExplanationLogger, "explanation_logger")
+        for action in parser._actions:
+            if action.dest in {f"trainer.{name}" for name in BATCH_LIMITS} and hasattr(action, "_typehint"):
+                action._typehint = BatchLimit | None
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except MisconfigurationException as error:
+            raise ValueError(_device_message(error, self.config[self.subcommand].trainer)) from None
+        except ValueError as error:
+            raise ValueError(_union_message(error)) from None
+        _check_image_size(self.datamodule, self.model)
+
+
+def _union_message(error: Exception) -> str:
+    """jsonargparse's "Does not validate against any of the Union subtypes" (a class whose constructor refused its
+    arguments, tried against ``None`` too) reduced to the constructor's own line."""
+    text = str(error)
+    if "Union subtypes" not in text:
+        return text
+    lines = [line.strip()[2:] for line in text.splitlines() if line.strip().startswith("- ")]
+    own = [line for line in lines if not line.startswith("Expected a <class 'NoneType'>")]
+    return own[0] if own else text.splitlines()[0]
+
+
+def _device_message(error: Exception, trainer: Any) -> str:
+    accelerator = getattr(trainer, "accelerator", None)
+    line = " ".join(str(error).split())
+    if accelerator not in (None, "auto", "cpu"):
+        return (
+            f"{line} (--trainer.accelerator {accelerator}: no such device on this machine; "
+            "use --trainer.accelerator cpu, or auto to take a GPU when there is one)"
+        )
+    return line
+
+
+def smallest_input(classifier: nn.Module, channels: int = 3, probe: int = 64) -> int | None:
+    """The smallest image side the classifier's convolutions and pooling layers map to one pixel or more: its total
+    downsampling, measured on one blank ``probe`` x ``probe`` image. None when it has no such layers or refuses the
+    probe (a network built for one input size)."""
+    layers = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+    sides: list[int] = []
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.dim() == 4:
+            sides.append(min(output.shape[-2:]))
+
+    handles = [m.register_forward_hook(hook) for m in classifier.modules() if isinstance(m, layers)]
+    if not handles:
+        return None
+    try:
+        parameter = next(classifier.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+        with torch.no_grad():
+            classifier(torch.zeros(1, channels, probe, probe, device=device))
+    except Exception:  # noqa: BLE001 - a probe the network refuses: no minimum known
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return -(-probe // min(sides)) if sides else None
+
+
+def _check_image_size(datamodule: Any, model: Any) -> None:
+    """Refuse an ``image_size`` below the classifier's total downsampling (its last feature map would be less than
+    a pixel: the network sees padding, and the mask explains nothing)."""
+    size = getattr(datamodule, "image_size", None)
+    classifier = getattr(model, "classifier", None)
+    if not isinstance(size, int) or not isinstance(classifier, nn.Module):
+        return
+    channels = getattr(datamodule, "channels", None) or 3
+    was_training = classifier.training
+    classifier.eval()
+    try:
+        minimum = smallest_input(classifier, channels)
+    finally:
+        classifier.train(was_training)
+    if minimum is not None and size < minimum:
+        raise ValueError(
+            f"image_size {size} is below this classifier's minimum of {minimum} pixels (its convolutions and "
+            f"pooling reduce an image by {minimum}); give --data.init_args.image_size {minimum} or more"
+        )
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``neuromask-pl``; ``args`` replaces ``sys.argv[1:]`` (for tests)."""
+    """Entry point of ``neuromask-pl``; ``args`` replaces ``sys.argv[1:]`` (for tests). The current directory goes on
+    the import path first, as ``python -m`` puts it, so a project's own classes are found by their class paths."""
+    _current_directory_on_path()
     cli = NeuroMaskCLI(
         NeuroMask,
         pl.LightningDataModule,
@@ -47,6 +205,12 @@ def main(args: list[str] | None = None) -> None:
     # active exception") after all the work is done, e.g. under torchrun.
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def _current_directory_on_path() -> None:
+    cwd = os.getcwd()
+    if not any(entry in ("", ".", cwd) for entry in sys.path):
+        sys.path.insert(0, cwd)
 
 
 def _report(cli: NeuroMaskCLI) -> None:
