@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -103,6 +105,7 @@ class Explainer:
         self.copies = FastCopies(self.fast_path)
         self.max_chunk: int | None = None  # set when a batch ran out of memory
         self._explicit_ran: bool | None = None  # how the last batch's mask gradient was computed
+        self.progress: bool | Callable[[int, int], None] = False  # explain()'s default for ``progress``
 
     def with_classifier(self, classifier: nn.Module) -> Explainer:
         """This explainer (its settings, resolved once) for another classifier, with copies of its own."""
@@ -133,7 +136,13 @@ class Explainer:
         """The classifier's class names, when it has them."""
         return getattr(self.classifier, "class_names", None)
 
-    def explain(self, images: Tensor, targets: Tensor | int | None = None, ids: Tensor | None = None) -> Explanation:
+    def explain(
+        self,
+        images: Tensor,
+        targets: Tensor | int | None = None,
+        ids: Tensor | None = None,
+        progress: bool | Callable[[int, int], None] | None = None,
+    ) -> Explanation:
         """Learn masks for a batch of [0, 1] images.
 
         Args:
@@ -142,6 +151,9 @@ class Explainer:
                 predicted class; classes may be given by name (``"cat"``, ``["cat", "dog"]``) when the classifier
                 has ``class_names``.
             ids: sample ids (B,) that seed each mask; default 0..B-1.
+            progress: True shows the mask steps of the batch as a progress bar with an ETA (tqdm, on stderr); a
+                function is called as ``progress(step, steps)`` after each step; None: the attribute ``progress``
+                (False unless set). The masks are the same either way.
         """
         if torch.is_inference_mode_enabled():
             raise RuntimeError(INFERENCE_MODE_MESSAGE)
@@ -155,7 +167,13 @@ class Explainer:
             with torch.no_grad():
                 logits = self._logits(images)
             targets = self._targets(targets, logits)
-            fit = self._learn(self.copies.get(self.classifier, images), images, targets, ids)
+            report = self.progress if progress is None else progress
+            on_step = StepBar(f"explaining {batch} image(s)") if report is True else (report or None)
+            try:
+                fit = self._learn(self.copies.get(self.classifier, images), images, targets, ids, on_step)
+            finally:
+                if isinstance(on_step, StepBar):
+                    on_step.close()
             checks = baseline_check(self.classifier, images, logits, targets, self.settings.baseline, self.seed)
         prob_original = logits.float().softmax(-1).gather(1, targets[:, None])[:, 0]
         prob_masked = fit.logits_masked.softmax(-1).gather(1, targets[:, None])[:, 0]
@@ -179,7 +197,14 @@ class Explainer:
             **checks,
         )
 
-    def _learn(self, classifier: nn.Module, images: Tensor, targets: Tensor, ids: Tensor) -> MaskFit:
+    def _learn(
+        self,
+        classifier: nn.Module,
+        images: Tensor,
+        targets: Tensor,
+        ids: Tensor,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> MaskFit:
         """learn_masks in chunks of at most ``max_chunk`` images, halving the chunk on out-of-memory."""
         explicit = uses_explicit_gradient(self.mask_gradient, self.settings, images.device)
         self._explicit_ran = explicit
@@ -200,6 +225,7 @@ class Explainer:
                         self.seed,
                         few_batch_sizes=self.fast_path.records_cuda_graphs(images.device),  # fewer recordings
                         explicit=explicit,
+                        on_step=on_step,
                     )  # fmt: skip
                 )
                 start += size
@@ -259,6 +285,35 @@ class Explainer:
         return targets
 
 
+class StepBar:
+    """A progress bar of the mask steps of a batch, with an ETA (tqdm), as an ``on_step(step, steps)`` function: a
+    bar opens at a batch's first step and closes at its last (a batch learned in chunks shows one bar a chunk).
+
+    Args:
+        description: the bar's label.
+        tqdm_args: more arguments of ``tqdm.tqdm`` (``position``, ``file``, ``leave``, ...).
+    """
+
+    def __init__(self, description: str = "mask steps", **tqdm_args: Any) -> None:
+        self.description = description
+        self.tqdm_args = {"unit": "step", "leave": False, "file": sys.stderr, "dynamic_ncols": True} | tqdm_args
+        self._bar: Any = None
+
+    def __call__(self, step: int, steps: int) -> None:
+        if self._bar is None:
+            from tqdm.auto import tqdm  # installed with Lightning; needed only when a bar is asked for
+
+            self._bar = tqdm(total=steps, desc=self.description, **self.tqdm_args)
+        self._bar.update(step - self._bar.n)
+        if step >= steps:
+            self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
 def _out_of_memory(error: BaseException) -> bool:
     """Whether an error means the device ran out of memory: CUDA's OutOfMemoryError, or the CPU allocator's."""
     if isinstance(error, torch.OutOfMemoryError):
@@ -267,4 +322,4 @@ def _out_of_memory(error: BaseException) -> bool:
     return "DefaultCPUAllocator" in message or "can't allocate memory" in message or "not enough memory" in message
 
 
-__all__ = ["DIVERGED", "INFERENCE_MODE_MESSAGE", "MASK_GRADIENTS", "Explainer", "TargetOutOfRange"]
+__all__ = ["DIVERGED", "INFERENCE_MODE_MESSAGE", "MASK_GRADIENTS", "Explainer", "StepBar", "TargetOutOfRange"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import pytorch_lightning as pl
@@ -10,6 +11,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
+from neuromask_pl.explainer import StepBar
 from neuromask_pl.explanation import FLAGS, ONE_CLASS_MIN_SAMPLES, SUMMARY_KEYS, Explanation, sanity_warnings
 from neuromask_pl.viz import panel_grid
 
@@ -38,15 +40,19 @@ class ExplanationLogger(Callback):
         max_images: at most this many panels per logged batch (0 disables images); None: every explained sample
             of the batch (a grid of a batch of 256 at 224 px is about 60 MB of pixels: set a cap for large batches).
         log_every_n_batches: log one batch in this many.
+        step_progress: while the Trainer shows its (tqdm) progress bar, a second bar below it shows the mask steps of
+            the batch being explained, with an ETA (the explainer's ``progress``, unless already set).
     """
 
-    def __init__(self, max_images: int | None = None, log_every_n_batches: int = 1) -> None:
+    def __init__(self, max_images: int | None = None, log_every_n_batches: int = 1, step_progress: bool = True) -> None:
         if max_images is not None and max_images < 0:
             raise ValueError(f"max_images must be >= 0, got {max_images}")
         if log_every_n_batches < 1:
             raise ValueError(f"log_every_n_batches must be >= 1, got {log_every_n_batches}")
         self.max_images = max_images
         self.log_every_n_batches = log_every_n_batches
+        self.step_progress = step_progress
+        self._bar_on: Any = None  # the explainer whose step progress this callback set
         self._batches = 0
         self._totals: dict[str, float] = {}  # sample-weighted sums of the summaries, this rank
         self._samples = 0
@@ -62,15 +68,47 @@ class ExplanationLogger(Callback):
         self._start(trainer, pl_module)
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_step_bar()
         self._log_totals(trainer)
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_step_bar()
         self._log_totals(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._stop_step_bar()
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._totals, self._samples = {}, 0
         self._flags, self._explained, self._predicted = dict.fromkeys(FLAGS, 0), 0, [math.inf, -math.inf]
         self._log_hparams(trainer, pl_module)
+        self._start_step_bar(trainer, pl_module)
+
+    def _start_step_bar(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Show the mask steps of each batch below the Trainer's tqdm bar (rank 0, the explainer's choice first)."""
+        bar = trainer.progress_bar_callback
+        explainer = getattr(pl_module, "explainer", None)
+        if (
+            not self.step_progress
+            or not trainer.is_global_zero
+            or bar is None
+            or not getattr(bar, "is_enabled", False)
+            or getattr(explainer, "progress", None) is not False
+        ):
+            return
+        if hasattr(bar, "progress") and hasattr(bar, "refresh"):  # RichProgressBar: a task of its own display
+            explainer.progress = _RichSteps(bar)
+        else:  # TQDMProgressBar: a tqdm bar on the line below Lightning's
+            position = 2 * int(getattr(bar, "process_position", 0)) + 1
+            explainer.progress = StepBar("mask steps", position=position, file=sys.stdout)
+        self._bar_on = explainer
+
+    def _stop_step_bar(self) -> None:
+        if self._bar_on is not None:
+            if isinstance(self._bar_on.progress, (StepBar, _RichSteps)):
+                self._bar_on.progress.close()
+            self._bar_on.progress = False
+            self._bar_on = None
 
     def _log_totals(self, trainer: pl.Trainer) -> None:
         """All-reduce the sample-weighted sums over the ranks (every rank must call) and log the means."""
@@ -189,6 +227,37 @@ class ExplanationLogger(Callback):
         columns = max(1, round(math.sqrt(len(keep) / 3)))  # panels are about 3 wide for 1 high: a squarish grid
         index = torch.tensor(keep)
         return panel_grid(images.cpu()[index], exp.masks.cpu()[index], captions, columns=columns)
+
+
+class _RichSteps:
+    """The mask steps of the batch being explained as a task of Lightning's RichProgressBar (whose columns give the
+    count, the elapsed and the remaining time), as an ``on_step(step, steps)`` function."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+        self.task: Any = None
+        self._last = 0
+
+    def __call__(self, step: int, steps: int) -> None:
+        progress = getattr(self.bar, "progress", None)
+        if progress is None:  # the display is not started (yet)
+            return
+        if self.task is None:
+            self.task = progress.add_task("mask steps", total=steps)
+        elif step <= self._last:  # a new batch (or chunk)
+            progress.reset(self.task, total=steps)
+        self._last = step
+        progress.update(self.task, completed=step)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        progress = getattr(self.bar, "progress", None)
+        if self.task is not None and progress is not None:
+            try:
+                progress.remove_task(self.task)
+            except KeyError:  # the display was rebuilt
+                pass
+        self.task, self._last = None, 0
 
 
 def _caption(record: dict[str, Any]) -> dict[str, Any]:

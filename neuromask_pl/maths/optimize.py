@@ -390,10 +390,13 @@ class MaskOptimisation:
         if not self.active.any():
             self._step = self.settings.steps
 
-    def run(self) -> MaskOptimisation:
-        """Step until every sample has run its steps or stopped."""
+    def run(self, on_step: Callable[[int, int], None] | None = None) -> MaskOptimisation:
+        """Step until every sample has run its steps or stopped; ``on_step(step, steps)`` after each step (for
+        progress reports: it is given the two counts only, so the masks are the same with or without it)."""
         while self._step < self.settings.steps:
             self.step()
+            if on_step is not None:
+                on_step(self._step, self.settings.steps)
         return self
 
     def result(self) -> MaskFit:
@@ -423,6 +426,9 @@ def learn_masks(
     seed: int,
     few_batch_sizes: bool = False,
     explicit: bool = False,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> MaskFit:
-    """Optimise one mask per image for ``settings.steps`` steps (fewer for samples that stop early)."""
-    return MaskOptimisation(classifier, images, targets, ids, settings, seed, few_batch_sizes, explicit).run().result()
+    """Optimise one mask per image for ``settings.steps`` steps (fewer for samples that stop early); ``on_step(step,
+    steps)`` is called after each step (:meth:`MaskOptimisation.run`)."""
+    optimisation = MaskOptimisation(classifier, images, targets, ids, settings, seed, few_batch_sizes, explicit)
+    return optimisation.run(on_step).result()
