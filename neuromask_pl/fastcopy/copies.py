@@ -10,8 +10,6 @@ The user's model is never changed.
 
 from __future__ import annotations
 
-import copy
-import itertools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +22,7 @@ from neuromask_pl.fastcopy.folding import fold_batchnorm, is_batchnorm
 from neuromask_pl.fastcopy.options import FastPath
 from neuromask_pl.fastcopy.packed import FrozenLinear
 from neuromask_pl.fastcopy.passes import INVARIANCE_ONLY, PASSES, PassRecord, apply_passes
-from neuromask_pl.fastcopy.surgery import takes_replacement
+from neuromask_pl.fastcopy.surgery import structural_copy, takes_replacement
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +188,7 @@ class FastCopies:
         try:
             module, folded = fold_batchnorm(classifier, images[:2]) if options.fold_batchnorm else (classifier, 0)
             if module is classifier and (switches or channels_last):
-                module = copy.deepcopy(classifier)
+                module = structural_copy(classifier)
         except Exception as error:  # noqa: BLE001 - e.g. a module holding tensors that cannot be deep-copied
             log.warning(
                 "the classifier cannot be copied for the fast path (%s); using it as it is "
@@ -202,7 +200,7 @@ class FastCopies:
         if options.measures() and (folded or channels_last):
             candidates.append(_Copy(module, folded))
         if switches:
-            replaced = _sharing_tensors(module) if options.measures() else module
+            replaced = structural_copy(module) if options.measures() else module
             replaced, passes = apply_passes(replaced, images[:2], switches)
             if passes.layers or passes.functional or not options.measures():
                 claimed = {p.name for p in PASSES if p.batch_invariant}
@@ -250,12 +248,6 @@ def _variant_name(candidate: _Copy, channels_last: bool, compiled: bool) -> str:
         parts.append("invariant")
     parts += ["channels_last"] * channels_last + ["compiled"] * compiled
     return "+".join(parts) or ORIGINAL
-
-
-def _sharing_tensors(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` that shares its parameters and buffers (its own modules, the same weights)."""
-    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
-    return copy.deepcopy(module, memo)
 
 
 def vector_kernels() -> bool:

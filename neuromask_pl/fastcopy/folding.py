@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
-from neuromask_pl.fastcopy.surgery import zero_padding
+from neuromask_pl.fastcopy.surgery import structural_copy, zero_padding
 
 log = logging.getLogger(__name__)
 
@@ -371,5 +371,5 @@ def fold_batchnorm(module: nn.Module, example: Tensor | None = None) -> tuple[nn
         example: an input it accepts (e.g. two images); it tells which ``BatchNorm1d`` normalise the last
             dimension, so that those beside a ``Linear`` fold. Without it, they stay.
     """
-    module = copy.deepcopy(module)
+    module = structural_copy(module)
     return _fold_in_place(module, _batchnorm_input_ndims(module, example))

@@ -3,15 +3,49 @@ and the one rule for when a replacement layer runs (float32 on the CPU outside a
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 #: A layer's first input shape in a recorded run (None where it is not a tensor), by layer: see :func:`record_inputs`.
 LayerInputs = dict[nn.Module, "torch.Size | None"]
+
+
+def structural_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module``'s tree of modules that the passes may change freely: every module object is its own (a
+    shallow copy, with its own dicts of children, parameters, buffers and hooks, and its own copy of every dict, list
+    or set attribute, which a forward may fill, e.g. with fx proxies while it is traced), every parameter a new
+    ``Parameter`` on the same storage, and everything else shared: tensors are never copied, nor anything that is not a
+    module (a LightningModule's Trainer, its metrics' states, a logger), so it works where ``copy.deepcopy`` cannot or
+    would copy a whole training run."""
+    copies: dict[int, nn.Module] = {}
+
+    def clone(original: nn.Module) -> nn.Module:
+        if id(original) in copies:
+            return copies[id(original)]
+        twin = original.__class__.__new__(original.__class__)
+        twin.__dict__.update(original.__dict__)
+        copies[id(original)] = twin
+        for name, value in original.__dict__.items():  # hooks, and caches a forward fills (LeViT's attention biases)
+            if isinstance(value, (dict, list, set)) and name not in ("_parameters", "_buffers", "_modules"):
+                twin.__dict__[name] = value.copy()
+        twin._parameters = {
+            name: None if p is None else nn.Parameter(p.data, requires_grad=p.requires_grad)
+            for name, p in original._parameters.items()
+        }
+        twin._buffers = dict(original._buffers)
+        twin._modules = {name: None if c is None else clone(c) for name, c in original._modules.items()}
+        if isinstance(original, torch.fx.GraphModule):  # its graph and generated class are its own too
+            twin = torch.fx.GraphModule(twin, copy.deepcopy(original.graph), type(original).__name__)
+            copies[id(original)] = twin
+        return twin
+
+    return clone(module)
 
 
 def takes_replacement(x: Tensor) -> bool:
