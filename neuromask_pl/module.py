@@ -82,9 +82,11 @@ class NeuroMask(pl.LightningModule):
         """The classifier's logits."""
         return self.classifier(images)
 
-    def explain(self, images: Tensor, targets: Tensor | int | None = None, ids: Tensor | None = None) -> Explanation:
+    def explain(
+        self, images: Tensor, targets: Tensor | int | None = None, ids: Tensor | None = None, progress: Any = None
+    ) -> Explanation:
         """Learn masks for a batch of [0, 1] images (:meth:`Explainer.explain`); no Trainer needed."""
-        return self.explainer.explain(images, targets, ids)
+        return self.explainer.explain(images, targets, ids, progress=progress)
 
     def _explain_batch(self, batch: Any) -> Explanation:
         images, labels, ids, paths, skipped = unpack_batch(batch)

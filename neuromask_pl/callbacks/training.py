@@ -86,9 +86,10 @@ class ExplainDuringTraining(Callback):
     (``(x - mean) / std``) is un-normalised with ``mean`` and ``std``, and the normalisation is put inside
     the classifier that is explained, so masks act on [0, 1] pixels.
 
-    The module (or ``model_attribute``) is explained in place, never copied: by default without the fast
-    path, whose BatchNorm folding works on a copy (``fast_path`` turns it on, e.g. for a plain network
-    named by ``model_attribute``).
+    The module (or ``model_attribute``) runs as the fast copy :meth:`Explainer.explain` runs (BatchNorm folded,
+    layers packed), built from the module's own layers and sharing its tensors: nothing is deep-copied, so a module
+    holding metrics or a Trainer works, and the module itself is never changed (``fast_path=FastPath.off()`` explains
+    it as it is).
 
     Training is left exactly as it would be without the callback: weights, BatchNorm statistics,
     optimizer state, parameter gradients, ``training`` and ``requires_grad`` flags, and the Python,
@@ -101,7 +102,8 @@ class ExplainDuringTraining(Callback):
         every_n_epochs: explain at the end of validation in epochs ``n-1, 2n-1, ...`` (0-based).
         preset, steps, settings, seed, target_class, mask_gradient: as for :class:`~neuromask_pl.Explainer`
             (``steps`` defaults to 100 here, a quick look each epoch).
-        fast_path: as for the Explainer; default here: :meth:`FastPath.off` (no copy of the module).
+        fast_path: as for the Explainer (by default its fast copy: BatchNorm folded, layers packed, built from the
+            module's own layers without deep-copying it, so modules holding metrics or a Trainer work too).
         mean, std: the normalisation the validation images carry (one number, or one per channel, e.g.
             MNIST's ``0.1307`` and ``0.3081``); None when they are [0, 1] pixels.
         model_attribute: dotted attribute of the LightningModule to explain (e.g. ``"model"`` or
@@ -135,7 +137,6 @@ class ExplainDuringTraining(Callback):
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
         # Built now, so a bad preset or setting fails here, not after the first epoch; the module is given per call.
-        fast_path = FastPath.off() if fast_path is None else fast_path
         self.explainer = Explainer(torch.nn.Identity(), preset, steps, settings, seed, target_class, fast_path,
                                    mask_gradient)  # fmt: skip
         self.normalize = Normalize(mean, std)

@@ -22,10 +22,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from neuromask_pl import NeuroMask
 from neuromask_pl.callbacks import ExplainDuringTraining
 from neuromask_pl.data import unpack_batch
-from neuromask_pl.fastcopy import FastPath
 from neuromask_pl.viz import panel_grid, to_uint8
 
 STEPS = 5  # mask steps per call: enough to change the masks, cheap on a CPU
+REFERENCE_PATH = None  # the fast path the callback runs by default
 BATCH = 8
 TRAIN_IMAGES = make_images(48, size=16, seed=3)
 TRAIN_LABELS = TRAIN_IMAGES.mean((2, 3)).argmax(1)  # the dominant colour
@@ -127,7 +127,7 @@ def independent_explanation(state: dict, images: torch.Tensor, **kwargs: Any):
     """NeuroMask run outside any Trainer on a fresh copy of the trained model."""
     copy = Classifier(**kwargs)
     copy.load_state_dict(state)
-    return NeuroMask(copy, steps=STEPS, seed=0, fast_path=FastPath.off()).explain(images)
+    return NeuroMask(copy, steps=STEPS, seed=0, fast_path=REFERENCE_PATH).explain(images)
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +244,7 @@ def test_given_images_model_attribute_and_output_dir(tmp_path):
     # 'net' is explained, not the module (whose forward doubles the logits here).
     reference_module = Classifier(scale=2.0)
     reference_module.load_state_dict(module.state_dict())
-    reference = NeuroMask(reference_module.net, steps=STEPS, seed=0, fast_path=FastPath.off()).explain(images)
+    reference = NeuroMask(reference_module.net, steps=STEPS, seed=0, fast_path=REFERENCE_PATH).explain(images)
     assert torch.equal(callback.images, images)
     assert torch.equal(callback.last_explanation.masks, reference.masks)
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["overlays_epoch0.png", "overlays_epoch1.png"]
@@ -300,7 +300,7 @@ def test_hooks_restore_rng_grads_flags_and_buffers(context):
     assert_equal_nested(model.state_dict(), state)
     assert [m.training for m in model.modules()] == flags
     assert [p.requires_grad for p in model.parameters()] == requires_grad
-    reference = NeuroMask(model, steps=STEPS, seed=0, fast_path=FastPath.off()).explain(
+    reference = NeuroMask(model, steps=STEPS, seed=0, fast_path=REFERENCE_PATH).explain(
         batch[0][:3]
     )  # outside any no-grad context
     assert torch.equal(callback.last_explanation.masks, reference.masks)
