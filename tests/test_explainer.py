@@ -70,3 +70,12 @@ def test_the_training_callback_resolves_its_settings_once_at_construction() -> N
     assert callback.explainer.settings.steps == 4 and callback.explainer.settings.lr == 0.2
     explanation = callback.explain(make_tiny_cnn(0))
     assert len(explanation) == 2 and callback.explainer.report()["mask_gradient"] is None  # its copy ran, not it
+
+
+def test_the_report_names_the_layers_each_pass_replaced() -> None:
+    explainer = Explainer(make_tiny_cnn(0), steps=1)
+    explainer.explain(make_images(2, size=16))
+    report = explainer.report()
+    assert report["passes"] == {name: len(layers) for name, layers in report["replaced_layers"].items()}
+    assert report["replaced_layers"]["frozen_linear"] == ["head"]  # the classifier's head, by its qualified name
+    assert report["variant"] == "folded+packed" and report["batch_invariant"] and report["replaced_layers_ran"]

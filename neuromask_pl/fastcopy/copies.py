@@ -144,7 +144,8 @@ class FastCopies:
         """What the last :meth:`get` ran, for logs and run records.
 
         ``variant`` (``original``, ``folded``, ``folded+packed``, ``folded+invariant``, ...), BatchNorms folded of all,
-        convolutions and Linear layers packed of all, ``passes`` (layers each pass replaced), ``functional`` (inline
+        convolutions and Linear layers packed of all, ``passes`` (how many layers each pass replaced) and
+        ``replaced_layers`` (their qualified names), ``functional`` (inline
         calls rewritten), ``replaced_layers_ran`` (False where the images were not float32 on the CPU outside
         autocast: the original layers ran, and the counts of replaced layers are 0), ``batch_invariant`` (whether an
         image's result is the same in any batch: the switch on, the replaced layers ran and no call was left
@@ -163,6 +164,7 @@ class FastCopies:
             "packed_linears": sum(isinstance(m, FrozenLinear) and m.packed for m in chosen.module.modules()) * ran,
             "linears": self._totals[2],
             "passes": passes.as_dict()["layers"],
+            "replaced_layers": {name: list(layers) for name, layers in passes.layers.items()},
             "functional": passes.as_dict()["functional"],
             "replaced_layers_ran": ran and chosen.replaced,
             "batch_invariant": ran and chosen.invariant and not chosen.passes.uncovered,

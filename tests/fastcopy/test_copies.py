@@ -475,7 +475,7 @@ def test_auto_times_plain_folded_and_packed_once_per_image_shape_and_runs_the_ch
     assert chosen is not model and not any(isinstance(m, (FrozenConv2d, nn.BatchNorm2d)) for m in chosen.modules())
     assert fast.report() == {
         "variant": "folded", "folded_batchnorm": 20, "batchnorm_layers": 20, "packed_convolutions": 0,
-        "convolutions": 20, "packed_linears": 0, "linears": 1, "passes": {}, "functional": {},
+        "convolutions": 20, "packed_linears": 0, "linears": 1, "passes": {}, "replaced_layers": {}, "functional": {},
         "replaced_layers_ran": False, "batch_invariant": False, "not_covered": {}, "measured": True,
         "forward_backward_ms": {"original": 1.0, "folded": 1.0, "folded+packed": 1.0},
     }  # fmt: skip
