@@ -25,7 +25,8 @@ PREDICT_DEFAULTS = Path(__file__).with_name("predict_defaults.yaml")
 DESCRIPTION = (
     "Explain an image classifier's predictions with NeuroMask masks. The current directory is on the import "
     "path (as with `python -m`), so a project's own classes work as class paths without PYTHONPATH=. "
-    "`SUBCOMMAND --help` lists the options; `--model.classifier.help CLASS` those of one classifier."
+    "`SUBCOMMAND --help` lists the options (the common Trainer ones; `--help-all` every one); "
+    "`--model.classifier.help CLASS` those of one classifier."
 )
 
 
@@ -62,7 +63,15 @@ _MAX_SUBCLASSES = 12
 
 
 class ShortHelpFormatter(DefaultHelpFormatter):
-    """jsonargparse's help with the "known subclasses" of an option cut to the classes meant for it."""
+    """jsonargparse's help with the "known subclasses" of an option cut to the classes meant for it, and, unless
+    ``--help-all``, only the common Trainer options (:data:`SHOWN_TRAINER_OPTIONS`; the others are accepted as ever)."""
+
+    def add_argument(self, action: Any) -> None:
+        if _shown(action):
+            super().add_argument(action)
+
+    def add_usage(self, usage: Any, actions: Any, groups: Any, prefix: Any = None) -> None:
+        super().add_usage(usage, [action for action in actions if _shown(action)], groups, prefix)
 
     def _get_help_string(self, action: Any) -> str:
         text = super()._get_help_string(action)
@@ -78,6 +87,22 @@ class ShortHelpFormatter(DefaultHelpFormatter):
         hint = f"{option}.help CLASS lists a class's options"
         extra = f", e.g. {shown}; {hint}" if names else f"; {hint}"
         return text[: match.start()] + extra + ")" + text[match.end() :]
+
+
+#: The Trainer options the default ``--help`` lists (every other one is accepted, and listed by ``--help-all``).
+SHOWN_TRAINER_OPTIONS = {
+    f"trainer.{name}"
+    for name in (
+        "accelerator", "devices", "num_nodes", "strategy", "precision", "logger", "callbacks", "default_root_dir",
+        "limit_predict_batches", "limit_test_batches", "enable_progress_bar", "inference_mode",
+    )
+}  # fmt: skip
+FULL_HELP = False  # set by --help-all
+
+
+def _shown(action: Any) -> bool:
+    dest = getattr(action, "dest", "")
+    return FULL_HELP or not dest.startswith("trainer.") or dest in SHOWN_TRAINER_OPTIONS
 
 
 class NeuroMaskCLI(LightningCLI):
@@ -189,6 +214,7 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of ``neuromask-pl``; ``args`` replaces ``sys.argv[1:]`` (for tests). The current directory goes on
     the import path first, as ``python -m`` puts it, so a project's own classes are found by their class paths."""
     _current_directory_on_path()
+    args = _full_help(list(sys.argv[1:] if args is None else args))
     cli = NeuroMaskCLI(
         NeuroMask,
         pl.LightningDataModule,
@@ -205,6 +231,13 @@ def main(args: list[str] | None = None) -> None:
     # active exception") after all the work is done, e.g. under torchrun.
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def _full_help(args: list[str]) -> list[str]:
+    """``--help-all``: the help with every Trainer option (the default ``--help`` lists the common ones)."""
+    global FULL_HELP
+    FULL_HELP = "--help-all" in args
+    return ["--help" if arg == "--help-all" else arg for arg in args]
 
 
 def _current_directory_on_path() -> None:

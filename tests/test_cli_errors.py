@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytorch_lightning as pl
-from helpers import write_cli_config
+from helpers import REPO, write_cli_config
 from PIL import Image
 
 from neuromask_pl.cli import main
@@ -56,7 +56,19 @@ def test_help_is_short(capsys: pytest.CaptureFixture) -> None:
         main(["predict", "--help"])
     text = capsys.readouterr().out
     assert "torch.nn.Hardshrink" not in text and "neuromask_pl.FactoryClassifier" in text
-    assert "--model.classifier.help CLASS" in " ".join(text.split()) and len(text.splitlines()) < 700
+    assert "--model.classifier.help CLASS" in " ".join(text.split()) and len(text.splitlines()) < 300
+    assert "--trainer.accelerator" in text and "--trainer.max_epochs" not in text  # the common Trainer options
+    with pytest.raises(SystemExit):
+        main(["predict", "--help-all"])
+    full = capsys.readouterr().out
+    assert "--trainer.max_epochs" in full and len(full.splitlines()) > len(text.splitlines())
+
+
+def test_options_left_out_of_the_help_are_accepted_and_recorded(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        demo = str(REPO / "configs" / "demo.yaml")
+        main(["predict", "--config", demo, "--trainer.max_epochs", "3", "--print_config"])
+    assert "max_epochs: 3" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -39,9 +39,7 @@ def machine_key() -> dict[str, str]:
     capability, the variables that cap oneDNN's and MKL's instruction sets, and the thread count."""
     cpu = {"processor": platform.processor() or platform.machine()}
     try:
-        fields = dict(
-            line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines()[:40] if ":" in line
-        )
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines()[:40] if ":" in line)
         fields = {k.strip(): v.strip() for k, v in fields.items()}
         cpu = {k: fields.get(k, "") for k in ("vendor_id", "cpu family", "model", "stepping")}
         cpu["flags"] = hashlib.sha1(fields.get("flags", "").encode()).hexdigest()[:12]
