@@ -131,8 +131,9 @@ def sanity_warnings(
     if count["prob_rise"] > MOST * samples:
         lines.append(
             f"on {count['prob_rise']} of {samples} image(s) the target's probability on the masked image is more "
-            f"than {PROB_RISE} above the original's (flag prob_rise): the masks add evidence instead of selecting "
-            "it; the classifier may be unsure of these images (random weights, wrong preprocessing)"
+            f"than {PROB_RISE} above the original's (flag prob_rise): either the masks keep the class's evidence and "
+            "hide what competed with it (common on cluttered photos), or their edges draw evidence of their own; "
+            "look at the overlays (a classifier unsure of every image may also have wrong preprocessing)"
         )
     if one_class is not None and samples >= ONE_CLASS_MIN_SAMPLES:
         name = f" ({class_name})" if class_name else ""
