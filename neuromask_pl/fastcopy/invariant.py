@@ -7,12 +7,15 @@ values in a scalar loop that rounds transcendental functions differently. The pi
 - :class:`PerImageConv2d`: 1x1 convolutions by ATen's per-image kernel;
 - blocked rows (:func:`by_blocks`, used by :class:`~neuromask_pl.fastcopy.packed.FrozenLinear` and
   :func:`blocked_linear`): products of exactly :data:`ROW_BLOCK` rows;
+- :func:`per_image_linear`: a token layer's rows as one product per image (matrix products over all rows take
+  kernels by the row count on some CPUs);
 - :func:`planewise` (and :class:`PlanewiseActivation`): each image's values padded to whole vector iterations;
 - :func:`rewrite_functional_calls`: the same for functions called inline in a traced model's forward
   (``x.sigmoid()``, ``F.linear``), which no module swap reaches;
 - :func:`uncovered_calls`: what is left that nothing here covers (batched ``matmul``/``einsum``), for the report.
 
-The measurements behind each rule: ``python benchmarks/batch_invariance.py`` (docs/results/STABILITY.md).
+The measurements behind each rule: ``python benchmarks/batch_invariance.py`` (docs/results/batch_invariance.md,
+docs/results/STABILITY.md); every replacement is checked by tests/fastcopy/test_conformance.py.
 """
 
 from __future__ import annotations

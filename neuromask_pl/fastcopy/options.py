@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -61,9 +61,6 @@ class FastPath:
         """No copy: the classifier itself runs (every switch off)."""
         return cls(fold_batchnorm=False, channels_last=False, pack_convolutions=False, pack_linears=False,
                    batch_invariant=False)  # fmt: skip
-
-    def with_(self, **changes: Any) -> FastPath:
-        return replace(self, **changes)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
