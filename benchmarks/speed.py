@@ -63,7 +63,7 @@ from torch import Tensor, nn
 
 from neuromask_pl.data.checks import frozen
 from neuromask_pl.fastcopy import FastCopies, FastPath, is_batchnorm
-from neuromask_pl.maths.explicit import covers, uses_explicit_gradient
+from neuromask_pl.maths.explicit import uses_explicit_gradient
 from neuromask_pl.maths.optimize import MaskOptimisation
 from neuromask_pl.settings import PRESETS
 
@@ -212,9 +212,9 @@ def floor_step(model: nn.Module, images: Tensor) -> Callable[[], None]:
 def mask_steps(
     model: nn.Module, images: Tensor, targets: Tensor, preset: str, explicit: bool = False
 ) -> Callable[[], None]:
-    """One mask step of ``preset`` per call; ``explicit``: the explicit mask gradient where the settings allow it."""
+    """One mask step of ``preset`` per call; ``explicit``: the explicit mask gradient where the settings allow it
+    (MaskOptimisation runs it only for settings it covers)."""
     settings = replace(PRESETS[preset], steps=10**9)  # stepped by hand: never "done"
-    explicit = explicit and covers(settings)
     problem = MaskOptimisation(model, images, targets, torch.arange(len(images)), settings, seed=0, explicit=explicit)
     return problem.step
 

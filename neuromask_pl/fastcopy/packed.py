@@ -240,7 +240,7 @@ class FrozenLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not takes_replacement(x):
             return self.linear(x)
-        if self.per_image and not self.packed and x.ndim >= 3:
+        if self.per_image and x.ndim >= 3:  # never packed (the pass builds it unpacked)
             return per_image_linear(x, self.weight, self.bias)
         if not self.packed:  # ATen's products: autograd runs the blocks' input gradients (blocks of the same shape)
             return by_blocks(self.product, x, self.blocked)

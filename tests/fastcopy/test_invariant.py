@@ -22,7 +22,7 @@ from helpers import load_script, make_images, make_tiny_cnn, needs_vector_kernel
 from torch import nn
 
 from neuromask_pl import NeuroMask
-from neuromask_pl.fastcopy.copies import SCALAR_KERNELS
+from neuromask_pl.fastcopy.copies import SCALAR_KERNELS, vector_kernels
 from neuromask_pl.fastcopy.invariant import ROW_BLOCK, PerImageConv2d, PlanewiseActivation
 from neuromask_pl.fastcopy.packed import FrozenConv2d, FrozenLinear
 from neuromask_pl.fastcopy.passes import apply_passes
@@ -204,7 +204,7 @@ def test_the_report_claims_batch_invariance_only_for_vector_kernels() -> None:
     explainer = NeuroMask(mobile_net(), steps=1)
     explainer.explain(make_images(3, size=16, seed=7))
     report = explainer.fast_path_report
-    vector = torch.backends.cpu.get_cpu_capability().startswith("AVX")
+    vector = vector_kernels()
     assert report["batch_invariant"] == vector and (SCALAR_KERNELS in report["not_covered"]) == (not vector)
 
 
