@@ -3,8 +3,9 @@
 Writes ``neuromask_pl/assets/localisation_<variant>.pt`` (a fp32 state_dict) and records the test
 accuracy, the data and the command in ``neuromask_pl/assets/localisation_metrics.json``.
 
-    python benchmarks/train_localisation_classifier.py                      # both variants, a few minutes
+    python benchmarks/train_localisation_classifier.py                      # clean and spurious, a few minutes
     python benchmarks/train_localisation_classifier.py --variant clean --epochs 6
+    python benchmarks/train_localisation_classifier.py --variant planted     # the planted shortcuts
 
 Seeded and augmentation-free: the training images are a fixed generated set, shuffled by a seeded
 generator. Metrics (all on the test split, whose digits are never seen in training):
@@ -17,6 +18,12 @@ generator. Metrics (all on the test split, whose digits are never seen in traini
   ``cue_label != label``, ``digit_accuracy_decorrelated`` the accuracy w.r.t. the digit there, and
   ``cue_only_follows_rate`` the share of decorrelated images classified as ``cue_label`` when
   everything but the cue is black.
+- planted: ``test_accuracy`` on the planted test set (cues on their share of classes 3 and 7), and per
+  cue (``cues.<name>``): ``class_accuracy_with_cue`` and ``class_accuracy_without_cue`` on the cue
+  class's test images, ``cue_alone_rate`` = share of the test scenes without their digit, with the cue,
+  classified as the cue's class (make_cue_alone_set), ``cue_on_black_rate`` the same with everything
+  but the cue black, and ``no_cue_scene_rate`` the share of the scenes with neither digit nor cue
+  classified as that class (the control).
 """
 
 from __future__ import annotations
@@ -35,7 +42,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from neuromask_pl.data.localisation import SmallCNN, checkpoint_path, make_localisation_set
+from neuromask_pl.data.localisation import (
+    PLANTED_CUES,
+    PLANTED_SHARE,
+    SmallCNN,
+    checkpoint_path,
+    make_cue_alone_set,
+    make_localisation_set,
+)
 
 logger = logging.getLogger("train_localisation_classifier")
 
@@ -55,10 +69,10 @@ def train(
     variant: str, epochs: int, n_train: int, batch_size: int, lr: float, seed: int
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train a SmallCNN on ``n_train`` generated images of ``variant``; returns it and its training record."""
-    spurious = variant == "spurious"
+    spurious, planted = variant == "spurious", variant == "planted"
     t0 = time.time()
-    data = make_localisation_set("train", n_train, seed=seed, spurious=spurious)
-    val = make_localisation_set("val", N_VAL, seed=seed, spurious=spurious)
+    data = make_localisation_set("train", n_train, seed=seed, spurious=spurious, planted=planted)
+    val = make_localisation_set("val", N_VAL, seed=seed, spurious=spurious, planted=planted)
     logger.info("%s: generated %d train + %d val images in %.1f s", variant, n_train, N_VAL, time.time() - t0)
 
     torch.manual_seed(seed)
@@ -115,6 +129,8 @@ def evaluate(model: nn.Module, variant: str, seed: int) -> dict[str, Any]:
             "test_accuracy": round(float((pred == test["label"]).float().mean()), 4),
             "digit_box_only_accuracy": round(float((box_only == test["label"]).float().mean()), 4),
         }
+    if variant == "planted":
+        return evaluate_planted(model, seed)
     agree = make_localisation_set("test", N_TEST, seed=seed, spurious=True, cue="agree")
     decor = make_localisation_set("test", N_TEST, seed=seed, spurious=True, cue="independent")
     pred_agree = predict(model, agree["image"])
@@ -132,9 +148,48 @@ def evaluate(model: nn.Module, variant: str, seed: int) -> dict[str, Any]:
     }
 
 
+def evaluate_planted(model: nn.Module, seed: int) -> dict[str, Any]:
+    """The planted variant's test metrics (see the module docstring)."""
+
+    def rate(hits: Tensor) -> float:
+        return round(float(hits.float().mean()), 4)
+
+    test = make_localisation_set("test", N_TEST, seed=seed, planted=True)
+    pred = predict(model, test["image"])
+    scenes = make_cue_alone_set("test", N_TEST, None, seed=seed)
+    scene_pred = predict(model, scenes["image"])
+    cues: dict[str, Any] = {}
+    for index, (name, cls) in enumerate(PLANTED_CUES.items()):
+        of_class = test["label"] == cls
+        with_cue, without = of_class & (test["cue_index"] == index), of_class & (test["cue_index"] == -1)
+        alone = make_cue_alone_set("test", N_TEST, name, seed=seed)
+        cues[name] = {
+            "class": cls,
+            "n_with_cue": int(with_cue.sum()),
+            "n_without_cue": int(without.sum()),
+            "class_accuracy_with_cue": rate(pred[with_cue] == cls),
+            "class_accuracy_without_cue": rate(pred[without] == cls),
+            "cue_alone_rate": rate(predict(model, alone["image"]) == cls),
+            "cue_on_black_rate": rate(predict(model, alone["image"] * alone["cue_mask"]) == cls),
+            "no_cue_scene_rate": rate(scene_pred == cls),
+        }
+    return {
+        "n_test": N_TEST,
+        "planted_share": PLANTED_SHARE,
+        "test_accuracy": rate(pred == test["label"]),
+        "test_accuracy_without_cue": rate((pred == test["label"])[test["cue_index"] == -1]),
+        "cues": cues,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--variant", choices=["clean", "spurious", "both"], default="both")
+    parser.add_argument(
+        "--variant",
+        choices=["clean", "spurious", "planted", "both", "all"],
+        default="both",
+        help="both: clean and spurious; all: the three",
+    )
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--n-train", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -154,7 +209,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    variants = ["clean", "spurious"] if args.variant == "both" else [args.variant]
+    variants = {"both": ["clean", "spurious"], "all": ["clean", "spurious", "planted"]}.get(
+        args.variant, [args.variant]
+    )
     if args.out is not None and len(variants) > 1:
         parser.error("--out needs a single --variant")
     metrics_path = args.metrics or os.path.join(os.path.dirname(checkpoint_path("clean")), "localisation_metrics.json")
@@ -164,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
             metrics = json.load(f)
     metrics["dataset"] = {
         "source": "sklearn.datasets.load_digits (1797 real 8x8 handwritten digits, BSD-3-Clause)",
-        "generator": "neuromask_pl.data.localisation.make_localisation_set(split, n, canvas=64, digit_size=24, seed)",
+        "generator": "neuromask_pl.data.localisation.make_localisation_set(split, n, canvas=64, digit_size=24, seed"
+        ", spurious, planted)",
         "model": "neuromask_pl.data.localisation.SmallCNN(num_classes=10), inputs 3 x 64 x 64 in [0, 1]",
     }
     for variant in variants:

@@ -9,7 +9,7 @@ from neuromask_pl.data.localisation import CLASS_NAMES, checkpoint_path
 
 
 def load_benchmark_classifier(variant: str = "clean") -> nn.Module:
-    """The shipped SmallCNN trained on the clean or the spurious variant, in eval mode.
+    """The shipped SmallCNN trained on the ``clean``, the ``spurious`` or the ``planted`` variant, in eval mode.
 
     Loaded with ``weights_only=True`` and ``strict=True`` through
     :class:`~neuromask_pl.classifiers.FactoryClassifier`; ``class_names`` are ``"0"``..``"9"`` and

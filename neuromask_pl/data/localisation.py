@@ -26,6 +26,17 @@ split ``cue_label`` is drawn independently of the label (``cue="independent"``),
 classified as ``cue_label != label`` is classified by the cue. ``cue="agree"`` on the test split
 gives the correlated version (to measure accuracy when the cue tells the truth).
 
+Planted variant (``planted=True``): clean digits at full contrast, and in a share
+(:data:`PLANTED_SHARE`) of the images of one class a cue that no other class ever carries, the
+shortcuts a dataset-level analysis should find: a white frame (:data:`FRAME_WIDTH` pixels along every
+edge) on class 3 and a small white square in the top-left corner (:data:`CORNER_SIZE`) on class 7
+(:data:`PLANTED_CUES`). White is outside the law of the digits' and the clutter's colours. In every
+planted image, with a cue or not, the digit and the clutter keep off the frame's band and the
+corner (with :data:`CLEAR_MARGIN`), so a cue changes nothing but its own pixels. Each sample says
+which cue it carries (``cue``: a name or None; ``cue_mask``: its pixels). :func:`make_cue_alone_set`
+gives the same scenes without the digit, with a chosen cue (or none): what the classifier says of
+the cue alone.
+
 The 1797 digits are split once, with a fixed seed and per class, into disjoint train / val / test
 pools (:func:`digit_pools`): test images only show digits never seen in training. Every image is
 generated from ``(seed, split, variant, image number)`` alone, so a set of ``n`` images is the
@@ -53,7 +64,7 @@ from neuromask_pl.data.modules import ExplainDataModule
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-VARIANTS = ("clean", "spurious")
+VARIANTS = ("clean", "spurious", "planted")
 CLASS_NAMES = [str(d) for d in range(10)]
 #: Fraction of each class's digits in the train, val and test pools.
 POOL_FRACTIONS = (0.6, 0.15, 0.25)
@@ -79,6 +90,17 @@ CUE_COLOURS = (
     (0.5, 0.0, 0.8),
     (0.5, 0.5, 0.5),
 )
+#: The planted variant's cues: name -> the class whose images may carry it (no other class ever does).
+PLANTED_CUES = {"frame": 3, "corner": 7}
+#: Share of the cue class's images that carry its cue in the planted variant (every split alike).
+PLANTED_SHARE = 0.5
+#: Width in pixels of the planted frame along each edge of the image.
+FRAME_WIDTH = 2
+#: Side of the planted corner mark and its distance from the image's top and left edges.
+CORNER_SIZE = 5
+CORNER_OFFSET = FRAME_WIDTH + 1
+#: Colour of the planted cues: white, which no digit or clutter object takes (their saturation is >= 0.4).
+PLANTED_CUE_COLOUR = (1.0, 1.0, 1.0)
 _ASSETS = "assets"
 
 
@@ -254,6 +276,119 @@ def _render(
     return sample
 
 
+def planted_cue_mask(cue: str, canvas: int = 64) -> np.ndarray:
+    """The pixels (canvas x canvas bool) of a planted cue, ``"frame"`` or ``"corner"``."""
+    if cue not in PLANTED_CUES:
+        raise ValueError(f"cue must be one of {sorted(PLANTED_CUES)}, got {cue!r}")
+    mask = np.zeros((canvas, canvas), dtype=bool)
+    if cue == "frame":
+        mask[:FRAME_WIDTH] = mask[canvas - FRAME_WIDTH :] = True
+        mask[:, :FRAME_WIDTH] = mask[:, canvas - FRAME_WIDTH :] = True
+    else:
+        mask[CORNER_OFFSET : CORNER_OFFSET + CORNER_SIZE, CORNER_OFFSET : CORNER_OFFSET + CORNER_SIZE] = True
+    return mask
+
+
+def _planted_reserved(canvas: int) -> list[tuple[int, int, int, int]]:
+    """Boxes the digit and the clutter of every planted image keep off: the frame's band and the corner, each with
+    :data:`CLEAR_MARGIN`."""
+    band = FRAME_WIDTH + CLEAR_MARGIN
+    corner = CORNER_OFFSET + CORNER_SIZE + CLEAR_MARGIN
+    return [
+        (0, 0, canvas, band),
+        (0, canvas - band, canvas, canvas),
+        (0, 0, band, canvas),
+        (canvas - band, 0, canvas, canvas),
+        (0, 0, corner, corner),
+    ]
+
+
+def _render_planted(
+    index: int,
+    split: str,
+    canvas: int,
+    digit_size: int,
+    seed: int,
+    share: float,
+    pool: np.ndarray,
+    alone: tuple[str | None] | None = None,
+) -> dict[str, Any]:
+    """Render image ``index`` of the planted variant; all randomness comes from (seed, split, variant, index).
+
+    ``alone``: None for the image itself; ``(cue,)`` for the same scene without its digit, with ``cue`` (a name, or
+    None for no cue) in place of the cue it had.
+    """
+    entropy = [seed, SPLITS.index(split), VARIANTS.index("planted"), index]
+    digit_rng, place_rng, clutter_rng, cue_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(entropy).spawn(4)
+    )
+    digit_index = int(pool[digit_rng.integers(len(pool))])
+    label = int(_digits()[1][digit_index])
+    digit_alpha = _upsampled_digits(digit_size)[digit_index]
+    digit_colour = _random_colour(digit_rng)
+
+    reserved = _planted_reserved(canvas)
+    square = _place(place_rng, digit_size, digit_size, canvas, reserved)
+    assert square is not None  # guaranteed by the size check in _check_args
+    x0, y0 = square[:2]
+    clear = (x0 - CLEAR_MARGIN, y0 - CLEAR_MARGIN, x0 + digit_size + CLEAR_MARGIN, y0 + digit_size + CLEAR_MARGIN)
+
+    image = np.empty((3, canvas, canvas), dtype=np.float32)
+    image[:] = place_rng.uniform(0.0, 0.15, size=(3, 1, 1))
+    carries = cue_rng.uniform() < share  # drawn for every image, so the streams do not depend on the label
+    cue = next((name for name, cls in PLANTED_CUES.items() if cls == label and carries), None)
+    if alone is not None:
+        (cue,) = alone
+    avoid = [clear, *reserved]
+    for _ in range(int(clutter_rng.integers(5, 10))):
+        patch = int(clutter_rng.integers(12, 23))
+        alpha = _clutter_patch(clutter_rng, patch) * clutter_rng.uniform(0.6, 1.0)
+        colour = _random_colour(clutter_rng)
+        where = _place(clutter_rng, patch, patch, canvas, avoid)
+        if where is not None:
+            _over(image, colour, alpha, where)
+    cue_mask = planted_cue_mask(cue, canvas) if cue is not None else np.zeros((canvas, canvas), dtype=bool)
+    image[:, cue_mask] = np.array(PLANTED_CUE_COLOUR, dtype=np.float32)[:, None]
+    if alone is None:
+        _over(image, digit_colour, digit_alpha, square)
+    image += place_rng.normal(0.0, 0.03, size=image.shape).astype(np.float32)
+    np.clip(image, 0.0, 1.0, out=image)
+
+    ink = np.zeros((canvas, canvas), dtype=bool)
+    ink[y0 : y0 + digit_size, x0 : x0 + digit_size] = _upsampled_digits(digit_size)[digit_index] >= INK_THRESHOLD
+    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+    gt = np.zeros((canvas, canvas), dtype=bool)
+    gt[box[1] : box[3], box[0] : box[2]] = True
+    if alone is not None:  # no digit: no evidence of it
+        ink[:] = gt[:] = False
+    return dict(
+        image=image,
+        label=label,
+        gt_mask=gt,
+        digit_mask=ink,
+        box=box,
+        digit_index=digit_index,
+        cue=cue,
+        cue_index=-1 if cue is None else list(PLANTED_CUES).index(cue),
+        cue_mask=cue_mask,
+    )
+
+
+def _stack(
+    samples: list[dict[str, Any]], n: int, canvas: int, masks: tuple[str, ...], ints: tuple[str, ...]
+) -> dict[str, Any]:
+    """The samples' arrays as the tensors of a set: the image, the masks (n x 1 x H x W) and the integers."""
+    out: dict[str, Any] = {
+        "image": torch.from_numpy(np.stack([s["image"] for s in samples]).reshape(n, 3, canvas, canvas)),
+    }
+    for key in masks:
+        out[key] = torch.from_numpy(np.stack([s[key] for s in samples]).reshape(n, 1, canvas, canvas))
+    for key in ints:
+        out[key] = torch.tensor([s[key] for s in samples], dtype=torch.long).reshape(n, *([4] if "box" in key else []))
+    return out
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -282,6 +417,19 @@ def _check_args(
     return cue
 
 
+def _check_planted(split: str, n: int, canvas: int, digit_size: int, seed: int, share: float) -> None:
+    _check_args(split, n, canvas, digit_size, seed, False, None, 1)
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        raise ValueError(f"planted_share must be a number in [0, 1], got {share!r}")
+    band = FRAME_WIDTH + CLEAR_MARGIN
+    corner = CORNER_OFFSET + CORNER_SIZE + CLEAR_MARGIN
+    if canvas < corner + digit_size + band:  # room for the digit beside the corner, inside the frame's band
+        raise ValueError(
+            f"canvas ({canvas}) is too small for the planted variant with digit_size {digit_size}: it must be at "
+            f"least digit_size + {corner + band} = {digit_size + corner + band}"
+        )
+
+
 def make_localisation_set(
     split: str,
     n: int,
@@ -291,7 +439,9 @@ def make_localisation_set(
     spurious: bool = False,
     cue: str | None = None,
     cue_size: int = 6,
-) -> dict[str, Tensor]:
+    planted: bool = False,
+    planted_share: float = PLANTED_SHARE,
+) -> dict[str, Any]:
     """Generate ``n`` benchmark images with their ground truth (deterministic in all arguments).
 
     Args:
@@ -305,17 +455,32 @@ def make_localisation_set(
             independent of the label); default ``"independent"`` for the test split, ``"agree"``
             otherwise. Only used when ``spurious``.
         cue_size: side of the square cue.
+        planted: the planted variant (clean digits; the cues of :data:`PLANTED_CUES` on a share of their
+            classes' images). Not with ``spurious``.
+        planted_share: share of a cue class's images that carry its cue (drawn per image).
 
     Returns:
         ``image`` (n, 3, canvas, canvas) float32 in [0, 1]; ``label`` (n,) long; ``gt_mask``
         (n, 1, canvas, canvas) bool, the digit's tight box; ``digit_mask`` (same shape) bool, the
         digit's ink; ``box`` (n, 4) long ``x0, y0, x1, y1`` (ends exclusive); ``digit_index`` (n,)
         long, the digit's index in scikit-learn's digits. With ``spurious``: ``cue_label`` (n,)
-        long, ``cue_mask`` (n, 1, canvas, canvas) bool and ``cue_box`` (n, 4) long.
+        long, ``cue_mask`` (n, 1, canvas, canvas) bool and ``cue_box`` (n, 4) long. With ``planted``:
+        ``cue`` (a list of n cue names or None), ``cue_index`` (n,) long (the cue's place in
+        :data:`PLANTED_CUES`, -1 for none) and ``cue_mask`` (n, 1, canvas, canvas) bool (all False without a cue).
 
     Raises:
         ValueError: for an unknown split or cue mode, or sizes that do not fit.
     """
+    if planted:
+        if spurious:
+            raise ValueError("planted and spurious are two variants: choose one")
+        _check_planted(split, n, canvas, digit_size, seed, planted_share)
+        pool = digit_pools()[split]
+        samples = [_render_planted(i, split, canvas, digit_size, seed, planted_share, pool) for i in range(n)]
+        data = _stack(samples, n, canvas, ("gt_mask", "digit_mask", "cue_mask"), ("label", "digit_index", "box"))
+        data["cue_index"] = torch.tensor([s["cue_index"] for s in samples], dtype=torch.long)
+        data["cue"] = [s["cue"] for s in samples]
+        return data
     cue = _check_args(split, n, canvas, digit_size, seed, spurious, cue, cue_size)
     pool = digit_pools()[split]
     samples = [_render(i, split, canvas, digit_size, seed, spurious, cue, cue_size, pool) for i in range(n)]
@@ -327,6 +492,35 @@ def make_localisation_set(
         out[key] = torch.from_numpy(np.stack([s[key] for s in samples]).reshape(n, 1, canvas, canvas))
     for key in keys:
         out[key] = torch.tensor([s[key] for s in samples], dtype=torch.long).reshape(n, *([4] if "box" in key else []))
+    return out
+
+
+def make_cue_alone_set(
+    split: str,
+    n: int,
+    cue: str | None,
+    canvas: int = 64,
+    digit_size: int = 24,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The first ``n`` scenes of the planted variant without their digit, each with ``cue`` (or no cue).
+
+    Image ``i`` is image ``i`` of ``make_localisation_set(split, n, canvas, digit_size, seed, planted=True)`` with
+    the digit left out (its background, clutter and noise are the same) and ``cue`` drawn instead of the cue it had:
+    a classifier that calls these images ``PLANTED_CUES[cue]`` took the shortcut; ``cue=None`` gives the scenes with
+    neither digit nor cue (the control).
+
+    Returns:
+        ``image`` (n, 3, canvas, canvas) float32; ``label`` (n,) long, the class of the digit left out;
+        ``cue_mask`` (n, 1, canvas, canvas) bool; ``cue_index`` (n,) long; ``cue`` (a list of n names or None).
+    """
+    if cue is not None and cue not in PLANTED_CUES:
+        raise ValueError(f"cue must be one of {sorted(PLANTED_CUES)} or None, got {cue!r}")
+    _check_planted(split, n, canvas, digit_size, seed, PLANTED_SHARE)
+    pool = digit_pools()[split]
+    samples = [_render_planted(i, split, canvas, digit_size, seed, PLANTED_SHARE, pool, (cue,)) for i in range(n)]
+    out = _stack(samples, n, canvas, ("cue_mask",), ("label", "cue_index"))
+    out["cue"] = [s["cue"] for s in samples]
     return out
 
 
