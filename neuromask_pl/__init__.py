@@ -38,6 +38,8 @@ _EXPORTS = {
     "explain_checkpoint": "neuromask_pl.explain",
     "LocalisationDataModule": "neuromask_pl.data.localisation",
     "load_benchmark_classifier": "neuromask_pl.classifiers.benchmark",
+    "analyze": "neuromask_pl.analysis",
+    "StrategyAnalysis": "neuromask_pl.analysis",
 }
 
 # The Lightning classes: where the `lightning` package is installed too, these are derived from both packages'

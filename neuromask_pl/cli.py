@@ -26,7 +26,8 @@ DESCRIPTION = (
     "Explain an image classifier's predictions with NeuroMask masks. The current directory is on the import "
     "path (as with `python -m`), so a project's own classes work as class paths without PYTHONPATH=. "
     "`SUBCOMMAND --help` lists the options (the common Trainer ones; `--help-all` every one); "
-    "`--model.classifier.help CLASS` those of one classifier."
+    "`--model.classifier.help CLASS` those of one classifier. `neuromask-pl analyze RUN_DIR` finds what the "
+    "classifier relies on, class by class, in a finished job's masks (`analyze --help`)."
 )
 
 
@@ -214,7 +215,13 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of ``neuromask-pl``; ``args`` replaces ``sys.argv[1:]`` (for tests). The current directory goes on
     the import path first, as ``python -m`` puts it, so a project's own classes are found by their class paths."""
     _current_directory_on_path()
-    args = _full_help(list(sys.argv[1:] if args is None else args))
+    args = list(sys.argv[1:] if args is None else args)
+    if args[:1] == ["analyze"]:  # not a Lightning run: the analysis of a finished one
+        from neuromask_pl.analysis.command import main as analyze_main
+
+        analyze_main(args[1:])
+        return
+    args = _full_help(args)
     cli = NeuroMaskCLI(
         NeuroMask,
         pl.LightningDataModule,

@@ -239,7 +239,9 @@ def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]])
             writer.writerow([_csv_cell(row.get(c)) for c in columns])
 
 
-def _check_settings(grid: int, neighbours: int | None, k: int | None, max_clusters: int, layout: str, exemplars: int) -> None:
+def _check_settings(
+    grid: int, neighbours: int | None, k: int | None, max_clusters: int, layout: str, exemplars: int
+) -> None:
     def positive_int(value: Any) -> bool:
         return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
 
@@ -400,8 +402,16 @@ def analyze(
         cluster_means=cluster_means,
         eigenvalues=eigenvalues,
         settings={
-            "grid": grid, "neighbours": neighbours, "k": k, "max_clusters": max_clusters, "min_gap": min_gap,
-            "separated": separated, "layout": layout, "exemplars": exemplars, "seed": seed, "truth": truth is not None,
+            "grid": grid,
+            "neighbours": neighbours,
+            "k": k,
+            "max_clusters": max_clusters,
+            "min_gap": min_gap,
+            "separated": separated,
+            "layout": layout,
+            "exemplars": exemplars,
+            "seed": seed,
+            "truth": truth is not None,
         },  # fmt: skip
         store={
             "path": str(root),

@@ -65,7 +65,9 @@ def _heat(masks: np.ndarray, size: int) -> torch.Tensor:
     return colormap(F.interpolate(small, size=(size, size), mode="nearest").squeeze(1))
 
 
-def write_tensorboard(analysis: Any, log_dir: str | os.PathLike[str] | None = None, max_points: int = MAX_POINTS) -> Path:
+def write_tensorboard(
+    analysis: Any, log_dir: str | os.PathLike[str] | None = None, max_points: int = MAX_POINTS
+) -> Path:
     """Write ``analysis`` to TensorBoard in ``log_dir`` (default :func:`run_log_dir` of its store); returns it.
 
     Tags: the projector's ``analysis/masks`` (metadata columns sample_id, class, cluster, suspicion, mask_area),

@@ -104,9 +104,7 @@ def nearest_to_centre(features: np.ndarray, count: int) -> np.ndarray:
     return np.argsort(distance, kind="stable")[:count]
 
 
-def class_clusters(
-    features: np.ndarray, labels: np.ndarray, grid: int, exemplars: int
-) -> list[dict[str, object]]:
+def class_clusters(features: np.ndarray, labels: np.ndarray, grid: int, exemplars: int) -> list[dict[str, object]]:
     """The statistics of each cluster of one class (``labels`` 0 = the largest, the class's main strategy): size,
     share, mass shares and concentration of its mean mask, its spread, its distance to the main strategy and to
     the rest of the class, its suspicion, the positions of its exemplars, and its mean mask (``mean``)."""

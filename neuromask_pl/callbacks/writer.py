@@ -123,10 +123,20 @@ class MaskWriter(BasePredictionWriter):
         write_overlays: also write the overlay PNGs (needs the images in the Explanation or batch).
         chunk_size: samples per shard file.
         overwrite: replace the results of another configuration in ``output_dir``.
+        analyze: when the job completes, find the classifier's strategies in the store on rank 0
+            (:func:`neuromask_pl.analyze`: ``analysis/`` in the store, ``report.html``, and the projector in the
+            run's TensorBoard log); a dict gives ``analyze``'s keyword arguments (``{"k": 3}``). A job stopped early
+            (SIGTERM, Ctrl-C) is analysed when the same command completes it; a failed analysis is a warning, the
+            explanations stay.
     """
 
     def __init__(
-        self, output_dir: str | None = None, write_overlays: bool = True, chunk_size: int = 256, overwrite: bool = False
+        self,
+        output_dir: str | None = None,
+        write_overlays: bool = True,
+        chunk_size: int = 256,
+        overwrite: bool = False,
+        analyze: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__(write_interval="batch")
         if chunk_size < 1:
@@ -135,6 +145,10 @@ class MaskWriter(BasePredictionWriter):
         self.write_overlays = write_overlays
         self.chunk_size = chunk_size
         self.overwrite = overwrite
+        if not isinstance(analyze, (bool, dict)):
+            raise ValueError(f"analyze must be True, False or a dict of neuromask_pl.analyze's arguments, got {analyze!r}")
+        self.analyze = analyze
+        self.analysis: Any = None  # the StrategyAnalysis of the completed store (rank 0, analyze=True)
         self.out: Path | None = None  # resolved at setup
         self._writer: ShardWriter | None = None
         self._lock: StoreLock | None = None
@@ -333,10 +347,33 @@ class MaskWriter(BasePredictionWriter):
                 warnings = "\n- ".join(sanity["warnings"])
                 rank_zero_warn(f"MaskWriter: sanity checks (run.json 'sanity', manifest.csv 'flags'):\n- {warnings}")
             self._release_lock()
+            if self.analyze and self._stopped is None:
+                self._analyze()
             if report.bad:
                 log.warning("MaskWriter: %d damaged shard(s) ignored; rerun to redo their samples", len(report.bad))
             log.info("MaskWriter: %d explained, %d skipped, written to %s", *counts.values(), self.out)
         trainer.strategy.barrier("MaskWriter.merged")  # no rank leaves while rank 0 still merges
+
+    def _analyze(self) -> None:
+        """The strategies in the complete store (rank 0); a failure is a warning, never the job's."""
+        from neuromask_pl.analysis import analyze
+
+        options = {"tensorboard": self._log_dir or False, **(self.analyze if isinstance(self.analyze, dict) else {})}
+        try:
+            self.analysis = analyze(self.out, **options)
+        except Exception as err:  # noqa: BLE001 - the explanations are written; the analysis can be redone
+            rank_zero_warn(
+                f"MaskWriter: the analysis failed ({type(err).__name__}: {err}); the explanations are complete, "
+                f"run it again with: neuromask-pl analyze {self.out}"
+            )
+            return
+        suspicious = self.analysis.suspicious()
+        log.info(
+            "MaskWriter: analysis of %d masks written to %s; %d suspicious cluster(s)%s",
+            len(self.analysis.table), self.analysis.output_dir, len(suspicious),
+            "".join(f"\n  class {c['target_name']} cluster {c['cluster']}: {c['size']} images, suspicion "
+                    f"{c['suspicion']:.2f}" for c in suspicious[:5]),
+        )  # fmt: skip
 
     # -- writing ---------------------------------------------------------------------------------
     def write_on_batch_end(
