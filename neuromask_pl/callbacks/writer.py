@@ -146,7 +146,9 @@ class MaskWriter(BasePredictionWriter):
         self.chunk_size = chunk_size
         self.overwrite = overwrite
         if not isinstance(analyze, (bool, dict)):
-            raise ValueError(f"analyze must be True, False or a dict of neuromask_pl.analyze's arguments, got {analyze!r}")
+            raise ValueError(
+                f"analyze must be True, False or a dict of the arguments of neuromask_pl.analyze, got {analyze!r}"
+            )
         self.analyze = analyze
         self.analysis: Any = None  # the StrategyAnalysis of the completed store (rank 0, analyze=True)
         self.out: Path | None = None  # resolved at setup
