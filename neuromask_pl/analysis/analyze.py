@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from neuromask_pl.analysis.features import MaskTable, ObjectMask, read_masks
 from neuromask_pl.analysis.spray import LAYOUTS, spray
@@ -344,46 +345,47 @@ def analyze(
     eigenvalues: dict[int, np.ndarray] = {}
     order = np.argsort(table.targets, kind="stable")
     bounds = np.flatnonzero(np.diff(table.targets[order])) + 1
-    for where in np.split(order, bounds):
-        target = int(table.targets[where[0]])
-        features = table.features[where]
-        found = spray(
-            features, neighbours=neighbours, k=k, max_clusters=max_clusters, min_gap=min_gap,
-            separated=separated, layout=layout, seed=seed,
-        )  # fmt: skip
-        labels[where], layout_xy[where] = found.labels, found.layout
-        eigenvalues[target] = found.eigenvalues
-        name = table.names.get(target, str(target))
-        rows = class_clusters(features, found.labels, grid, exemplars)
-        for row in rows:
-            inside = where[found.labels == row["cluster"]]
-            row.update(
-                target=target,
-                target_name=name,
-                exemplars=table.ids[where[row["exemplars"]]],
-                off_object=_mean(table.off_object[inside]),
-                kept_rate=_mean(table.preserved[inside]),
+    with threadpool_limits(1):  # one class's arrays are small: BLAS threads would only wait for each other
+        for where in np.split(order, bounds):
+            target = int(table.targets[where[0]])
+            features = table.features[where]
+            found = spray(
+                features, neighbours=neighbours, k=k, max_clusters=max_clusters, min_gap=min_gap,
+                separated=separated, layout=layout, seed=seed,
+            )  # fmt: skip
+            labels[where], layout_xy[where] = found.labels, found.layout
+            eigenvalues[target] = found.eigenvalues
+            name = table.names.get(target, str(target))
+            rows = class_clusters(features, found.labels, grid, exemplars)
+            for row in rows:
+                inside = where[found.labels == row["cluster"]]
+                row.update(
+                    target=target,
+                    target_name=name,
+                    exemplars=table.ids[where[row["exemplars"]]],
+                    off_object=_mean(table.off_object[inside]),
+                    kept_rate=_mean(table.preserved[inside]),
+                )
+                suspicion[inside] = row["suspicion"]
+                cluster_means[(target, row["cluster"])] = row["mean"]
+                clusters.append(row)
+            mean = features.mean(axis=0).reshape(grid, grid).astype(np.float32)
+            class_means[target] = mean
+            shares = mass_shares(mean)
+            classes.append(
+                {
+                    "target": target,
+                    "target_name": name,
+                    "samples": len(where),
+                    "clusters": found.k,
+                    "chosen_by": found.chosen_by,
+                    "suspicion": max(r["suspicion"] for r in rows),
+                    "mask_area": float(table.area[where].mean()),
+                    "kept_rate": _mean(table.preserved[where]),
+                    "off_object": _mean(table.off_object[where]),
+                    **{key: shares[key] for key in ("mass_corners", "mass_border", "mass_centre")},
+                }
             )
-            suspicion[inside] = row["suspicion"]
-            cluster_means[(target, row["cluster"])] = row["mean"]
-            clusters.append(row)
-        mean = features.mean(axis=0).reshape(grid, grid).astype(np.float32)
-        class_means[target] = mean
-        shares = mass_shares(mean)
-        classes.append(
-            {
-                "target": target,
-                "target_name": name,
-                "samples": len(where),
-                "clusters": found.k,
-                "chosen_by": found.chosen_by,
-                "suspicion": max(r["suspicion"] for r in rows),
-                "mask_area": float(table.area[where].mean()),
-                "kept_rate": _mean(table.preserved[where]),
-                "off_object": _mean(table.off_object[where]),
-                **{key: shares[key] for key in ("mass_corners", "mass_border", "mass_centre")},
-            }
-        )
     clusters.sort(key=lambda c: (-c["suspicion"], c["target"], c["cluster"]))
     for rank, row in enumerate(clusters, 1):
         row["rank"] = rank

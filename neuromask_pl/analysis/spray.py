@@ -16,9 +16,16 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse.linalg import eigsh
 
+from neuromask_pl.analysis import exact
+
 DENSE_LIMIT = 1500
-"""Classes up to this many samples get their eigenvectors from a dense eigensolver (fast and exact at this size);
-larger ones from ARPACK on the sparse graph."""
+"""Classes up to this many samples get their neighbours, eigenvectors and k-means from exact numpy code
+(:mod:`~neuromask_pl.analysis.exact`, a dense eigensolver); larger ones from scikit-learn and ARPACK on the sparse
+graph."""
+
+EXACT_TSNE_LIMIT = 300
+"""Classes up to this many samples get exact t-SNE (:func:`~neuromask_pl.analysis.exact.tsne`); larger ones
+scikit-learn's Barnes-Hut t-SNE."""
 
 LAYOUTS = ("auto", "tsne", "umap", "spectral")
 
@@ -40,15 +47,19 @@ def knn_affinity(features: np.ndarray, neighbours: int) -> sparse.csr_matrix:
     """The symmetric k-nearest-neighbour graph of the rows of ``features`` (Euclidean), as a sparse 0/1 matrix with
     an edge where either row is among the other's ``neighbours`` nearest (self excluded). Identical rows are each
     other's neighbours."""
-    from sklearn.neighbors import NearestNeighbors
-
     n = len(features)
     k = min(neighbours, n - 1)
     if k < 1:
         return sparse.csr_matrix((n, n))
-    graph = NearestNeighbors(n_neighbors=k + 1).fit(features).kneighbors_graph(features, mode="connectivity")
-    graph.setdiag(0)
-    graph.eliminate_zeros()
+    if n <= DENSE_LIMIT:
+        columns = exact.nearest_neighbours(features, k).ravel()
+        graph = sparse.csr_matrix((np.ones(n * k), (np.repeat(np.arange(n), k), columns)), shape=(n, n))
+    else:
+        from sklearn.neighbors import NearestNeighbors
+
+        graph = NearestNeighbors(n_neighbors=k + 1).fit(features).kneighbors_graph(features, mode="connectivity")
+        graph.setdiag(0)
+        graph.eliminate_zeros()
     graph = graph.maximum(graph.T)
     return graph.tocsr().astype(np.float64)
 
@@ -95,13 +106,15 @@ def eigengap(eigenvalues: np.ndarray, max_clusters: int, min_gap: float, separat
 def kmeans_labels(embedding: np.ndarray, k: int, seed: int) -> np.ndarray:
     """k-means (10 starts, seeded) on the rows of the embedding, normalised to unit length as in Ng, Jordan and
     Weiss; labels renumbered by cluster size, largest first (ties: smallest first member)."""
-    from sklearn.cluster import KMeans
-
     if k <= 1:
         return np.zeros(len(embedding), np.int64)
     rows = embedding[:, :k]
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
     rows = rows / np.where(norms > 0, norms, 1.0)
+    if len(rows) <= DENSE_LIMIT:
+        return relabel_by_size(exact.kmeans(rows, k, seed))
+    from sklearn.cluster import KMeans
+
     with warnings.catch_warnings():  # fewer distinct points than k: KMeans warns and returns fewer clusters
         warnings.simplefilter("ignore")
         raw = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(rows)
@@ -136,17 +149,14 @@ def layout_2d(features: np.ndarray, embedding: np.ndarray, method: str, seed: in
 
         reducer = umap.UMAP(n_neighbors=min(15, n - 1), random_state=seed, n_jobs=1)
         xy = reducer.fit_transform(features)
+    elif n <= EXACT_TSNE_LIMIT:
+        xy = exact.tsne(features, perplexity=min(30.0, (n - 1) / 3), seed=seed)
     else:
         from sklearn.manifold import TSNE
 
-        xy = TSNE(
-            n_components=2,
-            perplexity=float(min(30.0, (n - 1) / 3)),
-            init="pca",
-            random_state=seed,
-            method="exact" if n <= 200 else "barnes_hut",
-            max_iter=500,
-        ).fit_transform(features.astype(np.float64))
+        xy = TSNE(n_components=2, perplexity=30.0, init="pca", random_state=seed).fit_transform(
+            features.astype(np.float64)
+        )
     return scale_to_unit(np.asarray(xy, dtype=np.float64))
 
 
