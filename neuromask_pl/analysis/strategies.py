@@ -60,17 +60,31 @@ def total_variation(a: np.ndarray, b: np.ndarray) -> float:
     return float(0.5 * np.abs(distribution(a) - distribution(b)).sum())
 
 
-def distinct_mass(cluster_mean: np.ndarray, rest_mean: np.ndarray) -> float:
-    """The share of a cluster's mass that its members agree on and the rest of its class does not keep, in [0, 1]:
-    ``sum(max(c - r, 0) * c) / sum(c)`` over cells, ``c`` and ``r`` the mean masks of the cluster and of the rest.
+SEPARATION = 2.0
+"""A cell belongs to a cluster alone when its members' values there stand this many standard deviations (the
+cluster's plus the rest's) above the rest of the class's: counted fully by :func:`distinct_mass`, less below it."""
 
-    A cell every member keeps (``c`` = 1) that no other image of the class keeps counts fully; a place members
-    keep now and then (an object that moves from image to image, ``c`` small) counts little, so a split of a
-    class by where its object happens to be scores low and a cue at a fixed place scores high."""
-    c = np.asarray(cluster_mean, dtype=np.float64).ravel()
-    r = np.asarray(rest_mean, dtype=np.float64).ravel()
+NOISE_FLOOR = 0.05
+"""Added to the standard deviations in :func:`distinct_mass`: differences of mean masks under about a tenth never
+count fully, however alike the masks."""
+
+
+def distinct_mass(cluster: np.ndarray, rest: np.ndarray) -> float:
+    """The share of a cluster's mass in cells that are its own, in [0, 1]: each cell's mean weighted by
+    ``min(1, t / SEPARATION)``, ``t = (c - r) / (s_c + s_r + NOISE_FLOOR)`` where ``c``, ``r`` are the cell's mean over
+    the cluster's masks (rows of ``cluster``) and over the rest of the class (rows of ``rest``), ``s`` their standard
+    deviations.
+
+    A cue at a fixed place that every member keeps (``s_c`` near 0) and the rest never does counts fully, even when it
+    is faint after averaging to the grid; a place members keep only now and then (an object found at many places: values
+    0 or 1, a large ``s_c``) counts little. So a split of a class by where its object happens to be scores low, and a
+    fixed cue high."""
+    cluster = np.asarray(cluster, dtype=np.float64)
+    rest = np.asarray(rest, dtype=np.float64)
+    c, r = cluster.mean(axis=0), rest.mean(axis=0)
+    t = (c - r) / (cluster.std(axis=0) + rest.std(axis=0) + NOISE_FLOOR)
     total = c.sum()
-    return float((np.clip(c - r, 0.0, None) * c).sum() / total) if total > 0 else 0.0
+    return float((c * np.clip(t / SEPARATION, 0.0, 1.0)).sum() / total) if total > 0 else 0.0
 
 
 def spread(features: np.ndarray) -> float:
@@ -118,7 +132,7 @@ def class_clusters(features: np.ndarray, labels: np.ndarray, grid: int, exemplar
         own = features[inside]
         mean = own.mean(axis=0)
         rest = features[~inside]
-        offness = distinct_mass(mean, rest.mean(axis=0)) if len(rest) else 0.0
+        offness = distinct_mass(own, rest) if len(rest) else 0.0
         own_spread = spread(own)
         rest_spread = spread(rest) if len(rest) else class_spread
         share = len(members) / n

@@ -131,12 +131,16 @@ def test_concentration_total_variation_spread_by_hand() -> None:
     assert spread(np.array([[0.0, 0.0], [2.0, 2.0]])) == pytest.approx(1.0)
 
 
-def test_distinct_mass_counts_what_all_members_keep_and_the_rest_does_not() -> None:
-    cluster = np.array([1.0, 1.0, 0.2, 0.0])
-    rest = np.array([0.0, 1.0, 0.0, 0.0])
-    # (1 * 1 + 0 * 1 + 0.2 * 0.2) / 2.2
-    assert distinct_mass(cluster, rest) == pytest.approx(1.04 / 2.2)
-    assert distinct_mass(np.zeros(3), rest[:3]) == 0.0
+def test_distinct_mass_counts_cells_the_cluster_alone_keeps_consistently() -> None:
+    # cell 0: every member keeps it (0.5 after averaging), the rest never: its own (t = 0.5 / 0.05 = 10 -> 1);
+    # cell 1: members keep it half the time (0 or 1), the rest a quarter: t = 0.25 / (0.5 + 0.433 + 0.05) -> 0.127;
+    # cell 2: the same in both: 0
+    cluster = np.array([[0.5, 1.0, 0.2], [0.5, 0.0, 0.2], [0.5, 1.0, 0.2], [0.5, 0.0, 0.2]])
+    rest = np.array([[0.0, 1.0, 0.2], [0.0, 0.0, 0.2], [0.0, 0.0, 0.2], [0.0, 0.0, 0.2]])
+    t1 = 0.25 / (0.5 + np.sqrt(3) / 4 + 0.05)
+    expected = (0.5 * 1.0 + 0.5 * (t1 / 2) + 0.2 * 0.0) / 1.2
+    assert distinct_mass(cluster, rest) == pytest.approx(expected)
+    assert distinct_mass(np.zeros((2, 3)), rest) == 0.0
 
 
 def test_suspicion_by_hand() -> None:
