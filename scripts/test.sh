@@ -6,6 +6,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh test
 . .venv/bin/activate
+# The report's browser tests (pytest mark `browser`) drive Debian's chromium through playwright (no browser download).
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "--- installing Debian's chromium for the browser tests ---"
+        apt-get update -qq && apt-get install -y -qq chromium >/dev/null \
+            || echo "note: could not install chromium; the browser tests will skip"
+    else
+        echo "note: no chromium (as root: apt-get install chromium); the browser tests will skip"
+    fi
+fi
 python -m pytest "$@"
 # torch.compile caches kernels on disk without keying them on the CPU's kernels: a cache of its own per run.
 caches=$(mktemp -d)
