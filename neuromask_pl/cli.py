@@ -261,6 +261,9 @@ def _report(cli: NeuroMaskCLI) -> None:
         print(f"\nneuromask-pl: explanations written to {writer.out}")
         print(f"  manifest: {writer.out / 'manifest.csv'}   overlays: {writer.out / 'overlays'}")
         print("  read them with: neuromask_pl.load_results(...)")
+        if writer.analysis is not None:
+            print(f"  strategies: {writer.analysis.output_dir} (report.html; {len(writer.analysis.suspicious())} "
+                  "suspicious cluster(s))")  # fmt: skip
         if log_dir:
             print(f"  TensorBoard: tensorboard --logdir {log_dir}")
 

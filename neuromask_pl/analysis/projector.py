@@ -10,11 +10,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
-from neuromask_pl.viz import colormap
+from neuromask_pl.analysis.report import heat
 
 MAX_POINTS = 10_000
 """The projector shows at most this many masks (its sprite of thumbnails must stay under 8192 x 8192 pixels and a
@@ -60,9 +59,10 @@ def chosen_points(analysis: Any, limit: int = MAX_POINTS) -> np.ndarray:
 
 
 def _heat(masks: np.ndarray, size: int) -> torch.Tensor:
-    """Grid masks (N, g, g) in [0, 1] as colour images (N, 3, size, size)."""
-    small = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32)).unsqueeze(1)
-    return colormap(F.interpolate(small, size=(size, size), mode="nearest").squeeze(1))
+    """Grid masks (N, g, g) in [0, 1] as colour images (N, 3, size, size), float in [0, 1], each cell a block."""
+    repeat = max(1, size // masks.shape[-1])
+    big = np.repeat(np.repeat(masks, repeat, axis=1), repeat, axis=2)
+    return torch.from_numpy(heat(big)).permute(0, 3, 1, 2).float().div_(255.0)
 
 
 def write_tensorboard(
