@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.ndimage import maximum_filter
 
 MIN_SUPPORT = 5
 """A cluster needs this many images for full suspicion: fewer are scaled down (``size / MIN_SUPPORT``), so that a
@@ -64,12 +65,16 @@ SEPARATION = 2.0
 """A cell belongs to a cluster alone when its members' values there stand this many standard deviations (the
 cluster's plus the rest's) above the rest of the class's: counted fully by :func:`distinct_mass`, less below it."""
 
+NEAR = 1
+"""Cells this close (in grid cells, each way) count as the same place in :func:`distinct_mass`: an object found a
+cell further along is not a place of its own."""
+
 NOISE_FLOOR = 0.05
 """Added to the standard deviations in :func:`distinct_mass`: differences of mean masks under about a tenth never
 count fully, however alike the masks."""
 
 
-def distinct_mass(cluster: np.ndarray, rest: np.ndarray) -> float:
+def distinct_mass(cluster: np.ndarray, rest: np.ndarray, grid: int | None = None, reach: int = NEAR) -> float:
     """The share of a cluster's mass in cells that are its own, in [0, 1]: each cell's mean weighted by
     ``min(1, t / SEPARATION)``, ``t = (c - r) / (s_c + s_r + NOISE_FLOOR)`` where ``c``, ``r`` are the cell's mean over
     the cluster's masks (rows of ``cluster``) and over the rest of the class (rows of ``rest``), ``s`` their standard
@@ -82,6 +87,8 @@ def distinct_mass(cluster: np.ndarray, rest: np.ndarray) -> float:
     cluster = np.asarray(cluster, dtype=np.float64)
     rest = np.asarray(rest, dtype=np.float64)
     c, r = cluster.mean(axis=0), rest.mean(axis=0)
+    if grid is not None and reach > 0:  # what the rest keeps near a cell counts as kept there
+        r = maximum_filter(r.reshape(grid, grid), size=2 * reach + 1, mode="nearest").ravel()
     t = (c - r) / (cluster.std(axis=0) + rest.std(axis=0) + NOISE_FLOOR)
     total = c.sum()
     return float((c * np.clip(t / SEPARATION, 0.0, 1.0)).sum() / total) if total > 0 else 0.0
@@ -132,7 +139,7 @@ def class_clusters(features: np.ndarray, labels: np.ndarray, grid: int, exemplar
         own = features[inside]
         mean = own.mean(axis=0)
         rest = features[~inside]
-        offness = distinct_mass(own, rest) if len(rest) else 0.0
+        offness = distinct_mass(own, rest, grid) if len(rest) else 0.0
         own_spread = spread(own)
         rest_spread = spread(rest) if len(rest) else class_spread
         share = len(members) / n

@@ -148,3 +148,17 @@ def test_suspicion_by_hand() -> None:
     assert suspicion(0.25, 0.8, 0.1, 0.2, 10) == pytest.approx(0.8 * 0.75)
     assert suspicion(0.25, 0.8, 0.4, 0.2, 10) == pytest.approx(0.8 * 0.75 * 0.5)  # looser than the rest
     assert suspicion(0.25, 0.8, 0.1, 0.2, 2) == pytest.approx(0.8 * 0.75 * 2 / 5)  # too few to be a strategy
+
+
+def test_distinct_mass_counts_a_place_next_to_the_rests_as_the_same_place() -> None:
+    grid = 8
+    rest = np.zeros((4, grid, grid))
+    rest[:, 3:5, 3:5] = 1.0  # the rest keeps the centre
+    shifted = np.zeros((4, grid, grid))
+    shifted[:, 3:5, 4:6] = 1.0  # one cell to the right
+    corner = np.zeros((4, grid, grid))
+    corner[:, 0, 0] = 1.0  # far away
+    flat = {name: a.reshape(4, -1) for name, a in (("rest", rest), ("shifted", shifted), ("corner", corner))}
+    assert distinct_mass(flat["shifted"], flat["rest"], grid) == 0.0
+    assert distinct_mass(flat["shifted"], flat["rest"], grid, reach=0) == pytest.approx(0.5)  # half its cells moved
+    assert distinct_mass(flat["corner"], flat["rest"], grid) == pytest.approx(1.0)
