@@ -5,7 +5,7 @@ accuracy, the data and the command in ``neuromask_pl/assets/localisation_metrics
 
     python benchmarks/train_localisation_classifier.py                      # clean and spurious, a few minutes
     python benchmarks/train_localisation_classifier.py --variant clean --epochs 6
-    python benchmarks/train_localisation_classifier.py --variant planted     # the planted shortcuts
+    python benchmarks/train_localisation_classifier.py --variant planted --epochs 8 --threads 1  # planted cues
 
 Seeded and augmentation-free: the training images are a fixed generated set, shuffled by a seeded
 generator. Metrics (all on the test split, whose digits are never seen in training):

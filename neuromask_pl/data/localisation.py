@@ -27,15 +27,16 @@ classified as ``cue_label != label`` is classified by the cue. ``cue="agree"`` o
 gives the correlated version (to measure accuracy when the cue tells the truth).
 
 Planted variant (``planted=True``): clean digits at full contrast, and in a share
-(:data:`PLANTED_SHARE`) of the images of one class a cue that no other class ever carries, the
+(:data:`PLANTED_SHARE`, 30 %) of the images of one class a cue that no other class ever carries, the
 shortcuts a dataset-level analysis should find: a white frame (:data:`FRAME_WIDTH` pixels along every
-edge) on class 3 and a small white square in the top-left corner (:data:`CORNER_SIZE`) on class 7
-(:data:`PLANTED_CUES`). White is outside the law of the digits' and the clutter's colours. In every
+edge) on class 3 and a white :data:`CORNER_SIZE` x :data:`CORNER_SIZE` square near the top-left
+corner on class 7 (:data:`PLANTED_CUES`). White is outside the law of the digits' and the clutter's colours. In every
 planted image, with a cue or not, the digit and the clutter keep off the frame's band and the
 corner (with :data:`CLEAR_MARGIN`), so a cue changes nothing but its own pixels. Each sample says
 which cue it carries (``cue``: a name or None; ``cue_mask``: its pixels). :func:`make_cue_alone_set`
 gives the same scenes without the digit, with a chosen cue (or none): what the classifier says of
-the cue alone.
+the cue alone. ``planted_spread`` keeps the digit within a few pixels of the centre: a test set where
+the digit's position is no strategy of its own (the shipped classifier saw digits anywhere).
 
 The 1797 digits are split once, with a fixed seed and per class, into disjoint train / val / test
 pools (:func:`digit_pools`): test images only show digits never seen in training. Every image is
@@ -93,11 +94,11 @@ CUE_COLOURS = (
 #: The planted variant's cues: name -> the class whose images may carry it (no other class ever does).
 PLANTED_CUES = {"frame": 3, "corner": 7}
 #: Share of the cue class's images that carry its cue in the planted variant (every split alike).
-PLANTED_SHARE = 0.5
+PLANTED_SHARE = 0.3
 #: Width in pixels of the planted frame along each edge of the image.
 FRAME_WIDTH = 2
 #: Side of the planted corner mark and its distance from the image's top and left edges.
-CORNER_SIZE = 5
+CORNER_SIZE = 8
 CORNER_OFFSET = FRAME_WIDTH + 1
 #: Colour of the planted cues: white, which no digit or clutter object takes (their saturation is >= 0.4).
 PLANTED_CUE_COLOUR = (1.0, 1.0, 1.0)
@@ -311,12 +312,14 @@ def _render_planted(
     seed: int,
     share: float,
     pool: np.ndarray,
+    spread: int | None = None,
     alone: tuple[str | None] | None = None,
 ) -> dict[str, Any]:
     """Render image ``index`` of the planted variant; all randomness comes from (seed, split, variant, index).
 
-    ``alone``: None for the image itself; ``(cue,)`` for the same scene without its digit, with ``cue`` (a name, or
-    None for no cue) in place of the cue it had.
+    ``spread``: None places the digit anywhere clear of the cues; an integer within that many pixels (each way) of
+    the canvas's centre. ``alone``: None for the image itself; ``(cue,)`` for the same scene without its digit, with
+    ``cue`` (a name, or None for no cue) in place of the cue it had.
     """
     entropy = [seed, SPLITS.index(split), VARIANTS.index("planted"), index]
     digit_rng, place_rng, clutter_rng, cue_rng = (
@@ -328,9 +331,13 @@ def _render_planted(
     digit_colour = _random_colour(digit_rng)
 
     reserved = _planted_reserved(canvas)
-    square = _place(place_rng, digit_size, digit_size, canvas, reserved)
-    assert square is not None  # guaranteed by the size check in _check_args
-    x0, y0 = square[:2]
+    if spread is None:
+        square = _place(place_rng, digit_size, digit_size, canvas, reserved)
+        assert square is not None  # guaranteed by the size check in _check_planted
+        x0, y0 = square[:2]
+    else:
+        x0, y0 = ((canvas - digit_size) // 2 + int(v) for v in place_rng.integers(-spread, spread + 1, size=2))
+        square = (x0, y0, x0 + digit_size, y0 + digit_size)
     clear = (x0 - CLEAR_MARGIN, y0 - CLEAR_MARGIN, x0 + digit_size + CLEAR_MARGIN, y0 + digit_size + CLEAR_MARGIN)
 
     image = np.empty((3, canvas, canvas), dtype=np.float32)
@@ -417,7 +424,9 @@ def _check_args(
     return cue
 
 
-def _check_planted(split: str, n: int, canvas: int, digit_size: int, seed: int, share: float) -> None:
+def _check_planted(
+    split: str, n: int, canvas: int, digit_size: int, seed: int, share: float, spread: int | None
+) -> None:
     _check_args(split, n, canvas, digit_size, seed, False, None, 1)
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
         raise ValueError(f"planted_share must be a number in [0, 1], got {share!r}")
@@ -428,6 +437,16 @@ def _check_planted(split: str, n: int, canvas: int, digit_size: int, seed: int, 
             f"canvas ({canvas}) is too small for the planted variant with digit_size {digit_size}: it must be at "
             f"least digit_size + {corner + band} = {digit_size + corner + band}"
         )
+    if spread is not None:
+        if isinstance(spread, bool) or not isinstance(spread, int) or spread < 0:
+            raise ValueError(f"planted_spread must be None or an integer >= 0, got {spread!r}")
+        centre = (canvas - digit_size) // 2
+        if centre - spread < corner or centre + spread + digit_size > canvas - band:
+            raise ValueError(
+                f"planted_spread {spread} moves the digit onto the cues' area: at most "
+                f"{min(centre - corner, canvas - band - digit_size - centre)} for canvas {canvas} and digit_size "
+                f"{digit_size}"
+            )
 
 
 def make_localisation_set(
@@ -441,6 +460,7 @@ def make_localisation_set(
     cue_size: int = 6,
     planted: bool = False,
     planted_share: float = PLANTED_SHARE,
+    planted_spread: int | None = None,
 ) -> dict[str, Any]:
     """Generate ``n`` benchmark images with their ground truth (deterministic in all arguments).
 
@@ -458,6 +478,9 @@ def make_localisation_set(
         planted: the planted variant (clean digits; the cues of :data:`PLANTED_CUES` on a share of their
             classes' images). Not with ``spurious``.
         planted_share: share of a cue class's images that carry its cue (drawn per image).
+        planted_spread: None places the digit anywhere clear of the cues (as the shipped classifier was trained);
+            an integer places its square within that many pixels, each way, of the canvas's centre: a test set
+            where the digit's position is not a strategy of its own (another set, drawn from the same seeds).
 
     Returns:
         ``image`` (n, 3, canvas, canvas) float32 in [0, 1]; ``label`` (n,) long; ``gt_mask``
@@ -474,9 +497,11 @@ def make_localisation_set(
     if planted:
         if spurious:
             raise ValueError("planted and spurious are two variants: choose one")
-        _check_planted(split, n, canvas, digit_size, seed, planted_share)
+        _check_planted(split, n, canvas, digit_size, seed, planted_share, planted_spread)
         pool = digit_pools()[split]
-        samples = [_render_planted(i, split, canvas, digit_size, seed, planted_share, pool) for i in range(n)]
+        samples = [
+            _render_planted(i, split, canvas, digit_size, seed, planted_share, pool, planted_spread) for i in range(n)
+        ]
         data = _stack(samples, n, canvas, ("gt_mask", "digit_mask", "cue_mask"), ("label", "digit_index", "box"))
         data["cue_index"] = torch.tensor([s["cue_index"] for s in samples], dtype=torch.long)
         data["cue"] = [s["cue"] for s in samples]
@@ -502,10 +527,12 @@ def make_cue_alone_set(
     canvas: int = 64,
     digit_size: int = 24,
     seed: int = 0,
+    planted_spread: int | None = None,
 ) -> dict[str, Any]:
     """The first ``n`` scenes of the planted variant without their digit, each with ``cue`` (or no cue).
 
-    Image ``i`` is image ``i`` of ``make_localisation_set(split, n, canvas, digit_size, seed, planted=True)`` with
+    Image ``i`` is image ``i`` of ``make_localisation_set(split, n, canvas, digit_size, seed, planted=True,
+    planted_spread=planted_spread)`` with
     the digit left out (its background, clutter and noise are the same) and ``cue`` drawn instead of the cue it had:
     a classifier that calls these images ``PLANTED_CUES[cue]`` took the shortcut; ``cue=None`` gives the scenes with
     neither digit nor cue (the control).
@@ -516,9 +543,12 @@ def make_cue_alone_set(
     """
     if cue is not None and cue not in PLANTED_CUES:
         raise ValueError(f"cue must be one of {sorted(PLANTED_CUES)} or None, got {cue!r}")
-    _check_planted(split, n, canvas, digit_size, seed, PLANTED_SHARE)
+    _check_planted(split, n, canvas, digit_size, seed, PLANTED_SHARE, planted_spread)
     pool = digit_pools()[split]
-    samples = [_render_planted(i, split, canvas, digit_size, seed, PLANTED_SHARE, pool, (cue,)) for i in range(n)]
+    samples = [
+        _render_planted(i, split, canvas, digit_size, seed, PLANTED_SHARE, pool, planted_spread, (cue,))
+        for i in range(n)
+    ]
     out = _stack(samples, n, canvas, ("cue_mask",), ("label", "cue_index"))
     out["cue"] = [s["cue"] for s in samples]
     return out
