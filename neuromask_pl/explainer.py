@@ -60,8 +60,9 @@ class Explainer:
     Args:
         classifier: the model to explain; takes [0, 1] images B x C x H x W, returns logits B x K.
             It is frozen while explaining and restored exactly afterwards.
-        preset: named settings, one of ``neuromask_pl.PRESETS``: ``default``, ``paper`` (the reference
-            implementation) or ``paper_cifar``; None with a complete ``MaskSettings`` as ``settings``.
+        preset: named settings, one of ``neuromask_pl.PRESETS``: ``default``, ``analysis`` (for a dataset-level
+            analysis of strategies), ``paper`` (the reference implementation) or ``paper_cifar``; None with a
+            complete ``MaskSettings`` as ``settings``.
         steps: optimisation steps per image (overrides the preset's and ``settings``').
         settings: fields of :class:`~neuromask_pl.settings.MaskSettings` that override the preset
             (a dict such as ``{"lr": 0.05}`` or a ``SettingsOverrides``), or a complete ``MaskSettings``

@@ -19,8 +19,13 @@ SUMMARY = Path(__file__).resolve().parents[1] / "docs" / "results" / "SUMMARY.md
 # ----------------------------------------------------------------------------- presets
 
 
-def test_presets_are_paper_paper_cifar_and_default() -> None:
-    assert set(PRESETS) == {"paper", "paper_cifar", "default"}
+def test_presets_are_paper_paper_cifar_default_and_analysis() -> None:
+    assert set(PRESETS) == {"paper", "paper_cifar", "default", "analysis"}
+
+
+def test_analysis_preset_is_the_default_with_the_deletion_game() -> None:
+    """docs/results/planted_objectives.md: the deletion game makes the masks hold a shortcut cue beside the object."""
+    assert PRESETS["analysis"] == replace(PRESETS["default"], l_delete=10.0)
 
 
 def test_paper_preset_is_the_reference_configuration() -> None:
