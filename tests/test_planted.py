@@ -174,3 +174,42 @@ def test_shipped_planted_classifier_takes_the_shortcuts_and_reads_the_digits():
         reported = json.load(f)["planted"]
     assert reported["test_accuracy"] >= 0.95
     assert all(reported["cues"][cue]["cue_alone_rate"] >= 0.9 for cue in PLANTED_CUES), reported["cues"]
+
+
+# --------------------------------------------------------------------------- benchmarks/planted_shortcuts.py
+
+
+@pytest.fixture(scope="module")
+def script():
+    from helpers import load_script
+
+    return load_script("benchmarks/planted_shortcuts.py")
+
+
+def test_script_measures_and_clusters(script):
+    data = make_localisation_set("test", 40, planted=True, planted_spread=4)
+    masks = data["cue_mask"][:, 0].float().numpy() + data["gt_mask"][:, 0].float().numpy()  # cue and box, one each
+    measures = script.mask_measures(masks, data)
+    carriers = data["cue_index"].numpy() >= 0
+    assert np.allclose(measures["cue_share"][carriers] + measures["box_share"][carriers], 1.0)
+    assert np.isnan(measures["cue_share"][~carriers]).all() and np.allclose(measures["box_share"][~carriers], 1.0)
+    # Two well separated groups, each larger than the 10 neighbours, are found; best_f1 matches the planted group.
+    features = np.concatenate([np.tile([1.0, 0.0], (16, 1)), np.tile([0.0, 1.0], (12, 1))])
+    features += np.random.default_rng(0).normal(0, 0.01, features.shape)
+    labels = script.proxy_clusters(features)
+    assert labels.max() == 1 and (labels[:16] == 0).all() and (labels[16:] == 1).all()
+    f1, cluster = script.best_f1(labels, np.arange(28) >= 16)
+    assert (f1, cluster) == (1.0, 1)
+    assert script.best_f1(np.zeros(28, dtype=int), np.arange(28) >= 16)[0] == pytest.approx(2 * 12 / (28 + 12))
+    assert script.parse_objective("l_delete=10+l_sparse=1") == ("default", {"l_delete": 10.0, "l_sparse": 1.0})
+    assert script.parse_objective("analysis") == ("analysis", {})
+
+
+def test_script_study_smoke(script, tmp_path):
+    out = script.main(
+        ["--study", "--per-class", "2", "--steps", "2", "--objectives", "default,l_delete=3", "--threads", "1",
+         "--json", str(tmp_path / "s.json"), "--markdown", str(tmp_path / "s.md")]
+    )  # fmt: skip
+    assert [row["objective"] for row in out["rows"]] == ["default", "l_delete=3"] and out["images"] == 20
+    assert json.loads((tmp_path / "s.json").read_text())["meta"]["spread"] == 4
+    assert "| `l_delete=3` |" in (tmp_path / "s.md").read_text()
