@@ -18,7 +18,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from neuromask_pl.analysis.features import MaskTable, ObjectMask, read_masks
-from neuromask_pl.analysis.spray import LAYOUTS, spray
+from neuromask_pl.analysis.spray import DISTINCT, LAYOUTS, SEPARATED, spray
 from neuromask_pl.analysis.strategies import class_clusters, mass_shares
 from neuromask_pl.store import StoreWriteError, atomic_write, load_results
 from neuromask_pl.store.layout import STORE_FILE, to_manifest_cell
@@ -241,7 +241,7 @@ def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]])
 
 
 def _check_settings(
-    grid: int, neighbours: int | None, k: int | None, max_clusters: int, layout: str, exemplars: int
+    grid: int, neighbours: int | None, k: int | None, max_clusters: int, layout: str, exemplars: int, **shares: float
 ) -> None:
     def positive_int(value: Any) -> bool:
         return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
@@ -254,6 +254,9 @@ def _check_settings(
         (layout in LAYOUTS, f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}"),
         (positive_int(exemplars), f"exemplars must be an int >= 1, got {exemplars!r}"),
     ]
+    for name, value in shares.items():
+        fine = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and 0 <= value <= 1
+        problems.append((fine, f"{name} must be a number in [0, 1], got {value!r}"))
     for ok, message in problems:
         if not ok:
             raise ValueError(message)
@@ -272,7 +275,8 @@ def analyze(
     k: int | None = None,
     max_clusters: int = 8,
     min_gap: float = 0.05,
-    separated: float = 0.1,
+    separated: float = SEPARATED,
+    distinct: float = DISTINCT,
     layout: str = "auto",
     exemplars: int = 8,
     truth: ObjectMask | None = None,
@@ -300,6 +304,8 @@ def analyze(
         min_gap: the smallest eigengap that splits a class (below it a class is one strategy).
         separated: how near 0 the ``k``-th eigenvalue must be for ``k`` clusters (how clearly the class's graph
             falls apart; see :func:`~neuromask_pl.analysis.spray.eigengap`).
+        distinct: the share of a cluster's mass that must lie in cells of its own for a proposed split to stand
+            (:func:`~neuromask_pl.analysis.spray.spray`); ``k`` given skips the check.
         layout: ``auto`` (UMAP when ``umap-learn`` is installed, else t-SNE), ``tsne``, ``umap`` or ``spectral``.
         exemplars: the images listed per cluster (those closest to its centre).
         truth: where the object is in each sample (see :data:`~neuromask_pl.analysis.features.ObjectMask`), for
@@ -313,7 +319,9 @@ def analyze(
         FileNotFoundError: no store at ``results_dir``.
         ValueError: an impossible setting, or a store with no explained sample to analyse.
     """
-    _check_settings(grid, neighbours, k, max_clusters, layout, exemplars)
+    _check_settings(
+        grid, neighbours, k, max_clusters, layout, exemplars, min_gap=min_gap, separated=separated, distinct=distinct
+    )
     start = time.perf_counter()
     root = find_store(results_dir)
     with warnings.catch_warnings(record=True) as caught:
@@ -351,7 +359,7 @@ def analyze(
             features = table.features[where]
             found = spray(
                 features, neighbours=neighbours, k=k, max_clusters=max_clusters, min_gap=min_gap,
-                separated=separated, layout=layout, seed=seed,
+                separated=separated, distinct=distinct, layout=layout, seed=seed,
             )  # fmt: skip
             labels[where], layout_xy[where] = found.labels, found.layout
             eigenvalues[target] = found.eigenvalues

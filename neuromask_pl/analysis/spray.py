@@ -17,11 +17,20 @@ from scipy import sparse
 from scipy.sparse.linalg import eigsh
 
 from neuromask_pl.analysis import exact
+from neuromask_pl.analysis.strategies import distinct_mass
 
 DENSE_LIMIT = 1500
 """Classes up to this many samples get their neighbours, eigenvectors and k-means from exact numpy code
 (:mod:`~neuromask_pl.analysis.exact`, a dense eigensolver); larger ones from scikit-learn and ARPACK on the sparse
 graph."""
+
+SEPARATED = 0.2
+"""The default ``separated`` of :func:`eigengap`: how near 0 the ``k``-th eigenvalue must be to propose ``k``
+clusters (the proposal is then checked cluster by cluster, see :func:`spray`)."""
+
+DISTINCT = 0.15
+"""The default ``distinct`` of :func:`spray`: a cluster stands apart from its class's main strategy when at least
+this share of its mass lies in cells of its own (:func:`~neuromask_pl.analysis.strategies.distinct_mass`)."""
 
 EXACT_TSNE_LIMIT = 300
 """Classes up to this many samples get exact t-SNE (:func:`~neuromask_pl.analysis.exact.tsne`); larger ones
@@ -173,6 +182,16 @@ def auto_neighbours(n: int, most: int = 10) -> int:
     return int(min(most, max(3, round(math.sqrt(n)))))
 
 
+def distinct_clusters(features: np.ndarray, labels: np.ndarray, grid: int | None, threshold: float) -> int:
+    """How many clusters besides the main one (label 0) look somewhere of their own: their
+    :func:`~neuromask_pl.analysis.strategies.distinct_mass` against the rest of the class is at least
+    ``threshold``."""
+    return sum(
+        distinct_mass(features[labels == c], features[labels != c], grid) >= threshold
+        for c in range(1, int(labels.max()) + 1)
+    )
+
+
 def spray(
     features: np.ndarray,
     *,
@@ -180,27 +199,42 @@ def spray(
     k: int | None = None,
     max_clusters: int = 8,
     min_gap: float = 0.05,
-    separated: float = 0.1,
+    separated: float = SEPARATED,
+    distinct: float = DISTINCT,
     layout: str = "auto",
     seed: int = 0,
 ) -> ClassClusters:
-    """SpRAy on one class's masks (``n x d``): the kNN graph, its spectral embedding, ``k`` clusters (the eigengap
-    when ``k`` is None; see :func:`eigengap` for ``min_gap`` and ``separated``), k-means, and the 2-D layout.
-    ``neighbours`` None: :func:`auto_neighbours`.
+    """SpRAy on one class's masks (``n x d``, ``d`` a square grid): the kNN graph, its spectral embedding, ``k``
+    clusters, k-means, and the 2-D layout. ``neighbours`` None: :func:`auto_neighbours`.
+
+    ``k`` None: the eigengap proposes ``k`` (:func:`eigengap`, with ``min_gap`` and ``separated``), and a split
+    stands only for clusters that look somewhere of their own (:func:`distinct_clusters` at ``distinct``): with
+    ``d`` such clusters of ``k - 1``, the class is clustered again into ``d + 1`` (1 when ``d`` is 0), until every
+    cluster besides the main one is distinct. A split of a class by where its object happens to be, or by how much of
+    it the masks keep, so does not stand; a cue at a place of its own does. A given ``k`` is used as it is.
 
     All-identical masks, and classes too small to cluster (fewer than 3 samples), are one cluster; ``k`` above the
     number of distinct masks is lowered to it (``chosen_by`` says so)."""
     n = len(features)
-    distinct = len(np.unique(features, axis=0)) if n else 0
-    if n < 3 or distinct == 1:
+    unique = len(np.unique(features, axis=0)) if n else 0
+    if n < 3 or unique == 1:
         labels = np.zeros(n, np.int64)
         why = "too few samples" if n < 3 else "identical masks"
         return ClassClusters(labels, layout_2d(features, np.zeros((n, 1)), "spectral", seed), np.zeros(0), 1, why)
     affinity = knn_affinity(features, auto_neighbours(n) if neighbours is None else neighbours)
     eigenvalues, embedding = spectral_embedding(affinity, max(max_clusters, k or 0, 3) + 1)
-    if k is None:
-        chosen, why = eigengap(eigenvalues, min(max_clusters, n - 1), min_gap, separated), "eigengap"
+    if k is not None:
+        chosen, why = min(k, unique), "given" if k <= unique else "given, lowered to the distinct masks"
+        labels = kmeans_labels(embedding, chosen, seed)
     else:
-        chosen, why = min(k, distinct), "given" if k <= distinct else "given, lowered to the distinct masks"
-    labels = kmeans_labels(embedding, chosen, seed)
+        chosen, why = eigengap(eigenvalues, min(max_clusters, n - 1), min_gap, separated), "eigengap"
+        side = math.isqrt(features.shape[1])
+        grid = side if side * side == features.shape[1] else None  # not a square grid: no neighbouring cells
+        labels = kmeans_labels(embedding, chosen, seed)
+        while chosen > 1:
+            kept = distinct_clusters(features, labels, grid, distinct)
+            if kept + 1 == int(labels.max()) + 1:
+                break
+            chosen, why = kept + 1, "eigengap, then the distinct clusters"
+            labels = kmeans_labels(embedding, chosen, seed)
     return ClassClusters(labels, layout_2d(features, embedding, layout, seed), eigenvalues, int(labels.max()) + 1, why)

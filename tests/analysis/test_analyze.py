@@ -142,7 +142,7 @@ def test_nothing_to_analyse_and_impossible_settings_say_what_to_do(tmp_path) -> 
     with pytest.raises(FileNotFoundError, match="no results at"):
         analyze(tmp_path / "nowhere")
     for bad, match in [({"grid": 1}, "grid"), ({"k": 0}, "k must"), ({"layout": "pca"}, "layout"),
-                       ({"neighbours": True}, "neighbours")]:  # fmt: skip
+                       ({"neighbours": True}, "neighbours"), ({"distinct": 2.0}, "distinct must")]:  # fmt: skip
         with pytest.raises(ValueError, match=match):
             analyze(tmp_path / "empty", **bad)
 

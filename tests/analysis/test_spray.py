@@ -162,3 +162,20 @@ def test_distinct_mass_counts_a_place_next_to_the_rests_as_the_same_place() -> N
     assert distinct_mass(flat["shifted"], flat["rest"], grid) == 0.0
     assert distinct_mass(flat["shifted"], flat["rest"], grid, reach=0) == pytest.approx(0.5)  # half its cells moved
     assert distinct_mass(flat["corner"], flat["rest"], grid) == pytest.approx(1.0)
+
+
+def test_a_split_stands_only_for_a_cluster_that_looks_somewhere_of_its_own() -> None:
+    rng = np.random.default_rng(6)
+    grid = 8
+    masks = np.zeros((30, grid, grid))
+    masks[:, 3:5, 3:5] = 1.0
+    masks[:12, 3:5, 3:5], masks[:12, 3:5, 4:6] = 0.0, 1.0  # 12 look one cell to the right: two clear groups...
+    noisy = (masks + rng.uniform(0, 0.02, masks.shape)).reshape(30, -1)
+    found = S.spray(noisy, layout="spectral")
+    assert found.eigenvalues[1] < 0.01  # ...that the graph separates,
+    assert found.k == 1 and found.chosen_by == "eigengap, then the distinct clusters"  # but not a place of its own
+    masks[:12, 0, :] = 1.0  # now those 12 also keep the top edge, which no other does
+    cue = (masks + rng.uniform(0, 0.02, masks.shape)).reshape(30, -1)
+    found = S.spray(cue, layout="spectral")
+    assert found.k == 2 and set(np.flatnonzero(found.labels == 1)) == set(range(12))
+    assert S.spray(noisy, k=2, layout="spectral").k == 2  # a given k is used as it is
