@@ -211,3 +211,34 @@ def test_mask_writer_analyses_the_completed_job(tmp_path) -> None:
 def test_mask_writer_refuses_a_bad_analyze_option() -> None:
     with pytest.raises(ValueError, match="analyze must be"):
         MaskWriter(analyze="yes")  # type: ignore[arg-type]
+
+
+def test_a_job_stopped_early_is_analysed_when_the_same_command_completes_it(tmp_path) -> None:
+    import signal
+
+    from pytorch_lightning.callbacks import Callback
+
+    class CtrlCAt(Callback):
+        def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+            if batch_idx == 2:
+                raise KeyboardInterrupt
+
+    images = torch.rand(12, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+    def run(*callbacks) -> MaskWriter:
+        writer = MaskWriter(str(tmp_path / "out"), write_overlays=False, analyze={"layout": "spectral"})
+        data = TensorDataModule(images, labels=torch.arange(12) % 2, batch_size=2, pin_memory=False)
+        trainer = helpers.make_trainer(default_root_dir=tmp_path, callbacks=[writer, *callbacks])
+        trainer.predict(NeuroMask(helpers.make_tiny_cnn(0), steps=2), datamodule=data, return_predictions=False)
+        return writer
+
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            run(CtrlCAt())
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    assert not (tmp_path / "out" / "analysis").exists()  # 4 of 12 explained: not analysed
+    writer = run()
+    assert len(writer.analysis.table) == 12
+    assert json.loads((tmp_path / "out" / "analysis" / "summary.json").read_text())["samples"] == 12
