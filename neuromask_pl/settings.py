@@ -219,6 +219,32 @@ def _field_types(cls: type) -> tuple[type, ...]:
     return tuple(typing.get_type_hints(cls).values())
 
 
+# The default preset (see its comment in PRESETS); the presets built on it change only what they name.
+_DEFAULT = MaskSettings(
+    steps=300,
+    l_pred=1.0,
+    l_sparse=1.5,
+    l_smooth=1.0,
+    temperature=0.01,
+    temperature_start=2.0,
+    weight_limit=0.01,
+    laplacian=3,
+    laplacian_padding="replicate",
+    smooth_penalty="tv",
+    smooth_on="mask",
+    sparsity_on="mask",
+    baseline="black",
+    optimizer="adam",
+    lr=0.1,
+    mask_size=32,
+    tie_break=0.001,
+    mask_coarse=16,
+    l_detail=10.0,
+    upsample_weights=True,
+    sample_temperature=1.0,
+)
+
+
 PRESETS: dict[str, MaskSettings] = {
     # The reference implementation with the paper's ImageNet / Inception-v3 settings.
     "paper": MaskSettings(),
@@ -232,29 +258,7 @@ PRESETS: dict[str, MaskSettings] = {
     # upsampled (a binary mask with smooth contours at every pixel), and the classifier shown a draw of the mask
     # each step (sample_temperature: no faint adversarial mask, and the same masks alone or in any batch, on any
     # path and CPU). Former presets live on as settings in docs/results/SUMMARY.md.
-    "default": MaskSettings(
-        steps=300,
-        l_pred=1.0,
-        l_sparse=1.5,
-        l_smooth=1.0,
-        temperature=0.01,
-        temperature_start=2.0,
-        weight_limit=0.01,
-        laplacian=3,
-        laplacian_padding="replicate",
-        smooth_penalty="tv",
-        smooth_on="mask",
-        sparsity_on="mask",
-        baseline="black",
-        optimizer="adam",
-        lr=0.1,
-        mask_size=32,
-        tie_break=0.001,
-        mask_coarse=16,
-        l_detail=10.0,
-        upsample_weights=True,
-        sample_temperature=1.0,
-    ),
+    "default": _DEFAULT,
     # For a dataset-level analysis of strategies (SpRAy over a job's masks, neuromask_pl.analysis): the default with
     # the deletion game (l_delete=10). A preservation mask keeps the least that suffices, so of an image with two
     # sufficient regions (a shortcut cue beside the object) it shows one, and which one varies from image to image;
@@ -262,32 +266,9 @@ PRESETS: dict[str, MaskSettings] = {
     # the cue images of a class form a cluster of their own. On the planted shortcuts
     # (docs/results/planted_objectives.md) the analysis finds both cues (F1 1.00, ranked first and second, no class
     # without a cue flagged), the default finds neither cleanly (F1 0.59 and 0.89); through PNG files and a store the
-    # corner's class is a close call for the eigengap (docs/presets.md). What it costs: the classifier runs on twice
+    # same (docs/presets.md). What it costs: the classifier runs on twice
     # the images each step (1.6-2.9x the default's time there), masks about 1.7x larger, less on the object.
-    "analysis": MaskSettings(
-        steps=300,
-        l_pred=1.0,
-        l_sparse=1.5,
-        l_smooth=1.0,
-        temperature=0.01,
-        temperature_start=2.0,
-        weight_limit=0.01,
-        laplacian=3,
-        laplacian_padding="replicate",
-        smooth_penalty="tv",
-        smooth_on="mask",
-        sparsity_on="mask",
-        baseline="black",
-        optimizer="adam",
-        lr=0.1,
-        mask_size=32,
-        tie_break=0.001,
-        mask_coarse=16,
-        l_detail=10.0,
-        l_delete=10.0,
-        upsample_weights=True,
-        sample_temperature=1.0,
-    ),
+    "analysis": dataclasses.replace(_DEFAULT, l_delete=10.0),
 }
 
 

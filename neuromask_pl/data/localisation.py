@@ -267,14 +267,22 @@ def _render(
     image += place_rng.normal(0.0, 0.03, size=image.shape).astype(np.float32)
     np.clip(image, 0.0, 1.0, out=image)
 
+    ink, box, gt = _digit_truth(digit_index, digit_size, x0, y0, canvas)
+    sample.update(image=image, label=label, gt_mask=gt, digit_mask=ink, box=box, digit_index=digit_index)
+    return sample
+
+
+def _digit_truth(
+    digit_index: int, digit_size: int, x0: int, y0: int, canvas: int
+) -> tuple[np.ndarray, tuple[int, int, int, int], np.ndarray]:
+    """The ground truth of a digit drawn at ``(x0, y0)``: its ink, the tight box around it and that box as a mask."""
     ink = np.zeros((canvas, canvas), dtype=bool)
     ink[y0 : y0 + digit_size, x0 : x0 + digit_size] = _upsampled_digits(digit_size)[digit_index] >= INK_THRESHOLD
     rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
     box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
     gt = np.zeros((canvas, canvas), dtype=bool)
     gt[box[1] : box[3], box[0] : box[2]] = True
-    sample.update(image=image, label=label, gt_mask=gt, digit_mask=ink, box=box, digit_index=digit_index)
-    return sample
+    return ink, box, gt
 
 
 def planted_cue_mask(cue: str, canvas: int = 64) -> np.ndarray:
@@ -361,12 +369,7 @@ def _render_planted(
     image += place_rng.normal(0.0, 0.03, size=image.shape).astype(np.float32)
     np.clip(image, 0.0, 1.0, out=image)
 
-    ink = np.zeros((canvas, canvas), dtype=bool)
-    ink[y0 : y0 + digit_size, x0 : x0 + digit_size] = _upsampled_digits(digit_size)[digit_index] >= INK_THRESHOLD
-    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
-    box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
-    gt = np.zeros((canvas, canvas), dtype=bool)
-    gt[box[1] : box[3], box[0] : box[2]] = True
+    ink, box, gt = _digit_truth(digit_index, digit_size, x0, y0, canvas)
     if alone is not None:  # no digit: no evidence of it
         ink[:] = gt[:] = False
     return dict(
