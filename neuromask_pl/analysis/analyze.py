@@ -18,7 +18,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from neuromask_pl.analysis.features import MaskTable, ObjectMask, read_masks
-from neuromask_pl.analysis.spray import DISTINCT, LAYOUTS, SEPARATED, spray
+from neuromask_pl.analysis.spray import DISTINCT, LAYOUTS, SEPARATED, ClassClusters, spray
 from neuromask_pl.analysis.strategies import class_clusters, mass_shares
 from neuromask_pl.store import StoreWriteError, atomic_write, load_results
 from neuromask_pl.store.layout import STORE_FILE, to_manifest_cell
@@ -267,6 +267,46 @@ def _mean(values: np.ndarray) -> float | None:
     return float(values.mean()) if len(values) else None
 
 
+def class_strategies(
+    table: MaskTable, where: np.ndarray, exemplars: int, options: dict[str, Any]
+) -> tuple[ClassClusters, list[dict[str, Any]], dict[str, Any]]:
+    """SpRAy over one class (the rows ``where`` of ``table``): its clusters (:func:`~neuromask_pl.analysis.spray.spray`
+    with ``options``), each cluster's statistics (:func:`~neuromask_pl.analysis.strategies.class_clusters`, with the
+    class, sample ids of its exemplars, off-object share and kept rate), and the class's own row (with its mean mask
+    under ``mean``)."""
+    grid = table.grid
+    target = int(table.targets[where[0]])
+    name = table.names.get(target, str(target))
+    features = table.features[where]
+    found = spray(features, **options)
+    rows = class_clusters(features, found.labels, grid, exemplars)
+    for row in rows:
+        inside = where[found.labels == row["cluster"]]
+        row.update(
+            target=target,
+            target_name=name,
+            exemplars=table.ids[where[row["exemplars"]]],
+            off_object=_mean(table.off_object[inside]),
+            kept_rate=_mean(table.preserved[inside]),
+        )
+    mean = features.mean(axis=0).reshape(grid, grid).astype(np.float32)
+    shares = mass_shares(mean)
+    summary = {
+        "target": target,
+        "target_name": name,
+        "samples": len(where),
+        "clusters": found.k,
+        "chosen_by": found.chosen_by,
+        "suspicion": max(r["suspicion"] for r in rows),
+        "mask_area": float(table.area[where].mean()),
+        "kept_rate": _mean(table.preserved[where]),
+        "off_object": _mean(table.off_object[where]),
+        **{key: shares[key] for key in ("mass_corners", "mass_border", "mass_centre")},
+        "mean": mean,
+    }
+    return found, rows, summary
+
+
 def analyze(
     results_dir: str | os.PathLike[str],
     *,
@@ -353,47 +393,20 @@ def analyze(
     eigenvalues: dict[int, np.ndarray] = {}
     order = np.argsort(table.targets, kind="stable")
     bounds = np.flatnonzero(np.diff(table.targets[order])) + 1
+    options = dict(neighbours=neighbours, k=k, max_clusters=max_clusters, min_gap=min_gap, separated=separated,
+                   distinct=distinct, layout=layout, seed=seed)  # fmt: skip
     with threadpool_limits(1):  # one class's arrays are small: BLAS threads would only wait for each other
         for where in np.split(order, bounds):
             target = int(table.targets[where[0]])
-            features = table.features[where]
-            found = spray(
-                features, neighbours=neighbours, k=k, max_clusters=max_clusters, min_gap=min_gap,
-                separated=separated, distinct=distinct, layout=layout, seed=seed,
-            )  # fmt: skip
+            found, rows, summary = class_strategies(table, where, exemplars, options)
             labels[where], layout_xy[where] = found.labels, found.layout
             eigenvalues[target] = found.eigenvalues
-            name = table.names.get(target, str(target))
-            rows = class_clusters(features, found.labels, grid, exemplars)
             for row in rows:
-                inside = where[found.labels == row["cluster"]]
-                row.update(
-                    target=target,
-                    target_name=name,
-                    exemplars=table.ids[where[row["exemplars"]]],
-                    off_object=_mean(table.off_object[inside]),
-                    kept_rate=_mean(table.preserved[inside]),
-                )
-                suspicion[inside] = row["suspicion"]
+                suspicion[where[found.labels == row["cluster"]]] = row["suspicion"]
                 cluster_means[(target, row["cluster"])] = row["mean"]
-                clusters.append(row)
-            mean = features.mean(axis=0).reshape(grid, grid).astype(np.float32)
-            class_means[target] = mean
-            shares = mass_shares(mean)
-            classes.append(
-                {
-                    "target": target,
-                    "target_name": name,
-                    "samples": len(where),
-                    "clusters": found.k,
-                    "chosen_by": found.chosen_by,
-                    "suspicion": max(r["suspicion"] for r in rows),
-                    "mask_area": float(table.area[where].mean()),
-                    "kept_rate": _mean(table.preserved[where]),
-                    "off_object": _mean(table.off_object[where]),
-                    **{key: shares[key] for key in ("mass_corners", "mass_border", "mass_centre")},
-                }
-            )
+            clusters.extend(rows)
+            class_means[target] = summary.pop("mean")
+            classes.append(summary)
     clusters.sort(key=lambda c: (-c["suspicion"], c["target"], c["cluster"]))
     for rank, row in enumerate(clusters, 1):
         row["rank"] = rank
