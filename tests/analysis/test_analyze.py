@@ -242,3 +242,16 @@ def test_a_job_stopped_early_is_analysed_when_the_same_command_completes_it(tmp_
     writer = run()
     assert len(writer.analysis.table) == 12
     assert json.loads((tmp_path / "out" / "analysis" / "summary.json").read_text())["samples"] == 12
+
+
+def test_a_store_written_by_several_ranks_is_analysed_whole(tmp_path) -> None:
+    rng = np.random.default_rng(5)
+    open_store(tmp_path, {"test": "ranks"})
+    for rank in range(3):  # each rank its own shards, ids interleaved as a DistributedSampler gives them
+        with ShardWriter(tmp_path, rank, chunk_size=4, session=f"s{rank}") as writer:
+            for i in range(rank, 30, 3):
+                writer.add(i, blob(rng).astype(np.float16), {"status": "ok", "target": i % 2})
+    merge_index(tmp_path)
+    analysis = analyze(tmp_path, report=False)
+    assert analysis.table.ids.tolist() == list(range(30))
+    assert sorted(c["samples"] for c in analysis.classes) == [15, 15]
