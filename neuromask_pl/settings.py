@@ -265,7 +265,7 @@ PRESETS: dict[str, MaskSettings] = {
     # with the deletion game the image without the mask's region must lose the class too, so the mask holds both and
     # the cue images of a class form a cluster of their own. On the planted shortcuts
     # (docs/results/planted_objectives.md) the analysis finds both cues (F1 1.00, ranked first and second, no class
-    # without a cue flagged), the default finds neither cleanly (F1 0.59 and 0.89); through PNG files and a store the
+    # without a cue flagged), the default misses the frame (F1 0.47); through PNG files and a store the
     # same (docs/presets.md). What it costs: the classifier runs on twice
     # the images each step (1.6-2.9x the default's time there), masks about 1.7x larger, less on the object.
     "analysis": dataclasses.replace(_DEFAULT, l_delete=10.0),
