@@ -255,3 +255,22 @@ def test_a_store_written_by_several_ranks_is_analysed_whole(tmp_path) -> None:
     analysis = analyze(tmp_path, report=False)
     assert analysis.table.ids.tolist() == list(range(30))
     assert sorted(c["samples"] for c in analysis.classes) == [15, 15]
+
+
+def test_command_line_boxes_give_the_mass_off_the_object(tmp_path, capsys) -> None:
+    mask = np.zeros((10, 10))
+    mask[2:4, 2:4] = 1.0
+    mask[8, 8] = 1.0
+    write_store(tmp_path / "store", [(i, mask, {"target": 0}) for i in range(3)])
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("sample_id,x0,y0,x1,y1\n0,2,2,5,5\n1,0,0,10,10\n")
+    cli_main(["analyze", str(tmp_path / "store"), "--boxes", str(boxes), "--no-report", "--layout", "spectral"])
+    with open(tmp_path / "store" / "analysis" / "strategies.csv", newline="") as f:
+        off = {int(r["sample_id"]): r["off_object"] for r in csv.DictReader(f)}
+    assert float(off[0]) == pytest.approx(0.2) and float(off[1]) == 0.0 and off[2] == ""
+    boxes.write_text("sample_id,x0,y0\n0,1,1\n")
+    with pytest.raises(ValueError, match="the boxes need the columns"):
+        cli_main(["analyze", str(tmp_path / "store"), "--boxes", str(boxes)])
+    boxes.write_text("sample_id,x0,y0,x1,y1\n0,a,1,2,3\n")
+    with pytest.raises(ValueError, match="line 2: sample_id, x0, y0, x1, y1 must be numbers"):
+        cli_main(["analyze", str(tmp_path / "store"), "--boxes", str(boxes)])
