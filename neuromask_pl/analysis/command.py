@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 from neuromask_pl.analysis.analyze import LAYOUTS, SUSPICIOUS, analyze
+from neuromask_pl.analysis.spray import DISTINCT, SEPARATED
 
 DESCRIPTION = (
     "Find what a classifier relies on, class by class: Spectral Relevance Analysis (SpRAy) of the masks of a job. "
@@ -31,6 +32,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--k", type=int, help="strategies per class (default: from the eigengap)")
     p.add_argument("--max-clusters", type=int, default=8, help="most strategies per class the eigengap may find")
+    p.add_argument("--min-gap", type=float, default=0.05, help="the smallest eigengap that splits a class")
+    p.add_argument("--separated", type=float, default=SEPARATED, help="how near 0 the k-th eigenvalue must be for k")
+    p.add_argument(
+        "--distinct", type=float, default=DISTINCT, help="share of a cluster's mass in cells of its own for it to stand"
+    )
     p.add_argument("--layout", choices=LAYOUTS, default="auto", help="2-D layout (auto: UMAP if installed, else t-SNE)")
     p.add_argument("--exemplars", type=int, default=8, help="images shown per cluster (closest to its centre)")
     p.add_argument("--boxes", help="a CSV of object boxes in mask pixels (sample_id,x0,y0,x1,y1): mask mass off them")
@@ -81,6 +87,9 @@ def main(args: list[str] | None = None) -> int:
             neighbours=ns.neighbours,
             k=ns.k,
             max_clusters=ns.max_clusters,
+            min_gap=ns.min_gap,
+            separated=ns.separated,
+            distinct=ns.distinct,
             layout=ns.layout,
             exemplars=ns.exemplars,
             truth=truth,
