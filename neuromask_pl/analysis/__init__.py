@@ -6,10 +6,12 @@ Modules:
 
 - :mod:`~neuromask_pl.analysis.features`: masks read from a store and averaged to one grid.
 - :mod:`~neuromask_pl.analysis.spray`: the kNN graph, spectral embedding, eigengap, k-means, 2-D layout.
+- :mod:`~neuromask_pl.analysis.exact`: exact kNN, k-means and t-SNE in numpy for a class's small arrays.
 - :mod:`~neuromask_pl.analysis.strategies`: a cluster's statistics and its shortcut suspicion.
 - :mod:`~neuromask_pl.analysis.analyze`: :func:`analyze` and :class:`StrategyAnalysis` (CSV, JSON files).
 - :mod:`~neuromask_pl.analysis.report`: the self-contained ``report.html``.
 - :mod:`~neuromask_pl.analysis.projector`: TensorBoard (projector, mean masks, statistics); needs torch.
+- :mod:`~neuromask_pl.analysis.command`: ``neuromask-pl analyze`` (and ``python -m neuromask_pl.analysis``).
 - :mod:`~neuromask_pl.analysis.synthetic`: stores of generated masks with planted cues, for tests and benchmarks.
 
 No torch outside ``projector``: the analysis runs on numpy, scipy and scikit-learn.

@@ -13,6 +13,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
+from neuromask_pl.analysis.analyze import SUSPICIOUS
 from neuromask_pl.analysis.report import heat
 
 MAX_POINTS = 10_000
@@ -42,8 +43,6 @@ def chosen_points(analysis: Any, limit: int = MAX_POINTS) -> np.ndarray:
     n = len(analysis.table)
     if n <= limit:
         return np.arange(n)
-    from neuromask_pl.analysis.analyze import SUSPICIOUS
-
     first = np.flatnonzero(analysis.suspicion >= SUSPICIOUS)[:limit]
     taken = np.zeros(n, bool)
     taken[first] = True
@@ -76,8 +75,6 @@ def write_tensorboard(
     ``analysis/class_kept_rate``, scalars ``analysis/samples``, ``analysis/classes``, ``analysis/suspicious_clusters``
     and the text ``analysis/summary`` (the most suspicious clusters as a table).
     """
-    from neuromask_pl.analysis.analyze import SUSPICIOUS
-
     out = Path(log_dir) if log_dir is not None else run_log_dir(analysis.root)
     grid = analysis.table.grid
     keep = chosen_points(analysis, max_points)

@@ -420,7 +420,7 @@ CLUSTER_COLUMNS = [
     ("size", "num", "masks in the cluster"),
     ("share", "num", "share of its class"),
     ("suspicion", "num", "offness x (1 - share) x tightness x support"),
-    ("offness", "num", "share of its mean mask's mass where the rest of its class does not look"),
+    ("offness", "num", "share of its mass in cells of its own, where the rest of its class does not look"),
     ("mask area", "num", "mean share of the image kept"),
     ("corners", "num", "share of the mean mask's mass in the corners"),
     ("border", "num", "share of the mean mask's mass in the outer ring"),

@@ -254,13 +254,7 @@ def _render(
         cue_mask[cue_box[1] : cue_box[3], cue_box[0] : cue_box[2]] = True
         sample.update(cue_label=cue_label, cue_mask=cue_mask, cue_box=cue_box)
 
-    for _ in range(int(clutter_rng.integers(5, 10))):
-        patch = int(clutter_rng.integers(12, 23))
-        alpha = _clutter_patch(clutter_rng, patch) * clutter_rng.uniform(0.6, 1.0)
-        colour = _random_colour(clutter_rng)
-        where = _place(clutter_rng, patch, patch, canvas, avoid)
-        if where is not None:
-            _over(image, colour, alpha, where)
+    _draw_clutter(image, clutter_rng, avoid)
     if spurious:
         _over(image, np.array(CUE_COLOURS[sample["cue_label"]], dtype=np.float32), np.float32(1.0), cue_box)
     _over(image, digit_colour, digit_alpha, square)
@@ -270,6 +264,19 @@ def _render(
     ink, box, gt = _digit_truth(digit_index, digit_size, x0, y0, canvas)
     sample.update(image=image, label=label, gt_mask=gt, digit_mask=ink, box=box, digit_index=digit_index)
     return sample
+
+
+def _draw_clutter(image: np.ndarray, rng: np.random.Generator, avoid: list[tuple[int, int, int, int]]) -> None:
+    """Draw 5 to 9 clutter objects onto ``image`` (3 x canvas x canvas) from ``rng``, each clear of ``avoid``; an
+    object with no room left is not drawn."""
+    canvas = image.shape[-1]
+    for _ in range(int(rng.integers(5, 10))):
+        patch = int(rng.integers(12, 23))
+        alpha = _clutter_patch(rng, patch) * rng.uniform(0.6, 1.0)
+        colour = _random_colour(rng)
+        where = _place(rng, patch, patch, canvas, avoid)
+        if where is not None:
+            _over(image, colour, alpha, where)
 
 
 def _digit_truth(
@@ -355,13 +362,7 @@ def _render_planted(
     if alone is not None:
         (cue,) = alone
     avoid = [clear, *reserved]
-    for _ in range(int(clutter_rng.integers(5, 10))):
-        patch = int(clutter_rng.integers(12, 23))
-        alpha = _clutter_patch(clutter_rng, patch) * clutter_rng.uniform(0.6, 1.0)
-        colour = _random_colour(clutter_rng)
-        where = _place(clutter_rng, patch, patch, canvas, avoid)
-        if where is not None:
-            _over(image, colour, alpha, where)
+    _draw_clutter(image, clutter_rng, avoid)
     cue_mask = planted_cue_mask(cue, canvas) if cue is not None else np.zeros((canvas, canvas), dtype=bool)
     image[:, cue_mask] = np.array(PLANTED_CUE_COLOUR, dtype=np.float32)[:, None]
     if alone is None:
