@@ -195,12 +195,16 @@ def test_command_line_and_tensorboard(planted, tmp_path, capsys) -> None:
     assert "analysis/suspicious_clusters" in events.Tags()["scalars"]
 
 
-def test_mask_writer_analyses_the_completed_job(tmp_path) -> None:
+@pytest.mark.parametrize("package", ["pytorch_lightning", "lightning"])
+def test_mask_writer_analyses_the_completed_job(tmp_path, package) -> None:
+    pl = pytest.importorskip(package)
     images = torch.rand(12, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     data = TensorDataModule(images, labels=torch.arange(12) % 2, batch_size=4, pin_memory=False)
-    logger = TensorBoardLogger(tmp_path / "logs", name="explain")
+    logger = pl.pytorch.loggers.TensorBoardLogger if package == "lightning" else TensorBoardLogger
+    logger = logger(tmp_path / "logs", name="explain")
     writer = MaskWriter(write_overlays=False, analyze={"layout": "spectral"})
-    trainer = helpers.make_trainer(logger=logger, default_root_dir=tmp_path, callbacks=[writer])
+    trainer = helpers.make_trainer(pl.pytorch if package == "lightning" else pl, logger=logger,
+                                   default_root_dir=tmp_path, callbacks=[writer])  # fmt: skip
     trainer.predict(NeuroMask(helpers.make_tiny_cnn(0), steps=3), datamodule=data, return_predictions=False)
     out = Path(trainer.log_dir) / "explanations" / "analysis"
     assert writer.analysis is not None and len(writer.analysis.table) == 12
